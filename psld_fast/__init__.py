@@ -1,0 +1,27 @@
+"""psld_fast: fast stochastic sampling for PSLD-style (data + momentum) diffusion models.
+
+Reduced splitting integrators (Pandey, Rudolph & Mandt, ICLR 2024) and their baselines, compiled to
+per-NFE affine stages and run by fused kernels.  Importing the package is cheap: it neither
+initialises CUDA nor needs Triton or the compiled extension (those are loaded on first use).
+"""
+from .api import DEFAULT_SEED, SampleResult, make_seeds, sample
+from .grids import SCHEDULES, time_grid
+from .models import EpsModel, GaussianMixture, ScoreModelAdapter, get_preset
+from .program import Program, Stage, affine_step_reference
+from .samplers import ALL_SAMPLERS, DETERMINISTIC_SAMPLERS, SAMPLERS, compile_sampler
+from .sde import PSLD
+
+__version__ = "0.1.0"
+
+
+def load_psld_checkpoint(*args, **kwargs):
+    """Load an official PSLD Lightning checkpoint as an :class:`EpsModel` (see psld_fast.checkpoint)."""
+    from .checkpoint import load_psld_checkpoint as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = ["PSLD", "sample", "SampleResult", "SAMPLERS", "DETERMINISTIC_SAMPLERS", "ALL_SAMPLERS",
+           "SCHEDULES", "time_grid", "compile_sampler", "Program", "Stage", "affine_step_reference",
+           "EpsModel", "ScoreModelAdapter", "GaussianMixture", "get_preset", "make_seeds",
+           "DEFAULT_SEED", "load_psld_checkpoint", "__version__"]

@@ -1,0 +1,183 @@
+"""Sampler programs: a sampler compiles to a list of per-NFE affine stages.
+
+Between two network calls every sampler of the spec is, per coordinate pair ``(x_j, m_j)``,
+
+    [x; m] <- P [x; m] + Q [eps_x; eps_m] + R1 [n0; n1] + R2 [n2; n3]
+
+with 2x2 matrices P, Q, R1, R2 (the eps -> score conversion, lambda_s, step sizes and beta folded
+in) and ``n0..n3`` the four normals of one Philox call (``psld_fast.rng``).  R1 carries the stage's
+first noise draw, R2 its second (SSCS needs two draws between network calls).
+
+A :class:`Program` is ``stages[0]`` (no network output: the prior draw and whatever precedes the
+first call) followed by one stage per network evaluation: ``eps = net(u, stage.tau)`` then
+``affine_step_(u, eps, seeds, stage.coef, k)``.  The coefficients are float64 numbers computed on the
+host; the kernels do the arithmetic in float32.
+
+This file also holds :func:`affine_step_reference`, the pure-PyTorch definition of the op that
+``psld_fast.ops`` dispatches to the fused kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .rng import philox_normals
+
+__all__ = ["Stage", "Program", "ProgramBuilder", "affine_step_reference", "COEF_LAYOUT"]
+
+#: Order of the 16 float coefficients passed to the op.
+COEF_LAYOUT = ("P00", "P01", "P10", "P11", "Q00", "Q01", "Q10", "Q11",
+               "R1_00", "R1_01", "R1_10", "R1_11", "R2_00", "R2_01", "R2_10", "R2_11")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One affine stage.  ``tau`` is the forward time of the network call that feeds it (None for
+    stage 0); ``n_draws`` how many of the two noise slots it uses (0, 1 or 2)."""
+
+    tau: float | None
+    P: np.ndarray
+    Q: np.ndarray
+    R1: np.ndarray
+    R2: np.ndarray
+    n_draws: int
+
+    @property
+    def coef(self) -> list[float]:
+        """The 16 coefficients in :data:`COEF_LAYOUT` order, as Python floats (float64)."""
+        return [float(v) for v in np.concatenate([self.P.ravel(), self.Q.ravel(),
+                                                  self.R1.ravel(), self.R2.ravel()])]
+
+    @property
+    def uses_network(self) -> bool:
+        return self.tau is not None
+
+
+@dataclass
+class Program:
+    """A compiled sampler: ``stages[0]`` has no network call, every later stage one."""
+
+    sampler: str
+    stages: list[Stage]
+    grid: np.ndarray            # reverse-time grid t_0..t_N (float64)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def nfe(self) -> int:
+        return sum(1 for s in self.stages if s.uses_network)
+
+    @property
+    def taus(self) -> list[float]:
+        return [s.tau for s in self.stages if s.uses_network]
+
+
+class ProgramBuilder:
+    """Composes sub-step affine maps into stages.
+
+    The current stage maps the state at its start ``z0`` (and the stage's network output ``eps``) to
+    ``z = P z0 + Q eps + R1 xi1 + R2 xi2``.  ``linear(Mz, Meps)`` applies ``z <- Mz z + Meps eps``,
+    ``noise(R)`` adds a fresh draw ``R xi``, ``call(tau)`` closes the stage at a network call.
+    """
+
+    def __init__(self):
+        self.stages: list[Stage] = []
+        self._start(None)
+
+    def _start(self, tau):
+        self._tau = tau
+        self._P = np.eye(2)
+        self._Q = np.zeros((2, 2))
+        self._R = [np.zeros((2, 2)), np.zeros((2, 2))]
+        self._draws = 0
+        self._zeroed = False
+
+    def reset_state(self):
+        """The state is overwritten (the prior draw): the old value is not read."""
+        self._P = np.zeros((2, 2))
+        self._Q = np.zeros((2, 2))
+        self._R = [np.zeros((2, 2)), np.zeros((2, 2))]
+
+    def linear(self, Mz, Meps=None):
+        Mz = np.asarray(Mz, dtype=np.float64)
+        self._P = Mz @ self._P
+        self._Q = Mz @ self._Q
+        self._R = [Mz @ R for R in self._R]
+        if Meps is not None:
+            if self._tau is None:
+                raise RuntimeError("ProgramBuilder: stage 0 has no network output to use")
+            self._Q = self._Q + np.asarray(Meps, dtype=np.float64)
+
+    def noise(self, R):
+        if self._draws == 2:
+            raise RuntimeError("ProgramBuilder: a stage holds at most two noise draws")
+        self._R[self._draws] = self._R[self._draws] + np.asarray(R, dtype=np.float64)
+        self._draws += 1
+
+    def _close(self):
+        self.stages.append(Stage(self._tau, self._P, self._Q, self._R[0], self._R[1], self._draws))
+
+    def call(self, tau: float):
+        self._close()
+        self._start(float(tau))
+
+    def finish(self) -> list[Stage]:
+        self._close()
+        stages, self.stages = self.stages, []
+        return stages
+
+
+def _check_step_args(u, eps, seeds, coef):
+    if not isinstance(u, torch.Tensor) or u.dim() < 2 or u.shape[1] % 2:
+        raise ValueError(f"affine_step: u must be a (B, 2C, ...) tensor, got shape {tuple(getattr(u, 'shape', ()))}")
+    if eps is not None and eps.shape != u.shape:
+        raise ValueError(f"affine_step: eps shape {tuple(eps.shape)} != u shape {tuple(u.shape)}")
+    if seeds.dim() != 1 or seeds.shape[0] != u.shape[0] or seeds.dtype != torch.int64:
+        raise ValueError(f"affine_step: seeds must be int64 of shape ({u.shape[0]},), "
+                         f"got {seeds.dtype} {tuple(seeds.shape)}")
+    if len(coef) != 16:
+        raise ValueError(f"affine_step: coef must hold 16 numbers, got {len(coef)}")
+
+
+def affine_step_reference(u: torch.Tensor, eps: torch.Tensor | None, seeds: torch.Tensor,
+                          coef, step: int, stream: int = 0) -> torch.Tensor:
+    """Pure-PyTorch definition of the fused op; returns the new state (does not mutate ``u``).
+
+    Args:
+        u: (B, 2C, ...) packed state ``cat(x, m)``; float16/bfloat16/float32/float64.
+        eps: network output of ``u``'s shape (any float dtype) or None (then Q is ignored).
+        seeds: (B,) int64 per-sample seeds (Philox keys).
+        coef: 16 numbers in :data:`COEF_LAYOUT` order.
+        step, stream: Philox counter words 1 and 2.
+    Math is float32 (float64 for a float64 state); the normals are always float32 Philox/Box-Muller.
+    If all four P coefficients are 0 the old state is not read (it may hold garbage).
+    """
+    _check_step_args(u, eps, seeds, coef)
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    B, C2 = u.shape[0], u.shape[1]
+    C = C2 // 2
+    c = [float(v) for v in coef]
+    P00, P01, P10, P11, Q00, Q01, Q10, Q11 = c[:8]
+    R = c[8:]
+    if P00 == P01 == P10 == P11 == 0.0:
+        x = m = torch.zeros((), dtype=ct, device=u.device)
+    else:
+        x = u[:, :C].to(ct)
+        m = u[:, C:].to(ct)
+    xn = P00 * x + P01 * m
+    mn = P10 * x + P11 * m
+    if eps is not None:
+        ex = eps[:, :C].to(ct)
+        em = eps[:, C:].to(ct)
+        xn = xn + (Q00 * ex + Q01 * em)
+        mn = mn + (Q10 * ex + Q11 * em)
+    if any(r != 0.0 for r in R):
+        half_shape = (B, C, *u.shape[2:])
+        numel = int(np.prod(half_shape[1:]))
+        n = [t.reshape(half_shape).to(ct) for t in philox_normals(seeds.to(u.device), numel, step, stream)]
+        xn = xn + (R[0] * n[0] + R[1] * n[1] + R[4] * n[2] + R[5] * n[3])
+        mn = mn + (R[2] * n[0] + R[3] * n[1] + R[6] * n[2] + R[7] * n[3])
+    xn = xn.expand(B, C, *u.shape[2:])
+    mn = mn.expand(B, C, *u.shape[2:])
+    return torch.cat([xn, mn], dim=1).to(u.dtype)

@@ -1,0 +1,261 @@
+"""Readable reference samplers, written in the spec's notation (float64-capable).
+
+One short function per sampler, sharing the leading signature
+``(eps_fn, shape, sde, grid, noise, *, lambda_s, reading, net_time, denoise)``:
+
+* ``eps_fn(z, tau) -> eps`` the network (z packed (B, 2C, ...), tau a float forward time);
+* ``noise() -> (xi_x, xi_m)`` draws N(0, I) pairs shaped like x, in the order the sampler uses them
+  (the prior draw first);
+* the return value is the final packed state z = cat(x, m).
+
+These loops are the oracle for the compiled programs of :mod:`psld_fast.samplers` (the tests feed
+both the same noise and compare pathwise); ``psld_fast.sample`` runs the compiled programs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["REFERENCE_SAMPLERS", "run_reference", "IIDNoise"]
+
+
+class IIDNoise:
+    """``noise()`` drawing fresh float64 N(0, I) pairs from a torch generator."""
+
+    def __init__(self, shape, generator=None, dtype=torch.float64, device=None):
+        self.shape, self.generator, self.dtype, self.device = tuple(shape), generator, dtype, device
+
+    def __call__(self):
+        kw = dict(generator=self.generator, dtype=self.dtype, device=self.device)
+        return torch.randn(self.shape, **kw), torch.randn(self.shape, **kw)
+
+
+class _Ctx:
+    """The process and knobs shared by the loops below: score, drift and the O, A, B updates."""
+
+    def __init__(self, eps_fn, sde, noise, lambda_s, reading):
+        self.eps_fn, self.sde, self.noise = eps_fn, sde, noise
+        self.G, self.nu, self.M, self.Minv = sde.gamma, sde.nu, sde.M, sde.Minv
+        self.lx = lambda_s
+        self.cx = 1.0 + lambda_s ** 2 if reading == "marginal" else 2.0
+
+    def score(self, x, m, tau):
+        """s = -L^{-T} eps (spec 1.2)."""
+        eps = self.eps_fn(torch.cat([x, m], 1), tau).to(x.dtype)
+        C = x.shape[1]
+        ex, em = eps[:, :C], eps[:, C:]
+        l11, l21, l22 = self.sde.hsm_cholesky(tau)
+        return -ex / l11 + l21 / (l11 * l22) * em, -em / l22
+
+    def O(self, x, m, d):
+        xi_x, xi_m = self.noise()
+        return x + self.lx * math.sqrt(self.G * d) * xi_x, m + math.sqrt(self.M * self.nu * d) * xi_m
+
+    def B(self, x, m, d, s_m):
+        return m + d / 2 * (x + self.nu * m + 2 * self.M * self.nu * s_m)
+
+    def A(self, x, m, d, s_x):
+        return x + d / 2 * (self.G * x - self.Minv * m + self.cx * self.G * s_x)
+
+    def step_times(self, grid, n):
+        tau_n, tau_next = self.sde.T - grid[n], self.sde.T - grid[n + 1]
+        return tau_n, tau_next, self.sde.b(tau_n) - self.sde.b(tau_next), grid[n + 1] - grid[n]
+
+
+def _prior(c: _Ctx):
+    xi_x, xi_m = c.noise()
+    return xi_x, math.sqrt(c.M) * xi_m
+
+
+def _em(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, _, _, h = c.step_times(grid, n)
+        beta = c.sde.beta(tau_n)
+        s_x, s_m = c.score(x, m, tau_n)
+        xi_x, xi_m = c.noise()
+        dx = beta / 2 * (c.G * x - c.Minv * m) + c.cx / 2 * beta * c.G * s_x
+        dm = beta / 2 * (x + c.nu * m) + beta * c.M * c.nu * s_m
+        x, m = (x + h * dx + math.sqrt(h) * c.lx * math.sqrt(beta * c.G) * xi_x,
+                m + h * dm + math.sqrt(h) * math.sqrt(beta * c.M * c.nu) * xi_m)
+    return x, m
+
+
+def _ode_euler(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, _, _, h = c.step_times(grid, n)
+        beta = c.sde.beta(tau_n)
+        s_x, s_m = c.score(x, m, tau_n)
+        x, m = (x + h * (beta / 2 * (c.G * x - c.Minv * m) + beta / 2 * c.G * s_x),
+                m + h * (beta / 2 * (x + c.nu * m) + beta / 2 * c.M * c.nu * s_m))
+    return x, m
+
+
+def _ou_half(c, x, m, d):
+    """SSCS's exact A: mean Sg P(d) Sg z, noise covariance Sg (Sinf - P Sinf P^T) Sg."""
+    mean, chol = c.sde.ou_half(d)
+    xi_x, xi_m = c.noise()
+    return (mean[0, 0] * x + mean[0, 1] * m + chol[0, 0] * xi_x,
+            mean[1, 0] * x + mean[1, 1] * m + chol[1, 0] * xi_x + chol[1, 1] * xi_m)
+
+
+def _sscs(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, _, _, h = c.step_times(grid, n)
+        beta = c.sde.beta(tau_n)
+        x, m = _ou_half(c, x, m, h * beta / 2)
+        s_x, s_m = c.score(x, m, tau_n)
+        x, m = x + h * beta * c.G * (s_x + x), m + h * beta * c.M * c.nu * (s_m + c.Minv * m)
+        x, m = _ou_half(c, x, m, h * beta / 2)
+    return x, m
+
+
+def _after_o(net_time, tau_n, tau_next):
+    return tau_next if net_time == "end" else tau_n
+
+
+def _naive_oba(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = c.step_times(grid, n)
+        tau = _after_o(net_time, tau_n, tau_next)
+        x, m = c.O(x, m, d)
+        m = c.B(x, m, d, c.score(x, m, tau)[1])
+        x = c.A(x, m, d, c.score(x, m, tau)[0])
+    return x, m
+
+
+def _naive_bao(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, _, d, _ = c.step_times(grid, n)
+        m = c.B(x, m, d, c.score(x, m, tau_n)[1])
+        x = c.A(x, m, d, c.score(x, m, tau_n)[0])
+        x, m = c.O(x, m, d)
+    return x, m
+
+
+def _naive_obab(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = c.step_times(grid, n)
+        tau = _after_o(net_time, tau_n, tau_next)
+        x, m = c.O(x, m, d)
+        m = c.B(x, m, d / 2, c.score(x, m, tau)[1])
+        x = c.A(x, m, d, c.score(x, m, tau)[0])
+        m = c.B(x, m, d / 2, c.score(x, m, tau)[1])
+    return x, m
+
+
+def _naive_baoab(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = c.step_times(grid, n)
+        tau = _after_o(net_time, tau_n, tau_next)
+        m = c.B(x, m, d / 2, c.score(x, m, tau_n)[1])
+        x = c.A(x, m, d / 2, c.score(x, m, tau_n)[0])
+        x, m = c.O(x, m, d)
+        x = c.A(x, m, d / 2, c.score(x, m, tau)[0])
+        m = c.B(x, m, d / 2, c.score(x, m, tau)[1])
+    return x, m
+
+
+def _reduced_oba(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = c.step_times(grid, n)
+        x, m = c.O(x, m, d)                                           # O: noise in x and m
+        s_x, s_m = c.score(x, m, _after_o(net_time, tau_n, tau_next))  # one call ...
+        m = c.B(x, m, d, s_m)                                         # ... serves B
+        x = c.A(x, m, d, s_x)                                         # ... and A (s_x reused)
+    return x, m
+
+
+def _reduced_bao(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, _, d, _ = c.step_times(grid, n)
+        s_x, s_m = c.score(x, m, tau_n)
+        m = c.B(x, m, d, s_m)
+        x = c.A(x, m, d, s_x)
+        x, m = c.O(x, m, d)
+    return x, m
+
+
+def _reduced_obab(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = c.step_times(grid, n)
+        x, m = c.O(x, m, d)
+        s_x, s_m = c.score(x, m, _after_o(net_time, tau_n, tau_next))
+        m = c.B(x, m, d / 2, s_m)
+        x = c.A(x, m, d, s_x)
+        m = c.B(x, m, d / 2, c.score(x, m, tau_next)[1])  # closing B at the advanced time
+    return x, m
+
+
+def _reduced_baoab(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = c.step_times(grid, n)
+        s_x, s_m = c.score(x, m, tau_n)
+        m = c.B(x, m, d / 2, s_m)
+        x = c.A(x, m, d / 2, s_x)
+        x, m = c.O(x, m, d)
+        s_x, s_m = c.score(x, m, _after_o(net_time, tau_n, tau_next))
+        x = c.A(x, m, d / 2, s_x)
+        m = c.B(x, m, d / 2, s_m)
+    return x, m
+
+
+REFERENCE_SAMPLERS = {
+    "em": _em, "sscs": _sscs, "ode_euler": _ode_euler,
+    "naive_oba": _naive_oba, "naive_bao": _naive_bao, "naive_obab": _naive_obab, "naive_baoab": _naive_baoab,
+    "reduced_oba": _reduced_oba, "reduced_bao": _reduced_bao, "reduced_obab": _reduced_obab,
+    "reduced_baoab": _reduced_baoab,
+}
+
+
+def run_reference(sampler, eps_fn, sde, grid, noise, *, lambda_s=1.0, reading="marginal",
+                  net_time="start", denoise=True) -> torch.Tensor:
+    """Run the readable loop of ``sampler`` and the final denoising step; returns z = cat(x, m)."""
+    c = _Ctx(eps_fn, sde, noise, lambda_s, reading)
+    x, m = REFERENCE_SAMPLERS[sampler](c, grid, net_time)
+    if denoise:  # one noise-free Euler step of the full reverse SDE from eps_end to 0
+        tau, beta = sde.eps_end, sde.beta(sde.eps_end)
+        s_x, s_m = c.score(x, m, tau)
+        x, m = (x + tau * (beta / 2 * (c.G * x - c.Minv * m) + beta * c.G * s_x),
+                m + tau * (beta / 2 * (x + c.nu * m) + beta * c.M * c.nu * s_m))
+    return torch.cat([x, m], 1)
+
+
+class ProgramNoise:
+    """``noise()`` that replays the Philox draws a compiled program consumes, in program order.
+
+    Feeding this to :func:`run_reference` makes the readable loop see exactly the noise that
+    ``psld_fast.sample`` (any backend) injects, so the two can be compared pathwise.
+    """
+
+    def __init__(self, program, seeds: torch.Tensor, shape, dtype=torch.float64, stream: int = 0):
+        from .rng import philox_normals
+
+        self._draws = []
+        B, numel = seeds.shape[0], math.prod(shape)
+        for k, stage in enumerate(program.stages):
+            if stage.n_draws:
+                n = [t.reshape(B, *shape).to(dtype) for t in philox_normals(seeds, numel, k, stream)]
+                self._draws += [(n[0], n[1]), (n[2], n[3])][:stage.n_draws]
+        self._next = 0
+
+    def __call__(self):
+        if self._next >= len(self._draws):
+            raise RuntimeError("ProgramNoise: the reference loop drew more noise than the program")
+        self._next += 1
+        return self._draws[self._next - 1]
+
+    @property
+    def exhausted(self) -> bool:
+        return self._next == len(self._draws)

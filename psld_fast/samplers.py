@@ -1,0 +1,302 @@
+"""Every sampler of the spec compiled to a program of per-NFE affine stages.
+
+Each ``_compile_<name>`` below walks the time grid and emits the sampler's sub-steps as 2x2 maps
+into a :class:`~psld_fast.program.ProgramBuilder`; the readable, tensor-level loops in
+:mod:`psld_fast.reference` are the oracle these programs are tested against pathwise.
+
+Sub-steps over a reverse step ``t_n -> t_{n+1}`` with integrated beta ``d = b(tau_n) - b(tau_{n+1})``
+(spec 4.3; ``s = S eps`` with ``S = -L^{-T}`` at the call time, ``c_x`` the x-score factor):
+
+    O(d):    x += lx sqrt(Gamma d) xi_x ;          m += sqrt(M nu d) xi_m
+    B(d, s): m += d/2 (x + nu m + 2 M nu s_m)
+    A(d, s): x += d/2 (Gamma x - Minv m + c_x Gamma s_x)
+
+Conventions (documented knobs):
+
+* ``lambda_reading='marginal'`` (spec reading (a), default): ``lx = lambda_s``,
+  ``c_x = 1 + lambda_s^2``; ``'noise'`` (reading (b)): ``lx = lambda_s``, ``c_x = 2``.
+* ``net_time='end'``: a network call made after the step's O update is conditioned on
+  ``tau_{n+1}`` (the reduced samplers' shifted time); ``'start'``: every call of step n at ``tau_n``.
+* EM and SSCS follow the PSLD code: drift and noise use ``h * beta(tau_n)`` and the score at tau_n.
+* The final denoising step is a noise-free Euler step of the full reverse SDE from ``eps_end``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .grids import time_grid
+from .program import Program, ProgramBuilder
+from .sde import PSLD
+
+__all__ = ["SAMPLERS", "DETERMINISTIC_SAMPLERS", "ALL_SAMPLERS", "SamplerSpec", "SAMPLER_SPECS",
+           "compile_sampler", "steps_for_nfe", "LAMBDA_READINGS", "NET_TIMES"]
+
+LAMBDA_READINGS = ("marginal", "noise")
+NET_TIMES = ("start", "end")
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str
+    evals_per_step: int
+    stochastic: bool
+    default_net_time: str
+    default_lambda_s: float
+    description: str
+
+
+_SPECS = [
+    SamplerSpec("em", 1, True, "start", 1.0, "Euler-Maruyama on the reverse SDE"),
+    SamplerSpec("sscs", 1, True, "start", 1.0, "symmetric splitting (CLD): exact OU half-steps around an Euler score step"),
+    SamplerSpec("naive_oba", 2, True, "start", 1.0, "O, B, A with a fresh network call for B and for A"),
+    SamplerSpec("naive_bao", 2, True, "start", 1.0, "B, A (fresh calls), O"),
+    SamplerSpec("naive_obab", 3, True, "start", 1.0, "O, B(h/2), A, B(h/2), each with a fresh call"),
+    SamplerSpec("naive_baoab", 4, True, "start", 1.0, "B(h/2), A(h/2), O, A(h/2), B(h/2), each with a fresh call"),
+    SamplerSpec("reduced_oba", 1, True, "end", 1.0, "Reduced OBA: one call after O serves B and A"),
+    SamplerSpec("reduced_bao", 1, True, "start", 1.0, "Reduced BAO: one call serves B and A, then O"),
+    SamplerSpec("reduced_obab", 2, True, "end", 1.0, "Reduced OBAB: call after O serves B(h/2)+A; closing B(h/2) at tau_{n+1}"),
+    SamplerSpec("reduced_baoab", 2, True, "end", 1.0, "Reduced BAOAB: call 1 serves B(h/2)+A(h/2), O, call 2 serves A(h/2)+B(h/2)"),
+    SamplerSpec("ode_euler", 1, False, "start", 0.0, "Euler on the probability-flow ODE (deterministic)"),
+]
+SAMPLER_SPECS = {s.name: s for s in _SPECS}
+#: The stochastic samplers of the spec (the public contract).
+SAMPLERS = tuple(s.name for s in _SPECS if s.stochastic)
+DETERMINISTIC_SAMPLERS = tuple(s.name for s in _SPECS if not s.stochastic)
+ALL_SAMPLERS = SAMPLERS + DETERMINISTIC_SAMPLERS
+
+
+def steps_for_nfe(sampler: str, nfe: int, denoise: bool = True) -> int:
+    """Number of grid steps N that fits the NFE budget ``N * evals_per_step + denoise``."""
+    spec = _spec(sampler)
+    extra = 1 if denoise else 0
+    if not isinstance(nfe, (int, np.integer)) or isinstance(nfe, bool):
+        raise TypeError(f"nfe must be an integer, got {type(nfe).__name__}")
+    N = (nfe - extra) // spec.evals_per_step
+    if N < 1:
+        raise ValueError(f"nfe={nfe} is too small for sampler {sampler!r}: one step costs "
+                         f"{spec.evals_per_step} NFE{' plus 1 for the final denoising step' if denoise else ''}, "
+                         f"so nfe must be >= {spec.evals_per_step + extra}")
+    return int(N)
+
+
+def _spec(sampler: str) -> SamplerSpec:
+    if sampler not in SAMPLER_SPECS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(ALL_SAMPLERS)}")
+    return SAMPLER_SPECS[sampler]
+
+
+# ------------------------------------------------------------------------------- sub-step matrices
+class _Steps:
+    """The 2x2 sub-step maps of one run (process, lambda_s and reading fixed)."""
+
+    def __init__(self, sde: PSLD, lambda_s: float, reading: str):
+        self.sde = sde
+        self.lx = lambda_s
+        self.cx = 1.0 + lambda_s ** 2 if reading == "marginal" else 2.0
+
+    def O(self, d):
+        s = self.sde
+        return np.diag([self.lx * math.sqrt(s.gamma * d), math.sqrt(s.M * s.nu * d)])
+
+    def B(self, d, S):
+        s = self.sde
+        Mz = np.array([[1.0, 0.0], [d / 2, 1.0 + d * s.nu / 2]])
+        Meps = np.zeros((2, 2))
+        Meps[1] = d * s.M * s.nu * S[1]
+        return Mz, Meps
+
+    def A(self, d, S, cx=None):
+        s = self.sde
+        cx = self.cx if cx is None else cx
+        Mz = np.array([[1.0 + d * s.gamma / 2, -d * s.Minv / 2], [0.0, 1.0]])
+        Meps = np.zeros((2, 2))
+        Meps[0] = d * cx * s.gamma / 2 * S[0]
+        return Mz, Meps
+
+    def euler(self, hb, S, cx, cm):
+        """``z += hb * drift`` with score factors ``cx/2 * Gamma``, ``cm/2 * M nu`` (hb = h * beta)."""
+        s = self.sde
+        Mz = np.eye(2) + hb / 2 * np.array([[s.gamma, -s.Minv], [1.0, s.nu]])
+        Meps = hb / 2 * np.diag([cx * s.gamma, cm * s.M * s.nu]) @ S
+        return Mz, Meps
+
+
+def compile_sampler(sampler: str, sde: PSLD, nfe: int, *, schedule="quadratic", lambda_s=None,
+                    lambda_reading: str = "marginal", net_time: str | None = None,
+                    denoise: bool = True) -> Program:
+    """Compile a sampler into a :class:`Program` of affine stages (all float64 host math).
+
+    Raises ValueError naming the argument for an unknown sampler, schedule, reading or net_time,
+    a negative lambda_s or an NFE budget too small for the sampler.
+    """
+    spec = _spec(sampler)
+    if lambda_s is None:
+        lambda_s = spec.default_lambda_s
+    if not isinstance(lambda_s, (int, float)) or not math.isfinite(lambda_s) or lambda_s < 0:
+        raise ValueError(f"lambda_s must be a finite number >= 0, got {lambda_s!r}")
+    if sampler == "sscs" and lambda_s != 1.0:
+        raise ValueError("lambda_s is not defined for sscs (its OU half-steps are exact): leave it at 1")
+    if lambda_reading not in LAMBDA_READINGS:
+        raise ValueError(f"unknown lambda_reading {lambda_reading!r}; choose one of {LAMBDA_READINGS}")
+    net_time = spec.default_net_time if net_time is None else net_time
+    if net_time not in NET_TIMES:
+        raise ValueError(f"unknown net_time {net_time!r}; choose one of {NET_TIMES}")
+    N = steps_for_nfe(sampler, nfe, denoise)
+    grid = time_grid(schedule, N, sde)
+    steps = _Steps(sde, float(lambda_s), lambda_reading)
+    pb = ProgramBuilder()
+    # Stage 0: the prior draw x ~ N(0, I), m ~ N(0, M I) overwrites the state.
+    pb.reset_state()
+    pb.noise(np.diag([1.0, math.sqrt(sde.M)]))
+    _COMPILERS[sampler](pb, steps, grid, net_time)
+    if denoise:
+        _denoise(pb, steps)
+    info = dict(sampler=sampler, nfe=nfe, steps=N, schedule=schedule if isinstance(schedule, str) else "custom",
+                lambda_s=float(lambda_s), lambda_reading=lambda_reading, net_time=net_time, denoise=denoise,
+                sde=sde.to_dict())
+    program = Program(sampler=sampler, stages=pb.finish(), grid=grid, info=info)
+    info["nfe"] = program.nfe
+    return program
+
+
+def _step_times(sde: PSLD, grid, n):
+    tau_n, tau_next = sde.T - grid[n], sde.T - grid[n + 1]
+    return tau_n, tau_next, sde.b(tau_n) - sde.b(tau_next), grid[n + 1] - grid[n]
+
+
+def _after_o(net_time, tau_n, tau_next):
+    return tau_next if net_time == "end" else tau_n
+
+
+def _call(pb, steps, tau):
+    pb.call(tau)
+    return steps.sde.score_matrix(tau)
+
+
+def _denoise(pb, steps):
+    sde = steps.sde
+    S = _call(pb, steps, sde.eps_end)
+    pb.linear(*steps.euler(sde.eps_end * sde.beta(sde.eps_end), S, 2.0, 2.0))
+
+
+def _compile_em(pb, steps, grid, net_time):
+    sde = steps.sde
+    for n in range(len(grid) - 1):
+        tau_n, _, _, h = _step_times(sde, grid, n)
+        hb = h * sde.beta(tau_n)
+        S = _call(pb, steps, tau_n)
+        pb.linear(*steps.euler(hb, S, steps.cx, 2.0))
+        pb.noise(np.diag([steps.lx * math.sqrt(hb * sde.gamma), math.sqrt(hb * sde.M * sde.nu)]))
+
+
+def _compile_ode_euler(pb, steps, grid, net_time):
+    sde = steps.sde
+    for n in range(len(grid) - 1):
+        tau_n, _, _, h = _step_times(sde, grid, n)
+        S = _call(pb, steps, tau_n)
+        pb.linear(*steps.euler(h * sde.beta(tau_n), S, 1.0, 1.0))
+
+
+def _compile_sscs(pb, steps, grid, net_time):
+    sde = steps.sde
+    for n in range(len(grid) - 1):
+        tau_n, _, _, h = _step_times(sde, grid, n)
+        hb = h * sde.beta(tau_n)
+        mean, chol = sde.ou_half(hb / 2)
+        pb.linear(mean)
+        pb.noise(chol)
+        S = _call(pb, steps, tau_n)
+        Mz = np.eye(2) + hb * np.diag([sde.gamma, sde.nu])  # S(h): x += hb Gamma (s_x + x), m += hb M nu (s_m + Minv m)
+        pb.linear(Mz, hb * np.diag([sde.gamma, sde.M * sde.nu]) @ S)
+        pb.linear(mean)
+        pb.noise(chol)
+
+
+def _compile_naive_oba(pb, steps, grid, net_time):
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
+        tau = _after_o(net_time, tau_n, tau_next)
+        pb.noise(steps.O(d))
+        pb.linear(*steps.B(d, _call(pb, steps, tau)))
+        pb.linear(*steps.A(d, _call(pb, steps, tau)))
+
+
+def _compile_naive_bao(pb, steps, grid, net_time):
+    for n in range(len(grid) - 1):
+        tau_n, _, d, _ = _step_times(steps.sde, grid, n)
+        pb.linear(*steps.B(d, _call(pb, steps, tau_n)))
+        pb.linear(*steps.A(d, _call(pb, steps, tau_n)))
+        pb.noise(steps.O(d))
+
+
+def _compile_naive_obab(pb, steps, grid, net_time):
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
+        tau = _after_o(net_time, tau_n, tau_next)
+        pb.noise(steps.O(d))
+        pb.linear(*steps.B(d / 2, _call(pb, steps, tau)))
+        pb.linear(*steps.A(d, _call(pb, steps, tau)))
+        pb.linear(*steps.B(d / 2, _call(pb, steps, tau)))
+
+
+def _compile_naive_baoab(pb, steps, grid, net_time):
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
+        tau = _after_o(net_time, tau_n, tau_next)
+        pb.linear(*steps.B(d / 2, _call(pb, steps, tau_n)))
+        pb.linear(*steps.A(d / 2, _call(pb, steps, tau_n)))
+        pb.noise(steps.O(d))
+        pb.linear(*steps.A(d / 2, _call(pb, steps, tau)))
+        pb.linear(*steps.B(d / 2, _call(pb, steps, tau)))
+
+
+def _compile_reduced_oba(pb, steps, grid, net_time):
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
+        pb.noise(steps.O(d))
+        S = _call(pb, steps, _after_o(net_time, tau_n, tau_next))
+        pb.linear(*steps.B(d, S))
+        pb.linear(*steps.A(d, S))
+
+
+def _compile_reduced_bao(pb, steps, grid, net_time):
+    for n in range(len(grid) - 1):
+        tau_n, _, d, _ = _step_times(steps.sde, grid, n)
+        S = _call(pb, steps, tau_n)
+        pb.linear(*steps.B(d, S))
+        pb.linear(*steps.A(d, S))
+        pb.noise(steps.O(d))
+
+
+def _compile_reduced_obab(pb, steps, grid, net_time):
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
+        pb.noise(steps.O(d))
+        S = _call(pb, steps, _after_o(net_time, tau_n, tau_next))
+        pb.linear(*steps.B(d / 2, S))
+        pb.linear(*steps.A(d, S))
+        pb.linear(*steps.B(d / 2, _call(pb, steps, tau_next)))
+
+
+def _compile_reduced_baoab(pb, steps, grid, net_time):
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
+        S = _call(pb, steps, tau_n)
+        pb.linear(*steps.B(d / 2, S))
+        pb.linear(*steps.A(d / 2, S))
+        pb.noise(steps.O(d))
+        S = _call(pb, steps, _after_o(net_time, tau_n, tau_next))
+        pb.linear(*steps.A(d / 2, S))
+        pb.linear(*steps.B(d / 2, S))
+
+
+_COMPILERS = {
+    "em": _compile_em, "sscs": _compile_sscs, "ode_euler": _compile_ode_euler,
+    "naive_oba": _compile_naive_oba, "naive_bao": _compile_naive_bao,
+    "naive_obab": _compile_naive_obab, "naive_baoab": _compile_naive_baoab,
+    "reduced_oba": _compile_reduced_oba, "reduced_bao": _compile_reduced_bao,
+    "reduced_obab": _compile_reduced_obab, "reduced_baoab": _compile_reduced_baoab,
+}
