@@ -1,0 +1,133 @@
+"""Compiled programs vs the readable reference loops, exact output laws, NFE accounting."""
+import numpy as np
+import pytest
+import torch
+
+import psld_fast as pf
+from psld_fast.exact import program_output_moments, sampler_error
+from psld_fast.program import affine_step_reference
+from psld_fast.reference import ProgramNoise, run_reference
+from psld_fast.samplers import SAMPLER_SPECS, steps_for_nfe
+
+
+def _run_program_f64(model, program, seeds):
+    B = seeds.shape[0]
+    u = torch.full((B, 2 * model.shape[0], *model.shape[1:]), float("nan"), dtype=torch.float64)
+    for k, st in enumerate(program.stages):
+        eps = model(u, torch.full((B,), st.tau, dtype=torch.float64)) if st.uses_network else None
+        u = affine_step_reference(u, eps, seeds, st.coef, k)
+    return u
+
+
+_KNOBS = {"default": dict(), "start": dict(net_time="start"), "end": dict(net_time="end"),
+          "lam0.3": dict(lambda_s=0.3), "lam0.3-noise": dict(lambda_s=0.3, lambda_reading="noise"),
+          "uniform-nodenoise": dict(schedule="uniform", denoise=False)}
+# sscs has no lambda_s (test_bad_arguments checks that it raises), so those pairs are not generated
+_PATHWISE_CASES = [pytest.param(s, k, id=f"{s}-{name}") for s in pf.ALL_SAMPLERS for name, k in _KNOBS.items()
+                   if not (s == "sscs" and "lambda_s" in k)]
+
+
+@pytest.mark.parametrize("sampler,knobs", _PATHWISE_CASES)
+def test_compiled_program_equals_reference_loop_pathwise(sampler, knobs):
+    """(a) readable loop and (b) compiled affine program, same Philox noise, float64: equal to 1e-10."""
+    model = pf.get_preset("ring2d")  # a multimodal (nonlinear-score) law
+    sde = model.sde
+    seeds = torch.tensor([0, 1, -5, 2**40 + 3], dtype=torch.int64)
+    program = pf.compile_sampler(sampler, sde, 13, **knobs)
+    info = program.info
+    noise = ProgramNoise(program, seeds, model.shape)
+
+    def eps_fn(z, tau):
+        return model(z, torch.full((z.shape[0],), tau, dtype=torch.float64))
+
+    z_ref = run_reference(sampler, eps_fn, sde, program.grid, noise, lambda_s=info["lambda_s"],
+                          reading=info["lambda_reading"], net_time=info["net_time"], denoise=info["denoise"])
+    assert noise.exhausted, "the program and the reference loop consumed different numbers of draws"
+    u = _run_program_f64(model, program, seeds)
+    err = (u - z_ref).abs().max().item()
+    scale = max(1.0, z_ref.abs().max().item())
+    assert err <= 1e-10 * scale, f"{sampler}: max |compiled - reference| = {err:.3e} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("sampler", pf.ALL_SAMPLERS)
+def test_nfe_accounting(sampler):
+    spec = SAMPLER_SPECS[sampler]
+    for nfe in (spec.evals_per_step + 1, 20, 50, 51):
+        program = pf.compile_sampler(sampler, pf.PSLD(), nfe)
+        N = steps_for_nfe(sampler, nfe)
+        assert program.nfe == N * spec.evals_per_step + 1 <= nfe
+        assert len(program.stages) == program.nfe + 1 and not program.stages[0].uses_network
+        assert all(s.uses_network for s in program.stages[1:])
+        assert program.stages[-1].tau == pytest.approx(pf.PSLD().eps_end)  # the denoising call
+    program = pf.compile_sampler(sampler, pf.PSLD(), 20, denoise=False)
+    assert program.nfe == (20 // spec.evals_per_step) * spec.evals_per_step
+
+
+def test_exact_moments_match_monte_carlo():
+    """The closed-form output law of a program (single Gaussian) vs 5000 sampled paths."""
+    model = pf.get_preset("gaussian")
+    mu, var = (t.numpy().ravel() for t in model.data_moments())
+    program = pf.compile_sampler("reduced_oba", model.sde, 21)
+    mean, cov = program_output_moments(program, model.sde, mu, var)
+    n = 5000
+    u = _run_program_f64(model, program, torch.arange(n, dtype=torch.int64))
+    x = u[:, :16].numpy()
+    # 5-sigma bands: mean se = sqrt(var/n); variance se = var * sqrt(2/n)
+    assert np.all(np.abs(x.mean(0) - mean[:, 0]) < 5 * np.sqrt(cov[:, 0, 0] / n))
+    assert np.all(np.abs(x.var(0) - cov[:, 0, 0]) < 5 * cov[:, 0, 0] * np.sqrt(2 / n))
+
+
+def test_error_falls_with_nfe_and_fitted_orders(capsys):
+    """On a single Gaussian with the exact score, every consistent sampler's exact W2 error falls
+    monotonically from NFE 20 to 200; the fitted orders are printed (pytest -s shows them)."""
+    model = pf.get_preset("gaussian")
+    mu, var = (t.numpy().ravel() for t in model.data_moments())
+    nfes = [20, 50, 100, 200]
+    lines = []
+    for sampler in pf.ALL_SAMPLERS:
+        errs = [sampler_error(pf.compile_sampler(sampler, model.sde, nfe), model.sde, mu, var) for nfe in nfes]
+        order = -np.polyfit(np.log(nfes), np.log(errs), 1)[0]
+        lines.append(f"{sampler:14s} " + " ".join(f"{e:.3e}" for e in errs) + f"  order {order:.2f}")
+        assert all(b < a for a, b in zip(errs, errs[1:])), f"{sampler}: error not decreasing: {errs}"
+        assert errs[-1] < errs[0] / 2, f"{sampler}: error at NFE 200 not below half of NFE 20's: {errs}"
+        assert 0.4 < order, f"{sampler}: fitted order {order:.2f}"
+    with capsys.disabled():
+        print("\nexact W2 error vs NFE (20, 50, 100, 200), single Gaussian, quadratic grid:\n" + "\n".join(lines))
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(sampler="foo"), ValueError, "unknown sampler 'foo'"),
+    (dict(schedule="bogus"), ValueError, "unknown schedule 'bogus'"),
+    (dict(nfe=1), ValueError, "nfe=1 is too small"),
+    (dict(sampler="naive_baoab", nfe=4), ValueError, "nfe=4 is too small"),
+    (dict(lambda_s=-0.5), ValueError, "lambda_s must be a finite number >= 0"),
+    (dict(lambda_s=float("nan")), ValueError, "lambda_s"),
+    (dict(sampler="sscs", lambda_s=0.5), ValueError, "lambda_s is not defined for sscs"),
+    (dict(lambda_reading="x"), ValueError, "unknown lambda_reading"),
+    (dict(net_time="middle"), ValueError, "unknown net_time"),
+    (dict(nfe=20.5), TypeError, "nfe must be an integer"),
+])
+def test_bad_arguments(kwargs, exc, match):
+    args = dict(sampler="reduced_oba", nfe=20)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        pf.compile_sampler(args.pop("sampler"), pf.PSLD(), args.pop("nfe"), **args)
+
+
+@pytest.mark.parametrize("schedule", ["uniform", "quadratic", "cubic", "logsnr", "power:1.5"])
+def test_grids(schedule):
+    sde = pf.PSLD()
+    t = pf.time_grid(schedule, 10, sde)
+    assert t.shape == (11,) and t[0] == 0 and t[-1] == pytest.approx(1 - 1e-3) and np.all(np.diff(t) > 0)
+
+
+def test_quadratic_grid_formula_and_custom_grid():
+    sde = pf.PSLD()
+    t = pf.time_grid("quadratic", 4, sde)
+    np.testing.assert_allclose(t, 0.999 * (1 - (1 - np.arange(5) / 4) ** 2))
+    custom = pf.time_grid(t.copy(), 4, sde)
+    np.testing.assert_array_equal(custom, t)
+    with pytest.raises(ValueError, match="N \\+ 1 = 4"):
+        pf.time_grid(t, 3, sde)
+    with pytest.raises(ValueError, match="increase strictly"):
+        pf.time_grid(t[::-1].copy(), 4, sde)
