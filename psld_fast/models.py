@@ -120,8 +120,11 @@ class GaussianMixture(EpsModel):
         if weights.shape != (K,) or not torch.all(weights > 0):
             raise ValueError(f"GaussianMixture: weights must be {K} positive numbers")
         super().__init__(net=None, sde=sde, shape=tuple(means.shape[1:]), name=name)
+        flat_vars = (stds * stds).reshape(K, -1)
+        # isotropic components (one variance each) take a matmul fast path in score()
+        self.isotropic = bool(torch.all(flat_vars == flat_vars[:, :1]))
         self.register_buffer("means", means.reshape(K, -1))
-        self.register_buffer("vars", (stds * stds).reshape(K, -1))
+        self.register_buffer("vars", flat_vars)
         self.register_buffer("log_weights", torch.log(weights / weights.sum()))
 
     @property
@@ -138,15 +141,41 @@ class GaussianMixture(EpsModel):
         p = [v.reshape(B, 1, 1) for v in _transition_entries(self.sde, b)]
         mu = self.means.to(u.device)[None]  # (1, K, D)
         var = self.vars.to(u.device)[None]
-        c00, c01, c11 = _cov_entries(self.sde, p, var, self.sde.kappa * self.sde.M)
-        det = c00 * c11 - c01 * c01
-        dx, dm = x - p[0] * mu, m - p[2] * mu  # (B, K, D)
-        gx = (c11 * dx - c01 * dm) / det  # C^{-1} (z - mean)
-        gm = (c00 * dm - c01 * dx) / det
-        logp = -0.5 * ((dx * gx + dm * gm) + torch.log(det)).sum(-1) + self.log_weights.to(u.device)
-        w = torch.softmax(logp, dim=1)[:, :, None]  # (B, K, 1)
-        sx, sm = -(w * gx).sum(1), -(w * gm).sum(1)
+        if self.isotropic:
+            sx, sm = self._score_isotropic(x[:, 0], m[:, 0], p, mu[0], var[0, :, 0])
+        else:
+            c00, c01, c11 = _cov_entries(self.sde, p, var, self.sde.kappa * self.sde.M)
+            det = c00 * c11 - c01 * c01
+            dx, dm = x - p[0] * mu, m - p[2] * mu  # (B, K, D)
+            gx = (c11 * dx - c01 * dm) / det  # C^{-1} (z - mean)
+            gm = (c00 * dm - c01 * dx) / det
+            logp = -0.5 * ((dx * gx + dm * gm) + torch.log(det)).sum(-1) + self.log_weights.to(u.device)
+            w = torch.softmax(logp, dim=1)[:, :, None]  # (B, K, 1)
+            sx, sm = -(w * gx).sum(1), -(w * gm).sum(1)
         return torch.cat([sx.reshape(B, C, *u.shape[2:]), sm.reshape(B, C, *u.shape[2:])], dim=1)
+
+    def _score_isotropic(self, x, m, p, mu, var):
+        """Same score when every component has one variance: the (B, K, D) terms become matmuls.
+
+        x, m: (B, D); p: transition entries (B, 1, 1); mu: (K, D); var: (K,).
+        """
+        D = x.shape[1]
+        p00, p10 = p[0][:, :, 0], p[2][:, :, 0]  # (B, 1)
+        c00, c01, c11 = (v for v in _cov_entries(self.sde, [q[:, :, 0] for q in p], var[None], self.sde.kappa * self.sde.M))
+        det = c00 * c11 - c01 * c01  # (B, K)
+        xm, mm = x @ mu.T, m @ mu.T  # (B, K)
+        mu2 = (mu * mu).sum(1)[None]  # (1, K)
+        # |dx|^2, <dx, dm>, |dm|^2 with dx = x - p00 mu_k, dm = m - p10 mu_k
+        dxx = (x * x).sum(1, keepdim=True) - 2 * p00 * xm + p00 * p00 * mu2
+        dmm = (m * m).sum(1, keepdim=True) - 2 * p10 * mm + p10 * p10 * mu2
+        dxm = (x * m).sum(1, keepdim=True) - p10 * xm - p00 * mm + p00 * p10 * mu2
+        quad = (c11 * dxx - 2 * c01 * dxm + c00 * dmm) / det
+        logp = -0.5 * (quad + D * torch.log(det)) + self.log_weights.to(x.device)
+        w = torch.softmax(logp, dim=1)  # (B, K)
+        a11, a01, a00 = ((w * c / det).sum(1, keepdim=True) for c in (c11, c01, c00))
+        sx = -(a11 * x - a01 * m - (w * (c11 * p00 - c01 * p10) / det) @ mu)
+        sm = -(a00 * m - a01 * x - (w * (c00 * p10 - c01 * p00) / det) @ mu)
+        return sx, sm
 
     def forward(self, u: torch.Tensor, tau) -> torch.Tensor:
         tau = _expand_tau(tau, u)
