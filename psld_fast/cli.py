@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=int, default=512)
 
     sub.add_parser("info", help="versions, devices and available backends")
+    try:  # large-scale generation, FID and sweeps live in their own module
+        from .cli_generate import register
+    except ImportError:
+        register = None
+    if register is not None:
+        register(sub)
     return parser
 
 
@@ -216,7 +222,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
-        return {"sample": cmd_sample, "compare": cmd_compare, "info": cmd_info}[args.command](args)
+        handler = getattr(args, "func", None) or {"sample": cmd_sample, "compare": cmd_compare,
+                                                  "info": cmd_info}[args.command]
+        return handler(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"psld-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
