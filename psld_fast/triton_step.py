@@ -1,0 +1,246 @@
+"""Triton implementation of the fused affine step ``psld_fast::affine_step_triton_``.
+
+What: one kernel per network evaluation that reads the packed state ``u = cat(x, m)`` and the network
+output ``eps`` once, draws its own Philox4x32-10 / Box-Muller noise (``tl.philox`` keyed by the
+per-sample int64 seed, counter ``(j, step, stream, 0)``, exactly the layout of
+:mod:`psld_fast.rng`) and writes ``u`` once, in place::
+
+    x' = P00 x + P01 m + Q00 ex + Q01 em + R1_00 n0 + R1_01 n1 + R2_00 n2 + R2_01 n3
+    m' = P10 x + P11 m + Q10 ex + Q11 em + R1_10 n0 + R1_11 n1 + R2_10 n2 + R2_11 n3
+
+(:func:`psld_fast.program.affine_step_reference` is the definition; math in float32.)
+
+Why no ``triton.autotune``: the kernel mutates its input in place and autotuning benchmarks a config
+by running it several times, which would apply the step several times.  Launch sizes come from the
+hand-made table in :func:`launch_config` instead.
+
+The coefficients are plain float kernel arguments, so a CUDA graph bakes them in per step; ``step``
+and ``stream`` are not specialised (no recompilation per step).  The three ``constexpr`` flags
+select the variant: ``HAS_EPS`` (an eps tensor was given), ``HAS_NOISE`` (any R != 0; otherwise no
+Philox at all) and ``READ_STATE`` (any P != 0; otherwise the old ``u`` is never loaded, it may hold
+NaN garbage, e.g. the prior draw writing into ``torch.empty``).
+
+Grid: one program per (sample b, block of BLOCK elements of one half), flattened to 1-D (B * NB
+programs, so the batch is not limited by the 65535 of grid axes 1/2).  The counter never contains
+b, so a sample's result does not depend on its batch position or the batch size.
+
+This module needs Triton: import it only when ``import triton`` works (``psld_fast.ops`` imports it
+lazily and checks ``HAS_TRITON``).  On CPU tensors the kernel runs only under Triton's interpreter,
+which requires ``TRITON_INTERPRET=1`` in the environment *before* ``triton`` is first imported
+(``INTERPRETED`` tells).  Registration: with compiled Triton the op is a ``torch.library.triton_op``
+(torch.compile and CUDA graphs see the kernel itself through ``wrap_triton``); under the
+interpreter, whose kernels cannot be traced into a graph, it is an opaque ``custom_op`` with the same
+schema, so compiled graphs still call it with real tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+__all__ = ["affine_step_triton_", "HAS_TRITON", "INTERPRETED", "launch_config"]
+
+#: Importing this module succeeded, so Triton is usable (``psld_fast.ops`` checks this).
+HAS_TRITON = True
+
+_MASK32 = 0xFFFFFFFF
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _to_bf16_rne(v):
+    """float32 -> bfloat16, round to nearest even (NaN -> quiet NaN), with integer ops only."""
+    bits = v.to(tl.uint32, bitcast=True)
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    rounded = tl.where(v != v, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["NB", "step", "stream"])
+def _affine_step_kernel(
+    u_ptr, eps_ptr, seed_ptr,
+    D, NB, step, stream,
+    p00, p01, p10, p11,
+    q00, q01, q10, q11,
+    r1_00, r1_01, r1_10, r1_11,
+    r2_00, r2_01, r2_10, r2_11,
+    BLOCK: tl.constexpr, HAS_EPS: tl.constexpr, HAS_NOISE: tl.constexpr, READ_STATE: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+):
+    # 1-D grid of B * NB programs: program -> (sample b, block jb of the D elements of one half).
+    pid = tl.program_id(0)
+    b = pid // NB
+    jb = pid - b * NB
+    j = jb.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # element index inside one half (< 2^32)
+    mask = j < D
+    x_off = b.to(tl.int64) * D * 2 + j                  # u[b, j]      (x half)
+    m_off = x_off + D                                   # u[b, D + j]  (m half)
+
+    if READ_STATE:
+        x = tl.load(u_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        m = tl.load(u_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+        xn = p00 * x + p01 * m
+        mn = p10 * x + p11 * m
+    else:
+        xn = tl.zeros((BLOCK,), dtype=tl.float32)
+        mn = tl.zeros((BLOCK,), dtype=tl.float32)
+
+    if HAS_EPS:
+        ex = tl.load(eps_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        em = tl.load(eps_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+        xn = xn + (q00 * ex + q01 * em)
+        mn = mn + (q10 * ex + q11 * em)
+
+    if HAS_NOISE:
+        # Philox key = the sample's int64 seed: tl.philox casts it to uint64 and splits it into
+        # k0 = low 32 bits, k1 = high 32 bits (psld_fast.rng.seeds_to_key).
+        seed = tl.load(seed_ptr + b)
+        j32 = j.to(tl.uint32)
+        zero = j32 * 0
+        c1 = zero + step.to(tl.uint32, bitcast=True)
+        c2 = zero + stream.to(tl.uint32, bitcast=True)
+        i0, i1, i2, i3 = tl.philox(seed, j32, c1, c2, zero)
+        n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i0), tl.uint_to_uniform_float(i1))
+        n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i2), tl.uint_to_uniform_float(i3))
+        xn = xn + (r1_00 * n0 + r1_01 * n1 + r2_00 * n2 + r2_01 * n3)
+        mn = mn + (r1_10 * n0 + r1_11 * n1 + r2_10 * n2 + r2_11 * n3)
+
+    if BF16_RNE:
+        # Interpreter only (bf16 state): its fp32 -> bf16 cast truncates, so round to nearest even by
+        # hand, as the GPU's cvt.rn.bf16.f32 does (NaN stays a quiet NaN).
+        xn = _to_bf16_rne(xn)
+        mn = _to_bf16_rne(mn)
+    tl.store(u_ptr + x_off, xn.to(u_ptr.dtype.element_ty), mask=mask)
+    tl.store(u_ptr + m_off, mn.to(u_ptr.dtype.element_ty), mask=mask)
+
+
+def _is_interpreted(kernel) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - layout of older/newer Triton
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+#: The kernel runs under Triton's interpreter (TRITON_INTERPRET=1 was set before ``import triton``).
+INTERPRETED = _is_interpreted(_affine_step_kernel)
+
+
+def launch_config(D: int, device_type: str) -> tuple[int, int]:
+    """Hand-made ``(BLOCK, num_warps)`` table (no autotune: the kernel is in place).
+
+    GPU: 1024 elements per half per program with 4 warps (8 elements of x and of m per thread:
+    two 128-bit fp32 vectors each), smaller blocks only when a half holds fewer elements.
+    CPU interpreter: its cost is per program, so one big block (up to 65536 elements).
+    """
+    p2 = triton.next_power_of_2(max(int(D), 1))
+    if device_type == "cpu":
+        return min(max(p2, 16), 65536), 1
+    if p2 >= 1024:
+        return 1024, 4
+    block = max(p2, 128)
+    return block, max(1, min(4, block // 256))
+
+
+def _check_args(u, eps, seeds, coef, step, stream):
+    """Validate the op's arguments; returns (B, D, eps_contiguous_or_None)."""
+    name = "affine_step_triton_"
+    if not isinstance(u, torch.Tensor):
+        raise TypeError(f"{name}: u must be a torch.Tensor, got {type(u).__name__}")
+    if u.dtype not in _DTYPES:
+        raise TypeError(f"{name}: u must be float32, float16 or bfloat16, got {u.dtype}"
+                        + (" (float64 runs only on the reference backend)" if u.dtype == torch.float64 else ""))
+    if u.dim() < 2 or u.shape[1] % 2:
+        raise ValueError(f"{name}: u must have shape (B, 2C, ...) with an even channel count, "
+                         f"got {tuple(u.shape)}")
+    if not u.is_contiguous():
+        raise ValueError(f"{name}: u must be contiguous (it is updated in place), got strides {u.stride()}")
+    if eps is not None:
+        if not isinstance(eps, torch.Tensor):
+            raise TypeError(f"{name}: eps must be a torch.Tensor or None, got {type(eps).__name__}")
+        if eps.dtype not in _DTYPES:
+            raise TypeError(f"{name}: eps must be float32, float16 or bfloat16, got {eps.dtype}")
+        if eps.shape != u.shape:
+            raise ValueError(f"{name}: eps shape {tuple(eps.shape)} != u shape {tuple(u.shape)}")
+        if eps.device != u.device:
+            raise ValueError(f"{name}: eps is on {eps.device} but u is on {u.device}")
+        eps = eps.contiguous()
+    if not isinstance(seeds, torch.Tensor):
+        raise TypeError(f"{name}: seeds must be a torch.Tensor, got {type(seeds).__name__}")
+    if seeds.dtype != torch.int64:
+        raise TypeError(f"{name}: seeds must be int64, got {seeds.dtype}")
+    if seeds.dim() != 1 or seeds.shape[0] != u.shape[0]:
+        raise ValueError(f"{name}: seeds must have shape ({u.shape[0]},), got {tuple(seeds.shape)}")
+    if seeds.device != u.device:
+        raise ValueError(f"{name}: seeds are on {seeds.device} but u is on {u.device}")
+    if len(coef) != 16:
+        raise ValueError(f"{name}: coef must hold 16 numbers, got {len(coef)}")
+    for what, v in (("step", step), ("stream", stream)):
+        if isinstance(v, bool) or not isinstance(v, (int, torch.SymInt)):
+            raise TypeError(f"{name}: {what} must be an int, got {type(v).__name__}")
+    B = u.shape[0]
+    D = math.prod(int(s) for s in u.shape[1:]) // 2
+    if D >= 2**32:
+        raise ValueError(f"{name}: {D} elements per half per sample exceed the 32-bit Philox counter")
+    if u.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(f"{name}: u is a CPU tensor; the Triton kernel runs on CPU only under Triton's "
+                           "interpreter, which needs TRITON_INTERPRET=1 set before `triton` is first "
+                           "imported (or use the 'cpu'/'reference' backend)")
+    return B, D, eps
+
+
+def _as_int32(v) -> int:
+    """Low 32 bits of ``v`` as a signed int32 value (the kernel bitcasts it back to uint32).
+
+    A traced (symbolic) step is specialised here: the counter words are kernel scalars."""
+    v = int(v) & _MASK32
+    return v - 2**32 if v >= 2**31 else v
+
+
+def _affine_step_triton_impl(u: torch.Tensor, eps: torch.Tensor | None, seeds: torch.Tensor,
+                             coef: list[float], step: int, stream: int) -> None:
+    """In-place fused affine step on ``u`` (see the module docstring and
+    :func:`psld_fast.program.affine_step_reference`)."""
+    B, D, eps_c = _check_args(u, eps, seeds, coef, step, stream)
+    if B == 0 or D == 0:
+        return
+    c = [float(v) for v in coef]
+    read_state = any(v != 0.0 for v in c[0:4])
+    has_noise = any(v != 0.0 for v in c[8:16])
+    has_eps = eps_c is not None
+    BLOCK, num_warps = launch_config(D, u.device.type)
+    NB = triton.cdiv(D, BLOCK)
+    if B * NB >= 2**31:
+        raise ValueError(f"affine_step_triton_: {B} x {NB} programs exceed the grid limit")
+    # Triton launches on the current device: make it u's (a no-op in the usual single-device case).
+    guard = (torch.cuda.device(u.device) if u.device.type == "cuda" and u.device.index is not None
+             else contextlib.nullcontext())
+    with guard:
+        wrap_triton(_affine_step_kernel)[(B * NB,)](
+            u, eps_c if has_eps else u, seeds.contiguous(),
+            D, NB, _as_int32(step), _as_int32(stream),
+            *c,
+            BLOCK=BLOCK, HAS_EPS=has_eps, HAS_NOISE=has_noise, READ_STATE=read_state,
+            BF16_RNE=INTERPRETED and u.dtype == torch.bfloat16,
+            num_warps=num_warps,
+        )
+
+
+if not INTERPRETED:
+    # Compiled Triton: torch.compile / make_fx trace through the launcher and capture the kernel
+    # itself (wrap_triton), so Inductor and CUDA graphs see it.
+    affine_step_triton_ = triton_op("psld_fast::affine_step_triton_", mutates_args={"u"})(
+        _affine_step_triton_impl)
+else:
+    # Interpreter (CPU tests): an interpreted kernel cannot be traced into a graph, so register an
+    # opaque custom op instead; a compiled graph then calls it with real tensors at run time.
+    affine_step_triton_ = torch.library.custom_op("psld_fast::affine_step_triton_", mutates_args={"u"})(
+        _affine_step_triton_impl)
+
+    @affine_step_triton_.register_fake
+    def _(u, eps, seeds, coef, step, stream) -> None:
+        _check_args(u, eps, seeds, coef, step, stream)
