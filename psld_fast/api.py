@@ -78,7 +78,7 @@ def _as_model(model, sde, shape) -> EpsModel:
 
 def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 50,
            schedule="quadratic", lambda_s: float | None = None, lambda_reading: str = "marginal",
-           net_time: str | None = None, denoise: bool = True, seeds=None,
+           net_time: str | None = None, denoise: bool = True, split: str = "additive", seeds=None,
            generator: torch.Generator | None = None, backend: str | None = "auto",
            dtype: torch.dtype = torch.float32, device=None, batch_size: int | None = None,
            callback=None, progress: bool = True, sde=None, shape=None, stream: int = 0,
@@ -94,6 +94,7 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         schedule: "quadratic", "uniform", "cubic", "logsnr", "power:<p>" or an array of N+1 times.
         lambda_s: x-noise scale (default 1: the reverse SDE); ``lambda_reading`` "marginal" | "noise".
         net_time: "start" | "end" (time conditioning of calls made after O; default per sampler).
+        split: "additive" (spec 4.3 default: O adds noise) | "ou" (O is the exact OU friction step).
         seeds: (num_samples,) int64, one per sample; else drawn from ``generator``; else 0..N-1.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton" (env ``PSLD_FAST_BACKEND``).
         dtype: state dtype (float32 default; float16/bfloat16 on the kernels; float64 reference).
@@ -115,7 +116,7 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     device = torch.device(device) if device is not None else _model_device(model)
     t0 = time.perf_counter()
     program = compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lambda_s,
-                              lambda_reading=lambda_reading, net_time=net_time, denoise=denoise)
+                              lambda_reading=lambda_reading, net_time=net_time, denoise=denoise, split=split)
     if program.nfe != nfe:
         log.info("sampler %s: nfe=%d does not fit %s; spending %d", sampler, nfe,
                  "N * evals_per_step + 1", program.nfe)

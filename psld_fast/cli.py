@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .api import sample
 from .models import PRESETS, GaussianMixture, get_preset
-from .samplers import ALL_SAMPLERS, LAMBDA_READINGS, NET_TIMES, SAMPLER_SPECS
+from .samplers import ALL_SAMPLERS, LAMBDA_READINGS, NET_TIMES, SAMPLER_SPECS, SPLITS
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -68,6 +68,8 @@ def _add_sampler_args(p: argparse.ArgumentParser, single=True):
     g.add_argument("--net-time", default=None, choices=NET_TIMES,
                    help="time conditioning of calls after O (default: per sampler)")
     g.add_argument("--schedule", default="quadratic", help="uniform | quadratic | cubic | logsnr | power:<p>")
+    g.add_argument("--split", default="additive", choices=SPLITS,
+                   help="additive: O only adds noise (spec default); ou: O is the exact friction+noise step")
     g.add_argument("--no-denoise", action="store_true", help="skip the final denoising step")
 
 
@@ -126,7 +128,7 @@ def _device(args) -> torch.device:
 
 def _sampler_kwargs(args) -> dict:
     return dict(lambda_s=args.lambda_s, lambda_reading=args.lambda_reading, net_time=args.net_time,
-                schedule=args.schedule, denoise=not args.no_denoise)
+                schedule=args.schedule, denoise=not args.no_denoise, split=args.split)
 
 
 def _quality(model, x: torch.Tensor, seed: int = 0) -> dict | None:

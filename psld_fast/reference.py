@@ -34,11 +34,12 @@ class IIDNoise:
 class _Ctx:
     """The process and knobs shared by the loops below: score, drift and the O, A, B updates."""
 
-    def __init__(self, eps_fn, sde, noise, lambda_s, reading):
+    def __init__(self, eps_fn, sde, noise, lambda_s, reading, split="additive"):
         self.eps_fn, self.sde, self.noise = eps_fn, sde, noise
         self.G, self.nu, self.M, self.Minv = sde.gamma, sde.nu, sde.M, sde.Minv
         self.lx = lambda_s
         self.cx = 1.0 + lambda_s ** 2 if reading == "marginal" else 2.0
+        self.ou = split == "ou"
 
     def score(self, x, m, tau):
         """s = -L^{-T} eps (spec 1.2)."""
@@ -50,12 +51,21 @@ class _Ctx:
 
     def O(self, x, m, d):
         xi_x, xi_m = self.noise()
+        if self.ou:  # exact friction + noise (spec 4.3, alternative reading)
+            kx = (self.cx - 1.0) * self.G
+            var_x = self.G * (-math.expm1(-kx * d) / kx if kx > 0 else d)
+            return (math.exp(-kx * d / 2) * x + self.lx * math.sqrt(var_x) * xi_x,
+                    math.exp(-self.nu * d / 2) * m + math.sqrt(-self.M * math.expm1(-self.nu * d)) * xi_m)
         return x + self.lx * math.sqrt(self.G * d) * xi_x, m + math.sqrt(self.M * self.nu * d) * xi_m
 
     def B(self, x, m, d, s_m):
+        if self.ou:
+            return m + d / 2 * (x + 2 * self.M * self.nu * (s_m + self.Minv * m))
         return m + d / 2 * (x + self.nu * m + 2 * self.M * self.nu * s_m)
 
     def A(self, x, m, d, s_x):
+        if self.ou:
+            return x + d / 2 * (-self.Minv * m + self.cx * self.G * (s_x + x))
         return x + d / 2 * (self.G * x - self.Minv * m + self.cx * self.G * s_x)
 
     def step_times(self, grid, n):
@@ -220,9 +230,9 @@ REFERENCE_SAMPLERS = {
 
 
 def run_reference(sampler, eps_fn, sde, grid, noise, *, lambda_s=1.0, reading="marginal",
-                  net_time="start", denoise=True) -> torch.Tensor:
+                  net_time="start", denoise=True, split="additive") -> torch.Tensor:
     """Run the readable loop of ``sampler`` and the final denoising step; returns z = cat(x, m)."""
-    c = _Ctx(eps_fn, sde, noise, lambda_s, reading)
+    c = _Ctx(eps_fn, sde, noise, lambda_s, reading, split)
     x, m = REFERENCE_SAMPLERS[sampler](c, grid, net_time)
     if denoise:  # one noise-free Euler step of the full reverse SDE from eps_end to 0
         tau, beta = sde.eps_end, sde.beta(sde.eps_end)

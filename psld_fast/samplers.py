@@ -17,6 +17,13 @@ Conventions (documented knobs):
   ``c_x = 1 + lambda_s^2``; ``'noise'`` (reading (b)): ``lx = lambda_s``, ``c_x = 2``.
 * ``net_time='end'``: a network call made after the step's O update is conditioned on
   ``tau_{n+1}`` (the reduced samplers' shifted time); ``'start'``: every call of step n at ``tau_n``.
+* ``split='additive'`` (spec 4.3 default reading): O only adds noise, A and B carry the whole drift.
+  ``split='ou'`` (spec 4.3 alternative): O is the exact friction + noise OU step
+  ``x <- e^{-k_x d/2} x + lx sqrt(Gamma (1 - e^{-k_x d}) / k_x) xi_x`` with ``k_x = (c_x - 1) Gamma``,
+  ``m <- e^{-nu d/2} m + sqrt(M (1 - e^{-nu d})) xi_m``, and A, B carry the Hamiltonian coupling and
+  the ``(s + Sinf^{-1} z)`` score terms:
+  ``A: x += d/2 (-Minv m + c_x Gamma (s_x + x))``, ``B: m += d/2 (x + 2 M nu (s_m + Minv m))``.
+  Same SDE, but the stiff friction is integrated exactly: stable at large steps.
 * EM and SSCS follow the PSLD code: drift and noise use ``h * beta(tau_n)`` and the score at tau_n.
 * The final denoising step is a noise-free Euler step of the full reverse SDE from ``eps_end``.
 """
@@ -32,9 +39,10 @@ from .program import Program, ProgramBuilder
 from .sde import PSLD
 
 __all__ = ["SAMPLERS", "DETERMINISTIC_SAMPLERS", "ALL_SAMPLERS", "SamplerSpec", "SAMPLER_SPECS",
-           "compile_sampler", "steps_for_nfe", "LAMBDA_READINGS", "NET_TIMES"]
+           "compile_sampler", "steps_for_nfe", "LAMBDA_READINGS", "NET_TIMES", "SPLITS"]
 
 LAMBDA_READINGS = ("marginal", "noise")
+SPLITS = ("additive", "ou")
 NET_TIMES = ("start", "end")
 
 
@@ -90,20 +98,33 @@ def _spec(sampler: str) -> SamplerSpec:
 
 # ------------------------------------------------------------------------------- sub-step matrices
 class _Steps:
-    """The 2x2 sub-step maps of one run (process, lambda_s and reading fixed)."""
+    """The 2x2 sub-step maps of one run (process, lambda_s, reading and split fixed)."""
 
-    def __init__(self, sde: PSLD, lambda_s: float, reading: str):
+    def __init__(self, sde: PSLD, lambda_s: float, reading: str, split: str = "additive"):
         self.sde = sde
         self.lx = lambda_s
         self.cx = 1.0 + lambda_s ** 2 if reading == "marginal" else 2.0
+        self.ou = split == "ou"
 
     def O(self, d):
+        """Noise-only O: returns R.  (The OU O is :meth:`O_ou`: returns (Mz, R).)"""
         s = self.sde
         return np.diag([self.lx * math.sqrt(s.gamma * d), math.sqrt(s.M * s.nu * d)])
 
+    def O_ou(self, d):
+        s = self.sde
+        kx = (self.cx - 1.0) * s.gamma
+        var_x = s.gamma * (-math.expm1(-kx * d) / kx if kx > 0 else d)  # (lx^2 times) Gamma (1 - e^{-kx d}) / kx
+        Mz = np.diag([math.exp(-kx * d / 2), math.exp(-s.nu * d / 2)])
+        R = np.diag([self.lx * math.sqrt(var_x), math.sqrt(-s.M * math.expm1(-s.nu * d))])
+        return Mz, R
+
     def B(self, d, S):
         s = self.sde
-        Mz = np.array([[1.0, 0.0], [d / 2, 1.0 + d * s.nu / 2]])
+        if self.ou:  # m += d/2 (x + 2 M nu (s_m + Minv m)) = d/2 x + d nu m + d M nu s_m
+            Mz = np.array([[1.0, 0.0], [d / 2, 1.0 + d * s.nu]])
+        else:
+            Mz = np.array([[1.0, 0.0], [d / 2, 1.0 + d * s.nu / 2]])
         Meps = np.zeros((2, 2))
         Meps[1] = d * s.M * s.nu * S[1]
         return Mz, Meps
@@ -111,7 +132,8 @@ class _Steps:
     def A(self, d, S, cx=None):
         s = self.sde
         cx = self.cx if cx is None else cx
-        Mz = np.array([[1.0 + d * s.gamma / 2, -d * s.Minv / 2], [0.0, 1.0]])
+        gx = d * cx * s.gamma / 2 if self.ou else d * s.gamma / 2  # x-coefficient
+        Mz = np.array([[1.0 + gx, -d * s.Minv / 2], [0.0, 1.0]])
         Meps = np.zeros((2, 2))
         Meps[0] = d * cx * s.gamma / 2 * S[0]
         return Mz, Meps
@@ -126,7 +148,7 @@ class _Steps:
 
 def compile_sampler(sampler: str, sde: PSLD, nfe: int, *, schedule="quadratic", lambda_s=None,
                     lambda_reading: str = "marginal", net_time: str | None = None,
-                    denoise: bool = True) -> Program:
+                    denoise: bool = True, split: str = "additive") -> Program:
     """Compile a sampler into a :class:`Program` of affine stages (all float64 host math).
 
     Raises ValueError naming the argument for an unknown sampler, schedule, reading or net_time,
@@ -141,12 +163,14 @@ def compile_sampler(sampler: str, sde: PSLD, nfe: int, *, schedule="quadratic", 
         raise ValueError("lambda_s is not defined for sscs (its OU half-steps are exact): leave it at 1")
     if lambda_reading not in LAMBDA_READINGS:
         raise ValueError(f"unknown lambda_reading {lambda_reading!r}; choose one of {LAMBDA_READINGS}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     net_time = spec.default_net_time if net_time is None else net_time
     if net_time not in NET_TIMES:
         raise ValueError(f"unknown net_time {net_time!r}; choose one of {NET_TIMES}")
     N = steps_for_nfe(sampler, nfe, denoise)
     grid = time_grid(schedule, N, sde)
-    steps = _Steps(sde, float(lambda_s), lambda_reading)
+    steps = _Steps(sde, float(lambda_s), lambda_reading, split)
     pb = ProgramBuilder()
     # Stage 0: the prior draw x ~ N(0, I), m ~ N(0, M I) overwrites the state.
     pb.reset_state()
@@ -156,6 +180,7 @@ def compile_sampler(sampler: str, sde: PSLD, nfe: int, *, schedule="quadratic", 
         _denoise(pb, steps)
     info = dict(sampler=sampler, nfe=nfe, steps=N, schedule=schedule if isinstance(schedule, str) else "custom",
                 lambda_s=float(lambda_s), lambda_reading=lambda_reading, net_time=net_time, denoise=denoise,
+                split=split,
                 sde=sde.to_dict())
     program = Program(sampler=sampler, stages=pb.finish(), grid=grid, info=info)
     info["nfe"] = program.nfe
@@ -169,6 +194,15 @@ def _step_times(sde: PSLD, grid, n):
 
 def _after_o(net_time, tau_n, tau_next):
     return tau_next if net_time == "end" else tau_n
+
+
+def _O(pb, steps, d):
+    if steps.ou:
+        Mz, R = steps.O_ou(d)
+        pb.linear(Mz)
+        pb.noise(R)
+    else:
+        pb.noise(steps.O(d))
 
 
 def _call(pb, steps, tau):
@@ -219,7 +253,7 @@ def _compile_naive_oba(pb, steps, grid, net_time):
     for n in range(len(grid) - 1):
         tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
         tau = _after_o(net_time, tau_n, tau_next)
-        pb.noise(steps.O(d))
+        _O(pb, steps, d)
         pb.linear(*steps.B(d, _call(pb, steps, tau)))
         pb.linear(*steps.A(d, _call(pb, steps, tau)))
 
@@ -229,14 +263,14 @@ def _compile_naive_bao(pb, steps, grid, net_time):
         tau_n, _, d, _ = _step_times(steps.sde, grid, n)
         pb.linear(*steps.B(d, _call(pb, steps, tau_n)))
         pb.linear(*steps.A(d, _call(pb, steps, tau_n)))
-        pb.noise(steps.O(d))
+        _O(pb, steps, d)
 
 
 def _compile_naive_obab(pb, steps, grid, net_time):
     for n in range(len(grid) - 1):
         tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
         tau = _after_o(net_time, tau_n, tau_next)
-        pb.noise(steps.O(d))
+        _O(pb, steps, d)
         pb.linear(*steps.B(d / 2, _call(pb, steps, tau)))
         pb.linear(*steps.A(d, _call(pb, steps, tau)))
         pb.linear(*steps.B(d / 2, _call(pb, steps, tau)))
@@ -248,7 +282,7 @@ def _compile_naive_baoab(pb, steps, grid, net_time):
         tau = _after_o(net_time, tau_n, tau_next)
         pb.linear(*steps.B(d / 2, _call(pb, steps, tau_n)))
         pb.linear(*steps.A(d / 2, _call(pb, steps, tau_n)))
-        pb.noise(steps.O(d))
+        _O(pb, steps, d)
         pb.linear(*steps.A(d / 2, _call(pb, steps, tau)))
         pb.linear(*steps.B(d / 2, _call(pb, steps, tau)))
 
@@ -256,7 +290,7 @@ def _compile_naive_baoab(pb, steps, grid, net_time):
 def _compile_reduced_oba(pb, steps, grid, net_time):
     for n in range(len(grid) - 1):
         tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
-        pb.noise(steps.O(d))
+        _O(pb, steps, d)
         S = _call(pb, steps, _after_o(net_time, tau_n, tau_next))
         pb.linear(*steps.B(d, S))
         pb.linear(*steps.A(d, S))
@@ -268,13 +302,13 @@ def _compile_reduced_bao(pb, steps, grid, net_time):
         S = _call(pb, steps, tau_n)
         pb.linear(*steps.B(d, S))
         pb.linear(*steps.A(d, S))
-        pb.noise(steps.O(d))
+        _O(pb, steps, d)
 
 
 def _compile_reduced_obab(pb, steps, grid, net_time):
     for n in range(len(grid) - 1):
         tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
-        pb.noise(steps.O(d))
+        _O(pb, steps, d)
         S = _call(pb, steps, _after_o(net_time, tau_n, tau_next))
         pb.linear(*steps.B(d / 2, S))
         pb.linear(*steps.A(d, S))
@@ -287,7 +321,7 @@ def _compile_reduced_baoab(pb, steps, grid, net_time):
         S = _call(pb, steps, tau_n)
         pb.linear(*steps.B(d / 2, S))
         pb.linear(*steps.A(d / 2, S))
-        pb.noise(steps.O(d))
+        _O(pb, steps, d)
         S = _call(pb, steps, _after_o(net_time, tau_n, tau_next))
         pb.linear(*steps.A(d / 2, S))
         pb.linear(*steps.B(d / 2, S))

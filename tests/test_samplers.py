@@ -21,7 +21,9 @@ def _run_program_f64(model, program, seeds):
 
 _KNOBS = {"default": dict(), "start": dict(net_time="start"), "end": dict(net_time="end"),
           "lam0.3": dict(lambda_s=0.3), "lam0.3-noise": dict(lambda_s=0.3, lambda_reading="noise"),
-          "uniform-nodenoise": dict(schedule="uniform", denoise=False)}
+          "uniform-nodenoise": dict(schedule="uniform", denoise=False),
+          "ou": dict(split="ou"), "ou-lam0.3-noise": dict(split="ou", lambda_s=0.3, lambda_reading="noise"),
+          "ou-lam0": dict(split="ou", lambda_s=0.0, net_time="start")}
 # sscs has no lambda_s (test_bad_arguments checks that it raises), so those pairs are not generated
 _PATHWISE_CASES = [pytest.param(s, k, id=f"{s}-{name}") for s in pf.ALL_SAMPLERS for name, k in _KNOBS.items()
                    if not (s == "sscs" and "lambda_s" in k)]
@@ -41,7 +43,8 @@ def test_compiled_program_equals_reference_loop_pathwise(sampler, knobs):
         return model(z, torch.full((z.shape[0],), tau, dtype=torch.float64))
 
     z_ref = run_reference(sampler, eps_fn, sde, program.grid, noise, lambda_s=info["lambda_s"],
-                          reading=info["lambda_reading"], net_time=info["net_time"], denoise=info["denoise"])
+                          reading=info["lambda_reading"], net_time=info["net_time"], denoise=info["denoise"],
+                          split=info["split"])
     assert noise.exhausted, "the program and the reference loop consumed different numbers of draws"
     u = _run_program_f64(model, program, seeds)
     err = (u - z_ref).abs().max().item()
@@ -105,6 +108,7 @@ def test_error_falls_with_nfe_and_fitted_orders(capsys):
     (dict(sampler="sscs", lambda_s=0.5), ValueError, "lambda_s is not defined for sscs"),
     (dict(lambda_reading="x"), ValueError, "unknown lambda_reading"),
     (dict(net_time="middle"), ValueError, "unknown net_time"),
+    (dict(split="half"), ValueError, "unknown split"),
     (dict(nfe=20.5), TypeError, "nfe must be an integer"),
 ])
 def test_bad_arguments(kwargs, exc, match):
