@@ -1,0 +1,55 @@
+// Parameters of the fused affine step, shared by the CPU and CUDA kernels.
+//
+// Per coordinate pair (x_j, m_j) of one sample (j < D = numel of one half):
+//   x' = P00 x + P01 m + Q00 ex + Q01 em + R1_00 n0 + R1_01 n1 + R2_00 n2 + R2_01 n3
+//   m' = P10 x + P11 m + Q10 ex + Q11 em + R1_10 n0 + R1_11 n1 + R2_10 n2 + R2_11 n3
+// with (n0, n1, n2, n3) the normals of Philox counter (j, step, stream, 0) under the sample's seed.
+// The definition is psld_fast.program.affine_step_reference; math here is float32.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
+#include <c10/util/ArrayRef.h>
+
+namespace psld_fast {
+
+// Order of coef[]: the COEF_LAYOUT of psld_fast/program.py.
+enum CoefIndex : int {
+  kP00 = 0, kP01, kP10, kP11,
+  kQ00, kQ01, kQ10, kQ11,
+  kR1_00, kR1_01, kR1_10, kR1_11,
+  kR2_00, kR2_01, kR2_10, kR2_11,
+  kNumCoef
+};
+
+struct AffineStepParams {
+  void* u = nullptr;              // (B, 2, D) contiguous state, dtype state_dtype
+  const void* eps = nullptr;      // (B, 2, D) contiguous, dtype eps_dtype; nullptr: no eps term
+  const int64_t* seeds = nullptr; // (B,) per-sample Philox keys
+  int64_t batch = 0;              // B
+  int64_t half_numel = 0;         // D < 2^32
+  float coef[kNumCoef] = {};
+  uint32_t step = 0;              // Philox counter word 1
+  uint32_t stream = 0;            // Philox counter word 2
+  bool read_state = false;        // false when P == 0: u may hold garbage and is not read
+  bool has_eps = false;
+  bool has_noise = false;         // false when R == 0: no Philox at all
+  c10::ScalarType state_dtype = c10::ScalarType::Float;
+  c10::ScalarType eps_dtype = c10::ScalarType::Float;
+};
+
+// Validates the op's arguments (TORCH_CHECK messages name the argument) for a kernel running on
+// `device_type` and fills the parameters.  `eps_holder` keeps a contiguous copy of eps alive when
+// the caller passed a non-contiguous one.
+AffineStepParams make_affine_step_params(const at::Tensor& u, const std::optional<at::Tensor>& eps,
+                                         const at::Tensor& seeds, c10::ArrayRef<double> coef,
+                                         int64_t step, int64_t stream, c10::DeviceType device_type,
+                                         at::Tensor& eps_holder);
+
+// Checks the arguments of the test-only op philox_test (seeds (B,) int64 on device_type, numel).
+void check_philox_test_args(const at::Tensor& seeds, int64_t numel, c10::DeviceType device_type);
+
+}  // namespace psld_fast

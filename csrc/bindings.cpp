@@ -1,0 +1,115 @@
+// The compiled module psld_fast._C: argument validation shared by the CPU and CUDA kernels, and a
+// minimal Python module init.
+//
+// The op schemas are defined once, in Python (psld_fast/ops.py, torch.library); the kernels only
+// register implementations (TORCH_LIBRARY_IMPL at the end of affine_step_cpu.cpp / _cuda.cu), which
+// run as static initialisers when Python imports this module.  We include ATen + torch/library.h
+// and Python.h instead of torch/extension.h (pybind11): the build is ~4x faster and nothing here
+// needs pybind11.
+#include <Python.h>
+
+#include <cstdint>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "affine_step.h"
+
+namespace psld_fast {
+
+namespace {
+
+bool is_kernel_float(c10::ScalarType t) {
+  return t == c10::ScalarType::Float || t == c10::ScalarType::Half ||
+         t == c10::ScalarType::BFloat16;
+}
+
+void check_eps(const at::Tensor& u, const at::Tensor& e) {
+  TORCH_CHECK(e.sizes() == u.sizes(), "affine_step_: eps must have u's shape ", u.sizes(),
+              ", got ", e.sizes());
+  TORCH_CHECK(e.device() == u.device(), "affine_step_: eps is on ", e.device(), " but u is on ",
+              u.device());
+  TORCH_CHECK(is_kernel_float(e.scalar_type()),
+              "affine_step_: eps must be float32, float16 or bfloat16, got ", e.scalar_type());
+}
+
+}  // namespace
+
+AffineStepParams make_affine_step_params(const at::Tensor& u, const std::optional<at::Tensor>& eps,
+                                         const at::Tensor& seeds, c10::ArrayRef<double> coef,
+                                         int64_t step, int64_t stream, c10::DeviceType device_type,
+                                         at::Tensor& eps_holder) {
+  TORCH_CHECK(u.device().type() == device_type, "affine_step_: u is on ", u.device(),
+              " but this kernel runs on ", c10::DeviceTypeName(device_type, true),
+              " (all tensors must be on one device)");
+  TORCH_CHECK(u.dim() >= 2 && u.size(1) % 2 == 0,
+              "affine_step_: u must be a (B, 2C, ...) state with an even channel count, got shape ",
+              u.sizes());
+  TORCH_CHECK(is_kernel_float(u.scalar_type()), "affine_step_: u has dtype ", u.scalar_type(),
+              "; the kernels support float32, float16 and bfloat16 (use backend='reference' for "
+              "float64)");
+  TORCH_CHECK(u.is_contiguous(), "affine_step_: u must be contiguous (got strides ", u.strides(),
+              " for shape ", u.sizes(), "); the op updates u in place, so keep the state contiguous");
+  TORCH_CHECK(seeds.scalar_type() == c10::ScalarType::Long && seeds.dim() == 1 &&
+                  seeds.size(0) == u.size(0),
+              "affine_step_: seeds must be int64 of shape (", u.size(0), ",), got ",
+              seeds.scalar_type(), " of shape ", seeds.sizes());
+  TORCH_CHECK(seeds.device() == u.device(), "affine_step_: seeds is on ", seeds.device(),
+              " but u is on ", u.device());
+  TORCH_CHECK(coef.size() == kNumCoef, "affine_step_: coef must hold 16 numbers, got ",
+              coef.size());
+
+  AffineStepParams p;
+  p.batch = u.size(0);
+  p.half_numel = p.batch == 0 ? 0 : u.numel() / (2 * p.batch);
+  TORCH_CHECK(p.half_numel < (int64_t(1) << 32), "affine_step_: ", p.half_numel,
+              " elements per half exceed the 32-bit Philox counter");
+  for (int i = 0; i < kNumCoef; ++i) p.coef[i] = static_cast<float>(coef[i]);
+  p.read_state = coef[kP00] != 0.0 || coef[kP01] != 0.0 || coef[kP10] != 0.0 || coef[kP11] != 0.0;
+  p.has_noise = false;
+  for (int i = kR1_00; i < kNumCoef; ++i) p.has_noise = p.has_noise || coef[i] != 0.0;
+  p.step = static_cast<uint32_t>(step);      // = step & 0xFFFFFFFF, as the reference
+  p.stream = static_cast<uint32_t>(stream);
+  p.u = u.data_ptr();
+  TORCH_CHECK(seeds.is_contiguous(), "affine_step_: seeds must be contiguous, got strides ",
+              seeds.strides());
+  p.seeds = seeds.data_ptr<int64_t>();
+  p.state_dtype = u.scalar_type();
+  if (eps.has_value()) {
+    check_eps(u, *eps);
+    eps_holder = eps->contiguous();
+    p.eps = eps_holder.data_ptr();
+    p.has_eps = true;
+    p.eps_dtype = eps_holder.scalar_type();
+  }
+  return p;
+}
+
+void check_philox_test_args(const at::Tensor& seeds, int64_t numel, c10::DeviceType device_type) {
+  TORCH_CHECK(seeds.device().type() == device_type, "philox_test: seeds is on ", seeds.device());
+  TORCH_CHECK(seeds.scalar_type() == c10::ScalarType::Long && seeds.dim() == 1,
+              "philox_test: seeds must be a 1-d int64 tensor, got ", seeds.scalar_type(),
+              " of shape ", seeds.sizes());
+  TORCH_CHECK(numel >= 0 && numel < (int64_t(1) << 32), "philox_test: numel must be in [0, 2^32), got ",
+              numel);
+}
+
+}  // namespace psld_fast
+
+#ifndef PSLD_FAST_WITH_CUDA
+#define PSLD_FAST_WITH_CUDA 0
+#endif
+
+// Importing psld_fast._C loads this library, which runs the TORCH_LIBRARY_IMPL registrations.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                   "psld_fast compiled kernels (registered as torch ops)", -1,
+                                   nullptr};
+  PyObject* m = PyModule_Create(&module_def);
+  if (m != nullptr && PyModule_AddIntConstant(m, "WITH_CUDA", PSLD_FAST_WITH_CUDA) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

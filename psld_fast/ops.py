@@ -1,0 +1,209 @@
+"""The fused affine-step op: schemas, fakes, backend choice.
+
+The op ``psld_fast::affine_step_`` applies one sampler stage in place (definition and shapes:
+:func:`psld_fast.program.affine_step_reference`)::
+
+    u (B, 2C, ...) <- P u + Q eps + R1 [n0; n1] + R2 [n2; n3]     per coordinate pair (x_j, m_j)
+
+Schemas are defined here, once, with ``torch.library``; the compiled module ``psld_fast._C``
+(csrc/) only registers the CPU and CUDA implementations; the Triton kernel is its own triton_op
+(``psld_fast::affine_step_triton_``, psld_fast/triton_step.py).  So that the ops work whatever was
+built, the reference is registered as the CompositeExplicitAutograd fallback of ``affine_step_``:
+a compiled kernel for the tensor's device takes precedence over it.
+
+Backends (:func:`resolve_backend`): "reference" (pure PyTorch, any dtype incl. float64), "cpu"
+(C++ kernel), "cuda" (CUDA kernel), "triton".  Choice: argument > ``PSLD_FAST_BACKEND`` > "auto";
+auto picks cuda > triton > reference on a GPU and cpu > reference on CPU, and the reference for
+float64 states.  An explicit request that cannot be met raises with the reason; an automatic
+fallback logs once.  Importing this module neither initialises CUDA nor imports Triton.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .program import affine_step_reference
+
+__all__ = ["affine_step_", "affine_step", "resolve_backend", "get_step_fn", "BACKENDS",
+           "HAS_CPU_KERNEL", "HAS_CUDA_KERNEL", "HAS_TRITON", "has_triton"]
+
+logger = logging.getLogger("psld_fast")
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ENV_BACKEND = "PSLD_FAST_BACKEND"
+
+_lib = torch.library.Library("psld_fast", "FRAGMENT")
+_lib.define("affine_step_(Tensor(a!) u, Tensor? eps, Tensor seeds, float[] coef, int step, "
+            "int stream) -> ()")
+_lib.define("affine_step(Tensor u, Tensor? eps, Tensor seeds, float[] coef, int step, "
+            "int stream) -> Tensor")
+# Test-only: the Philox words (int64 holding uint32) and normals of (B, numel) elements, (B, numel, 4).
+_lib.define("philox_test(Tensor seeds, int numel, int step, int stream) -> (Tensor, Tensor)")
+
+
+def _check_fake(u, eps, seeds, coef):
+    torch._check(u.dim() >= 2 and u.shape[1] % 2 == 0, lambda: f"affine_step_: bad u shape {u.shape}")
+    torch._check(eps is None or eps.shape == u.shape, lambda: "affine_step_: eps must have u's shape")
+    torch._check(seeds.dim() == 1 and seeds.dtype == torch.int64,
+                 lambda: "affine_step_: seeds must be a 1-d int64 tensor")
+    torch._check(len(coef) == 16, lambda: "affine_step_: coef must hold 16 numbers")
+
+
+@torch.library.register_fake("psld_fast::affine_step_", lib=_lib)
+def _affine_step_inplace_fake(u, eps, seeds, coef, step, stream) -> None:
+    _check_fake(u, eps, seeds, coef)
+
+
+@torch.library.register_fake("psld_fast::affine_step", lib=_lib)
+def _affine_step_fake(u, eps, seeds, coef, step, stream) -> torch.Tensor:
+    _check_fake(u, eps, seeds, coef)
+    return torch.empty_like(u)
+
+
+@torch.library.register_fake("psld_fast::philox_test", lib=_lib)
+def _philox_test_fake(seeds, numel, step, stream):
+    B = seeds.shape[0]
+    return (seeds.new_empty((B, numel, 4)), seeds.new_empty((B, numel, 4), dtype=torch.float32))
+
+
+@torch.library.impl(_lib, "affine_step_", "CompositeExplicitAutograd")
+def _affine_step_inplace_reference(u, eps, seeds, coef, step, stream) -> None:
+    """Fallback when no compiled kernel is registered for u's device."""
+    u.copy_(affine_step_reference(u, eps, seeds, coef, step, stream))
+
+
+@torch.library.impl(_lib, "affine_step", "CompositeExplicitAutograd")
+def _affine_step_functional(u, eps, seeds, coef, step, stream) -> torch.Tensor:
+    out = u.clone(memory_format=torch.contiguous_format)
+    torch.ops.psld_fast.affine_step_(out, eps, seeds, coef, step, stream)
+    return out
+
+
+def _load_compiled() -> tuple[bool, bool, str]:
+    """Import psld_fast._C (registers the C++ kernels); returns (cpu, cuda, why-not)."""
+    try:
+        from . import _C
+    except ImportError as exc:
+        return False, False, f"psld_fast._C is not built ({exc})"
+    return True, bool(getattr(_C, "WITH_CUDA", 0)), "psld_fast._C was built without CUDA"
+
+
+HAS_CPU_KERNEL, HAS_CUDA_KERNEL, _COMPILED_NOTE = _load_compiled()
+
+
+@functools.cache
+def _triton_status() -> tuple[bool, str]:
+    try:
+        from . import triton_step  # noqa: F401  (registers psld_fast::affine_step_triton_)
+    except Exception as exc:  # ImportError, or Triton failing to initialise
+        return False, f"psld_fast.triton_step is unavailable ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def has_triton() -> bool:
+    """Whether the Triton kernel imports (imports Triton on first call)."""
+    return _triton_status()[0]
+
+
+def __getattr__(name):  # HAS_TRITON is computed lazily: importing Triton is slow
+    if name == "HAS_TRITON":
+        return has_triton()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def affine_step_(u: torch.Tensor, eps: torch.Tensor | None, seeds: torch.Tensor,
+                 coef: Sequence[float], step: int, stream: int = 0) -> None:
+    """In-place fused step on ``u`` (B, 2C, ...) with the kernel registered for u's device."""
+    torch.ops.psld_fast.affine_step_(u, eps, seeds, [float(c) for c in coef], int(step), int(stream))
+
+
+def affine_step(u: torch.Tensor, eps: torch.Tensor | None, seeds: torch.Tensor,
+                coef: Sequence[float], step: int, stream: int = 0) -> torch.Tensor:
+    """Functional twin of :func:`affine_step_`: returns the new state, ``u`` unchanged."""
+    return torch.ops.psld_fast.affine_step(u, eps, seeds, [float(c) for c in coef], int(step),
+                                           int(stream))
+
+
+_warned: set[str] = set()
+
+
+def _log_fallback(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        logger.info(msg)
+
+
+def _unavailable(backend: str, device_type: str, dtype) -> str | None:
+    """Why ``backend`` cannot run on this device/dtype, or None if it can."""
+    if backend == "reference":
+        return None
+    if dtype is not None and dtype not in KERNEL_DTYPES:
+        return f"the kernels support float32/float16/bfloat16 states, not {dtype}"
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"tensor is on {device_type}"
+        return None if HAS_CPU_KERNEL else _COMPILED_NOTE
+    if device_type != "cuda":
+        return f"tensor is on {device_type}"
+    if backend == "cuda":
+        return None if HAS_CUDA_KERNEL else _COMPILED_NOTE
+    ok, why = _triton_status()
+    return None if ok else why
+
+
+def resolve_backend(backend: str | None, device, dtype: torch.dtype | None = None) -> str:
+    """The backend that will run the step for a state on ``device`` (of ``dtype``, if given).
+
+    ``backend`` None means the ``PSLD_FAST_BACKEND`` environment variable, else "auto".
+    Raises RuntimeError when an explicitly requested backend cannot run, ValueError for an unknown
+    name.  Does not initialise CUDA.
+    """
+    requested = backend if backend is not None else (os.environ.get(ENV_BACKEND) or "auto")
+    requested = requested.strip().lower()
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; expected one of {BACKENDS}")
+    device_type = torch.device(device).type
+    if requested != "auto":
+        why = _unavailable(requested, device_type, dtype)
+        if why is not None:
+            raise RuntimeError(f"backend={requested!r} requested but {why}")
+        return requested
+    candidates = ("cuda", "triton") if device_type == "cuda" else ("cpu",) if device_type == "cpu" else ()
+    reasons = []
+    chosen = "reference"
+    for name in candidates:
+        why = _unavailable(name, device_type, dtype)
+        if why is None:
+            chosen = name
+            break
+        reasons.append(f"{name}: {why}")
+    if reasons:
+        _log_fallback(f"psld_fast: using the {chosen} step on {device_type} ({'; '.join(reasons)})")
+    return chosen
+
+
+def _reference_step_(u, eps, seeds, coef, step, stream=0) -> None:
+    u.copy_(affine_step_reference(u, eps, seeds, coef, step, stream))
+
+
+def get_step_fn(backend: str) -> Callable[..., None]:
+    """``fn(u, eps, seeds, coef, step, stream)`` that updates ``u`` in place with ``backend``
+    (a resolved name, see :func:`resolve_backend`)."""
+    if backend == "reference":
+        return _reference_step_
+    if backend in ("cpu", "cuda"):
+        if not HAS_CPU_KERNEL or (backend == "cuda" and not HAS_CUDA_KERNEL):
+            raise RuntimeError(f"backend={backend!r} requested but {_COMPILED_NOTE}")
+        return affine_step_
+    if backend == "triton":
+        ok, why = _triton_status()
+        if not ok:
+            raise RuntimeError(f"backend='triton' requested but {why}")
+        from .triton_step import affine_step_triton_
+        return affine_step_triton_
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS[1:]}")

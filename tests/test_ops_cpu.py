@@ -1,0 +1,275 @@
+"""The compiled affine-step op against its definition, psld_fast.program.affine_step_reference.
+
+Every kernel test takes a ``device`` fixture; tests/test_ops_cuda.py re-runs the same functions on
+CUDA by importing them beside its own ``device`` fixture.  Backend resolution tests need no kernel.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from _tolerances import NORMAL_TOL, STEP_TOL, assert_close_verbose
+from psld_fast import ops
+from psld_fast.program import affine_step_reference
+from psld_fast.rng import philox4x32, philox_normals, seeds_to_key
+
+needs_kernel = pytest.mark.skipif(not ops.HAS_CPU_KERNEL, reason="psld_fast._C is not built")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Every term non-zero, P and R lower/upper parts distinct, |coef| <= 1.
+COEF = [0.9, 0.1, -0.2, 0.8, 0.05, -0.03, 0.02, 0.07, 0.5, 0.0, 0.1, 0.3, 0.2, 0.0, -0.05, 0.1]
+SEEDS = [0, 1, 2**40 + 5, -3, 2**63 - 1]
+
+
+@pytest.fixture
+def device():
+    return torch.device("cpu")
+
+
+def _seeds(n, device):
+    return torch.tensor([SEEDS[i % len(SEEDS)] ^ (i // len(SEEDS)) for i in range(n)],
+                        dtype=torch.int64, device=device)
+
+
+def _state(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+
+def _step(u, eps, seeds, coef, step=3, stream=1):
+    out = u.clone()
+    torch.ops.psld_fast.affine_step_(out, eps, seeds, coef, step, stream)
+    return out
+
+
+@needs_kernel
+def test_philox_words_bit_exact_and_normals_close(device):
+    seeds = _seeds(5, device)
+    numel, step, stream = 1000, 7, 3
+    words, normals = torch.ops.psld_fast.philox_test(seeds, numel, step, stream)
+    k0, k1 = seeds_to_key(seeds.cpu())
+    ref_words = philox4x32(torch.arange(numel)[None], step, stream, 0, k0[:, None], k1[:, None])
+    ref_normals = philox_normals(seeds.cpu(), numel, step, stream)
+    for q in range(4):
+        assert torch.equal(words[..., q].cpu(), ref_words[q]), f"Philox word {q} differs"
+        tol = NORMAL_TOL * (1 + ref_normals[q].abs())
+        err = (normals[..., q].cpu() - ref_normals[q]).abs()
+        assert bool((err <= tol).all()), f"normal {q}: max err {float(err.max()):.3g}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("half_numel", [1, 7, 127, 4097])
+@pytest.mark.parametrize("eps_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("state_dtype", DTYPES, ids=str)
+def test_step_matches_reference(device, state_dtype, eps_dtype, half_numel):
+    u = _state((3, 2, half_numel), state_dtype, device)
+    eps = _state((3, 2, half_numel), eps_dtype, device, seed=1)
+    seeds = _seeds(3, device)
+    assert_close_verbose(_step(u, eps, seeds, COEF), affine_step_reference(u, eps, seeds, COEF, 3, 1),
+                         **STEP_TOL[state_dtype], what=f"{state_dtype}/{eps_dtype}/D={half_numel}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("state_dtype", DTYPES, ids=str)
+def test_image_batch(device, state_dtype):
+    u = _state((64, 6, 32, 32), state_dtype, device)
+    eps = _state((64, 6, 32, 32), torch.float32, device, seed=1)
+    seeds = _seeds(64, device)
+    assert_close_verbose(_step(u, eps, seeds, COEF), affine_step_reference(u, eps, seeds, COEF, 3, 1),
+                         **STEP_TOL[state_dtype], what=f"(64, 6, 32, 32) {state_dtype}")
+
+
+@needs_kernel
+def test_p_zero_does_not_read_garbage_state(device):
+    coef = [0.0] * 4 + COEF[4:]
+    u = torch.full((4, 6, 5, 5), float("nan"), device=device)
+    eps = _state(u.shape, torch.float32, device)
+    seeds = _seeds(4, device)
+    out = _step(u, eps, seeds, coef)
+    assert bool(torch.isfinite(out).all())
+    assert_close_verbose(out, affine_step_reference(torch.zeros_like(u), eps, seeds, coef, 3, 1),
+                         **STEP_TOL[torch.float32], what="P = 0")
+
+
+@needs_kernel
+def test_eps_none(device):
+    u = _state((4, 6, 5, 5), torch.float32, device)
+    seeds = _seeds(4, device)
+    assert_close_verbose(_step(u, None, seeds, COEF), affine_step_reference(u, None, seeds, COEF, 3, 1),
+                         **STEP_TOL[torch.float32], what="eps None")
+
+
+@needs_kernel
+@pytest.mark.parametrize("state_dtype", DTYPES, ids=str)
+def test_r_zero_is_bit_exact(device, state_dtype):
+    """Without noise the kernel does the reference's float32 operations in its order: bit exact."""
+    coef = COEF[:8] + [0.0] * 8
+    u = _state((4, 6, 5, 5), state_dtype, device)
+    eps = _state(u.shape, torch.float16, device, seed=1)
+    seeds = _seeds(4, device)
+    out, ref = _step(u, eps, seeds, coef), affine_step_reference(u, eps, seeds, coef, 3, 1)
+    assert torch.equal(out, ref), f"max err {float((out.float() - ref.float()).abs().max()):.3g}"
+
+
+@needs_kernel
+def test_non_contiguous_u_is_rejected(device):
+    u = _state((2, 4, 16), torch.float32, device)[..., ::2]
+    with pytest.raises(RuntimeError, match="u must be contiguous"):
+        torch.ops.psld_fast.affine_step_(u, None, _seeds(2, device), COEF, 0, 0)
+
+
+@needs_kernel
+def test_non_contiguous_eps_is_handled(device):
+    u = _state((2, 4, 8), torch.float32, device)
+    eps = _state((2, 4, 16), torch.float32, device, seed=1)[..., ::2]
+    seeds = _seeds(2, device)
+    assert_close_verbose(_step(u, eps, seeds, COEF), affine_step_reference(u, eps, seeds, COEF, 3, 1),
+                         **STEP_TOL[torch.float32], what="strided eps")
+
+
+@needs_kernel
+@pytest.mark.parametrize("case, match", [
+    ("eps_shape", "eps must have u's shape"),
+    ("eps_dtype", "eps must be float32, float16 or bfloat16"),
+    ("seeds_dtype", "seeds must be int64 of shape"),
+    ("seeds_shape", "seeds must be int64 of shape"),
+    ("coef_len", "coef must hold 16 numbers"),
+    ("u_float64", "use backend='reference' for float64"),
+    ("u_odd_channels", "even channel count"),
+])
+def test_bad_arguments_raise_clearly(device, case, match):
+    u = _state((2, 4, 8), torch.float32, device)
+    eps, seeds, coef = torch.zeros_like(u), _seeds(2, device), COEF
+    if case == "eps_shape":
+        eps = eps[:, :2]
+    elif case == "eps_dtype":
+        eps = eps.to(torch.int32)
+    elif case == "seeds_dtype":
+        seeds = seeds.to(torch.int32)
+    elif case == "seeds_shape":
+        seeds = _seeds(3, device)
+    elif case == "coef_len":
+        coef = COEF[:15]
+    elif case == "u_float64":
+        u = u.double()
+        eps = eps.double()
+    elif case == "u_odd_channels":
+        u, eps = u[:, :3].contiguous(), eps[:, :3].contiguous()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.psld_fast.affine_step_(u, eps, seeds, coef, 0, 0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_eps", [True, False])
+def test_opcheck(device, with_eps):
+    u = _state((2, 4, 3, 3), torch.float32, device)
+    eps = _state(u.shape, torch.float32, device, seed=1) if with_eps else None
+    args = (u, eps, _seeds(2, device), COEF, 3, 1)
+    torch.library.opcheck(torch.ops.psld_fast.affine_step_.default, args)
+    torch.library.opcheck(torch.ops.psld_fast.affine_step.default, args)
+
+
+@needs_kernel
+def test_mutation_semantics(device):
+    u = _state((3, 4, 7), torch.float32, device)
+    eps = _state(u.shape, torch.bfloat16, device, seed=1)
+    seeds = _seeds(3, device)
+    u0, eps0, seeds0 = u.clone(), eps.clone(), seeds.clone()
+    ptr = u.data_ptr()
+    assert ops.affine_step_(u, eps, seeds, COEF, 3, 1) is None
+    assert u.data_ptr() == ptr
+    assert torch.equal(eps, eps0) and torch.equal(seeds, seeds0)
+    assert_close_verbose(u, affine_step_reference(u0, eps0, seeds0, COEF, 3, 1),
+                         **STEP_TOL[torch.float32], what="in place")
+    out = ops.affine_step(u0, eps0, seeds0, COEF, 3, 1)
+    assert torch.equal(out, u), "functional twin differs from the in-place op"
+    assert not torch.equal(u0, out)
+
+
+@needs_kernel
+def test_batch_invariance(device):
+    """A sample's result depends on its seed only, not on its batch position or the batch size."""
+    u = _state((5, 4, 33), torch.float32, device)
+    eps = _state(u.shape, torch.float32, device, seed=1)
+    seeds = _seeds(5, device)
+    batch = _step(u, eps, seeds, COEF)
+    for b in (0, 3):
+        single = _step(u[b:b + 1], eps[b:b + 1], seeds[b:b + 1], COEF)
+        assert torch.equal(batch[b:b + 1], single), f"row {b} depends on the batch"
+    perm = torch.tensor([4, 2, 0, 1, 3], device=device)
+    assert torch.equal(_step(u[perm], eps[perm], seeds[perm], COEF), batch[perm])
+
+
+# ---------------------------------------------------------------- backend resolution (no kernel)
+
+
+def test_resolve_backend_auto_and_explicit(monkeypatch):
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    expected = "cpu" if ops.HAS_CPU_KERNEL else "reference"
+    assert ops.resolve_backend(None, "cpu") == expected
+    assert ops.resolve_backend("auto", "cpu", torch.float64) == "reference"
+    assert ops.resolve_backend("reference", "cpu") == "reference"
+    with pytest.raises(RuntimeError, match="backend='cuda' requested but .*tensor is on cpu"):
+        ops.resolve_backend("cuda", "cpu")
+    with pytest.raises(RuntimeError, match="backend='triton' requested but .*tensor is on cpu"):
+        ops.resolve_backend("triton", "cpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.resolve_backend("fastest", "cpu")
+    if ops.HAS_CPU_KERNEL:
+        with pytest.raises(RuntimeError, match="float64"):
+            ops.resolve_backend("cpu", "cpu", torch.float64)
+
+
+def test_resolve_backend_env_var(monkeypatch):
+    monkeypatch.setenv(ops.ENV_BACKEND, "reference")
+    assert ops.resolve_backend(None, "cpu") == "reference"
+    assert ops.resolve_backend("auto", "cpu") in ("cpu", "reference")  # the argument wins
+    monkeypatch.setenv(ops.ENV_BACKEND, "cuda")
+    with pytest.raises(RuntimeError, match="backend='cuda' requested"):
+        ops.resolve_backend(None, "cpu")
+
+
+def test_reference_step_fn_mutates_in_place():
+    u = _state((2, 4, 5), torch.float64, "cpu")
+    seeds = _seeds(2, "cpu")
+    expected = affine_step_reference(u, None, seeds, COEF, 2, 0)
+    ops.get_step_fn("reference")(u, None, seeds, COEF, 2, 0)
+    assert torch.equal(u, expected)
+
+
+def test_ops_work_without_compiled_module():
+    """With psld_fast._C unavailable the op falls back to the reference and auto picks it."""
+    code = (
+        "import sys; sys.modules['psld_fast._C'] = None\n"
+        "import torch\n"
+        "from psld_fast import ops\n"
+        "from psld_fast.program import affine_step_reference\n"
+        "assert not ops.HAS_CPU_KERNEL and not ops.HAS_CUDA_KERNEL\n"
+        "assert ops.resolve_backend(None, 'cpu') == 'reference'\n"
+        "u = torch.randn(2, 4, 3); s = torch.tensor([1, 2]); c = [0.5] * 16\n"
+        "ref = affine_step_reference(u, u, s, c, 1, 0)\n"
+        "ops.affine_step_(u, u.clone(), s, c, 1, 0)\n"
+        "assert torch.equal(u, ref)\n"
+        "try:\n"
+        "    ops.resolve_backend('cpu', 'cpu')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not built' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+        "assert 'torch.cuda' not in sys.modules or not torch.cuda.is_initialized()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != ops.ENV_BACKEND}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_auto_fallback_logs_once(monkeypatch, caplog):
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(ops, "_warned", set())
+    with caplog.at_level("INFO", logger="psld_fast"):
+        for _ in range(3):
+            assert ops.resolve_backend(None, "cpu", torch.float64) == "reference"
+    assert sum("using the reference step" in r.message for r in caplog.records) == 1

@@ -1,0 +1,94 @@
+"""The CUDA affine-step kernel: the CPU file's checks on a GPU, plus CUDA == CPU and misaligned data.
+
+Skipped without a GPU or without a CUDA build of psld_fast._C.  The device is a fixture, so this
+module imports (and collects) on any machine without touching CUDA.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _tolerances import STEP_TOL, assert_close_verbose
+from psld_fast import ops
+from psld_fast.program import affine_step_reference
+from test_ops_cpu import (  # noqa: F401  (re-run here with this module's `device` fixture)
+    COEF, DTYPES, _seeds, _state, _step,
+    test_bad_arguments_raise_clearly, test_batch_invariance, test_eps_none, test_image_batch,
+    test_mutation_semantics, test_non_contiguous_eps_is_handled, test_non_contiguous_u_is_rejected,
+    test_opcheck, test_p_zero_does_not_read_garbage_state, test_philox_words_bit_exact_and_normals_close,
+    test_r_zero_is_bit_exact, test_step_matches_reference,
+)
+
+pytestmark = pytest.mark.skipif(not (ops.HAS_CUDA_KERNEL and torch.cuda.is_available()),
+                                reason="needs a GPU and psld_fast._C built with CUDA")
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda")
+
+
+def test_auto_backend_is_cuda(device):
+    assert ops.resolve_backend("auto", device) == "cuda"
+
+
+@pytest.mark.parametrize("state_dtype", DTYPES, ids=str)
+def test_cuda_matches_cpu_kernel(device, state_dtype):
+    u = _state((16, 6, 17, 19), state_dtype, "cpu")
+    eps = _state(u.shape, torch.float32, "cpu", seed=1)
+    seeds = _seeds(16, "cpu")
+    on_cpu = _step(u, eps, seeds, COEF)
+    on_gpu = _step(u.to(device), eps.to(device), seeds.to(device), COEF)
+    assert_close_verbose(on_gpu, on_cpu, **STEP_TOL[state_dtype], what=f"CUDA vs CPU {state_dtype}")
+
+
+def _offset_by_one(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t whose storage starts one element later: not 16-byte aligned."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = flat[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("which", ["u", "eps", "both"])
+@pytest.mark.parametrize("state_dtype", DTYPES, ids=str)
+def test_misaligned_inputs(device, state_dtype, which):
+    u = _state((4, 6, 16, 16), state_dtype, device)
+    eps = _state(u.shape, torch.float16, device, seed=1)
+    if which in ("u", "both"):
+        u = _offset_by_one(u)
+    if which in ("eps", "both"):
+        eps = _offset_by_one(eps)
+    seeds = _seeds(4, device)
+    expected = affine_step_reference(u, eps, seeds, COEF, 3, 1)
+    torch.ops.psld_fast.affine_step_(u, eps, seeds, COEF, 3, 1)
+    assert_close_verbose(u, expected, **STEP_TOL[state_dtype], what=f"misaligned {which}")
+
+
+def test_wrong_device_raises(device):
+    u = _state((2, 4, 8), torch.float32, device)
+    with pytest.raises(RuntimeError, match="eps is on cpu"):
+        torch.ops.psld_fast.affine_step_(u, torch.zeros(2, 4, 8), _seeds(2, device), COEF, 0, 0)
+    with pytest.raises(RuntimeError, match="seeds is on cpu"):
+        torch.ops.psld_fast.affine_step_(u, None, _seeds(2, "cpu"), COEF, 0, 0)
+
+
+def test_current_stream_and_graph_capture(device):
+    """The kernel runs on the current stream and can be captured in a CUDA graph."""
+    u = _state((8, 6, 8, 8), torch.float32, device)
+    eps = _state(u.shape, torch.float32, device, seed=1)
+    seeds = _seeds(8, device)
+    expected = affine_step_reference(u, eps, seeds, COEF, 3, 1)
+    static_u = u.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.ops.psld_fast.affine_step_(static_u.copy_(u), eps, seeds, COEF, 3, 1)  # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        torch.ops.psld_fast.affine_step_(static_u, eps, seeds, COEF, 3, 1)
+    static_u.copy_(u)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_verbose(static_u, expected, **STEP_TOL[torch.float32], what="graph replay")
