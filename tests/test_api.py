@@ -110,3 +110,33 @@ def test_nan_from_network_names_the_stage(ring, backend):
 
     with pytest.raises(FloatingPointError, match=r"network returned NaN/Inf at stage \d+ \(tau=0\.4"):
         pf.sample(net, 4, sde=ring.sde, shape=(2,), nfe=11, schedule="uniform", progress=False, backend=backend)
+
+
+def test_lean_import_and_sampling_without_compiled_module_or_triton():
+    """The package imports without initialising CUDA or importing Triton, and samples with the
+    reference backend when neither the compiled module nor Triton can be imported."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import psld_fast\n"
+        "assert 'triton' not in sys.modules, 'import psld_fast imported triton'\n"
+        "import torch\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "sys.modules['psld_fast._C'] = None; sys.modules['triton'] = None\n"
+        "r = psld_fast.sample(psld_fast.get_preset('ring2d'), 4, nfe=11, progress=False)\n"
+        "assert r.backend == 'reference' and r.x.shape == (4, 2), r.backend\n"
+        "for b in ('cpu', 'triton'):\n"
+        "    try:\n"
+        "        psld_fast.sample(psld_fast.get_preset('ring2d'), 2, nfe=11, backend=b, progress=False)\n"
+        "    except RuntimeError as e:\n"
+        "        assert f\"backend='{b}' requested but\" in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError(b)\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PSLD_FAST_BACKEND", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
