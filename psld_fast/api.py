@@ -100,6 +100,8 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         dtype: state dtype (float32 default; float16/bfloat16 on the kernels; float64 reference).
         batch_size: samples per batch (default: all at once, up to 1024).
         callback: called after every stage with a dict (stage, nfe, tau, u, batch).
+        cuda_graph: "auto" (replay each batch from a CUDA graph on a GPU with a kernel backend),
+            True, or False (eager); CPU runs are always eager (see :mod:`psld_fast.graphs`).
     Returns:
         :class:`SampleResult`.  Equivalent to :func:`psld_fast.reference.run_reference` with the
         Philox noise of :mod:`psld_fast.rng` (tested pathwise).
@@ -120,20 +122,27 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     if program.nfe != nfe:
         log.info("sampler %s: nfe=%d does not fit %s; spending %d", sampler, nfe,
                  "N * evals_per_step + 1", program.nfe)
+    from .graphs import get_runner, use_cuda_graph
     from .ops import get_step_fn, resolve_backend
 
     backend = resolve_backend(backend, device, dtype=dtype)
     step_fn = get_step_fn(backend)
+    graphed = use_cuda_graph(cuda_graph, device, backend, callback)
     all_seeds = make_seeds(num_samples, seeds, generator)
     t_compile = time.perf_counter() - t0
     batch_size = batch_size or min(num_samples, 1024)
     xs, ms = [], []
     bar = _progress(progress, num_samples * program.nfe, f"{sampler} nfe={program.nfe}")
     t1 = time.perf_counter()
+    runner = get_runner(model, program, backend, step_fn, batch=min(batch_size, num_samples), dtype=dtype,
+                        device=device, stream=stream) if graphed else None
     for start in range(0, num_samples, batch_size):
         batch_seeds = all_seeds[start:start + batch_size].to(device)
-        u = run_program(model, program, batch_seeds, step_fn, dtype=dtype, device=device,
-                        stream=stream, callback=callback, batch_start=start, bar=bar)
+        if runner is not None:
+            u = runner.run(model, batch_seeds, batch_start=start, bar=bar)
+        else:
+            u = run_program(model, program, batch_seeds, step_fn, dtype=dtype, device=device,
+                            stream=stream, callback=callback, batch_start=start, bar=bar)
         C = model.shape[0]
         xs.append(u[:, :C])
         ms.append(u[:, C:])
@@ -168,11 +177,13 @@ def _progress(enabled, total, desc):
 
 
 def run_program(model, program: Program, seeds: torch.Tensor, step_fn, *, dtype, device,
-                stream: int = 0, callback=None, batch_start: int = 0, bar=None) -> torch.Tensor:
+                stream: int = 0, callback=None, batch_start: int = 0, bar=None,
+                check: bool = True) -> torch.Tensor:
     """Run one batch of a compiled program eagerly; returns the final packed state u.
 
     Raises FloatingPointError naming the first stage whose network output held NaN/Inf, and
-    ValueError for a model output of the wrong shape or dtype.
+    ValueError for a model output of the wrong shape or dtype.  ``check=False`` skips that final
+    NaN/Inf check, the batch's one host sync: the loop alone never syncs.
     """
     B = seeds.shape[0]
     C = model.shape[0]
@@ -193,15 +204,23 @@ def run_program(model, program: Program, seeds: torch.Tensor, step_fn, *, dtype,
                       "tau": stage.tau, "u": u, "batch_start": batch_start})
         if bar is not None and stage.uses_network:
             bar.update(B)
+    if not check:
+        return u
     bad_stage = int(first_bad)  # the one host sync of the batch
+    raise_if_nonfinite(bad_stage, bad_stage < 0 and not bool(torch.isfinite(u).all()), program, batch_start)
+    return u
+
+
+def raise_if_nonfinite(bad_stage: int, state_bad: bool, program: Program, batch_start: int) -> None:
+    """FloatingPointError for a batch whose network output (first at ``bad_stage`` >= 0) or final
+    state (``state_bad``) held NaN/Inf."""
     if bad_stage >= 0:
         raise FloatingPointError(
             f"the network returned NaN/Inf at stage {bad_stage} (tau={program.stages[bad_stage].tau:.6g}) "
             f"for the batch starting at sample {batch_start}")
-    if not bool(torch.isfinite(u).all()):
+    if state_bad:
         raise FloatingPointError("sampling produced NaN/Inf in the state although the network outputs were finite "
                                  "(the step coefficients overflowed the state dtype?)")
-    return u
 
 
 def _check_eps(eps, u, k):

@@ -1,0 +1,371 @@
+"""CUDA-graph runner: the score network and the fused steps of a whole sampler program in one graph.
+
+``psld_fast.sample`` runs ``eps = net(u, tau_k); affine_step_(u, eps, seeds, coef_k, k)`` for every
+stage k.  Eagerly that is one Python loop iteration, a network's worth of kernel launches and one
+fused-step launch per NFE, so for small batches the GPU waits on the host.  This module captures the
+whole loop (all stages) in one ``torch.cuda.CUDAGraph`` and replays it with a single launch:
+
+* per-stage coefficients are Python floats, so they are baked into the captured kernel arguments;
+  the Philox step index ``k`` and stream id likewise;
+* the per-stage forward times are static device tensors made before capture;
+* the per-batch input is the seeds, copied into a static buffer (``seeds_buf.copy_(seeds)``); the
+  state buffer needs no refill since stage 0 (the prior draw) overwrites it without reading it;
+* the NaN/Inf tracking of the eager loop is a static device ``status`` tensor updated by torch ops
+  inside the graph and read once after replay (the batch's one host sync, skipped with
+  ``check=False``).
+
+A graph is valid for one signature: batch size, data shape, dtype, device, backend, Philox stream,
+sampler program (a hash of every stage's tau and coefficients) and network (its identity, guarded by
+a weak reference, plus the addresses of its parameters and buffers, which the graph reads in place).
+Graphs live in a small LRU cache (``PSLD_FAST_GRAPH_CACHE`` entries, default 4).
+
+Life of a signature: its first batch runs eagerly on a side stream.  That run is the warm-up (it
+JIT-compiles the Triton kernel, picks cuDNN/cuBLAS algorithms and creates the side stream's library
+workspaces) and its result is the batch's result, so a one-batch call costs no more than eager.  The
+second batch with the same signature captures the graph on that side stream and replays it; later
+batches (and later ``sample`` calls) only replay.  A smaller last batch is padded with copies of its
+first seed and sliced: a sample depends only on its own seed, so padding changes nothing.  When
+capture fails (a network that syncs the host, e.g. ``.item()``, or branches on tensor values) the
+capture is ended, its memory released, the reason logged once per signature on the ``psld_fast``
+logger, and that signature runs eagerly from then on.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import inspect
+import logging
+import os
+import struct
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .models import EpsModel
+from .program import Program
+
+__all__ = ["GraphRunner", "get_runner", "use_cuda_graph", "clear_cache", "cache_info",
+           "cache_capacity", "program_hash", "ENV_CACHE", "DEFAULT_CACHE_SIZE"]
+
+log = logging.getLogger("psld_fast")
+
+ENV_CACHE = "PSLD_FAST_GRAPH_CACHE"
+DEFAULT_CACHE_SIZE = 4
+KERNEL_BACKENDS = ("cuda", "triton")
+
+_lock = threading.RLock()
+_cache: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
+_logged: set[tuple] = set()
+_side_streams: dict = {}
+
+
+# ----------------------------------------------------------------------------------------- policy
+def use_cuda_graph(cuda_graph, device, backend: str, callback=None) -> bool:
+    """Whether ``sample`` runs its batches through a graph; validates ``cuda_graph``.
+
+    ``cuda_graph``: "auto" (graphs on a CUDA device with a kernel backend, "cuda" or "triton"),
+    True (graphs on any CUDA device and backend), False (eager).  On CPU every value means eager.
+    A ``callback`` needs the state after every stage, which a replayed graph cannot give: eager.
+    """
+    valid = cuda_graph is True or cuda_graph is False or (isinstance(cuda_graph, str) and cuda_graph == "auto")
+    if not valid:
+        raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    if torch.device(device).type != "cuda" or cuda_graph is False:
+        return False
+    if callback is not None:
+        if cuda_graph is True:
+            _log_once(("callback",), "psld_fast: cuda_graph=True ignored: a callback needs the state "
+                                     "after every stage, so the batches run eagerly")
+        return False
+    return cuda_graph is True or backend in KERNEL_BACKENDS
+
+
+# ------------------------------------------------------------------------------------------ cache
+def cache_capacity() -> int:
+    """Entries the graph cache keeps (``PSLD_FAST_GRAPH_CACHE``, default 4, at least 1)."""
+    raw = os.environ.get(ENV_CACHE, "").strip()
+    if not raw:
+        return DEFAULT_CACHE_SIZE
+    try:
+        value = int(raw)
+        if value < 1:
+            raise ValueError
+    except ValueError:
+        _log_once(("env", raw), f"psld_fast: {ENV_CACHE}={raw!r} is not an integer >= 1; "
+                                f"keeping {DEFAULT_CACHE_SIZE} graphs")
+        return DEFAULT_CACHE_SIZE
+    return value
+
+
+def clear_cache() -> None:
+    """Drop every cached graph (their memory pools are released with them)."""
+    with _lock:
+        _cache.clear()
+
+
+def cache_info() -> dict:
+    """``size``, ``capacity`` and per-entry ``entries`` (least recently used first): the runner's
+    state, batch, sampler, NFE and counts of eager batches, captures and replays."""
+    with _lock:
+        _purge_dead()
+        entries = [dict(state=r.state, batch=r.batch, sampler=r.program.sampler, nfe=r.program.nfe,
+                        eager=r.stats.eager, captures=r.stats.captures, replays=r.stats.replays,
+                        failure=r.stats.failure)
+                   for r in (e.runner for e in _cache.values())]
+        return {"size": len(_cache), "capacity": cache_capacity(), "entries": entries}
+
+
+@dataclass
+class _Entry:
+    net_ref: object          # callable returning the network object, or None once it is gone
+    runner: "GraphRunner"
+
+
+def _purge_dead() -> None:
+    for key in [k for k, e in _cache.items() if e.net_ref() is None]:
+        del _cache[key]
+
+
+def _net_object(model):
+    """The object whose identity names the network: the user's net inside a plain EpsModel wrapper
+    (``sample`` builds a fresh wrapper per call around a bare callable), the instance behind a bound
+    method, else the model itself."""
+    net = model.net if type(model) is EpsModel and model.net is not None else model
+    if inspect.ismethod(net):
+        return net.__self__, getattr(net.__func__, "__qualname__", "")
+    return net, ""
+
+
+def _weak(obj):
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # not weak-referenceable: the cache holds it (bounded by the cache size)
+        return lambda: obj
+
+
+def _tensor_fingerprint(obj) -> tuple:
+    """Addresses, shapes and dtypes of a module's parameters and buffers: a graph reads them in
+    place, so replacing a tensor (not an in-place update such as load_state_dict) needs a new graph."""
+    if not isinstance(obj, torch.nn.Module):
+        return ()
+    tensors = list(obj.parameters()) + list(obj.buffers())
+    return (obj.training, hash(tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors)))
+
+
+def program_hash(program: Program) -> str:
+    """Digest of a program's stages (tau and the 16 coefficients each, as float64 bytes)."""
+    h = hashlib.sha1(program.sampler.encode())
+    for stage in program.stages:
+        tau = float("nan") if stage.tau is None else float(stage.tau)
+        h.update(struct.pack("<17d", tau, *stage.coef))
+    return h.hexdigest()
+
+
+def get_runner(model, program: Program, backend: str, step_fn, *, batch: int, dtype: torch.dtype,
+               device, stream: int = 0) -> "GraphRunner":
+    """The cached runner for this signature, or a new one (evicting the least recently used)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    net, method = _net_object(model)
+    key = (id(net), method, _tensor_fingerprint(net), int(batch), tuple(model.shape), dtype, str(device),
+           backend, int(stream), program_hash(program))
+    with _lock:
+        _purge_dead()
+        entry = _cache.get(key)
+        if entry is not None and entry.net_ref() is net:
+            _cache.move_to_end(key)
+            return entry.runner
+        runner = GraphRunner(program, step_fn, batch=batch, shape=model.shape, dtype=dtype,
+                             device=device, stream=stream, key=key)
+        _cache[key] = _Entry(_weak(net), runner)
+        capacity = cache_capacity()
+        while len(_cache) > capacity:
+            _cache.popitem(last=False)
+        return runner
+
+
+# ----------------------------------------------------------------------------------------- runner
+@dataclass
+class RunnerStats:
+    """What a runner did: eager batches (the warm-up included), captures and replays."""
+
+    eager: int = 0
+    captures: int = 0
+    replays: int = 0
+    failure: str | None = None
+
+
+class GraphRunner:
+    """Runs batches of one program for one signature through a CUDA graph (see the module doc).
+
+    ``state``: "new" (no batch run yet), "warm" (warm-up done, capture on the next batch),
+    "captured" (replaying), "failed" (capture impossible: eager).  The runner holds no reference to
+    the network: ``run`` receives the model each time.
+    """
+
+    def __init__(self, program: Program, step_fn, *, batch: int, shape, dtype, device, stream=0,
+                 key=None):
+        self.program, self.step_fn = program, step_fn
+        self.batch, self.shape, self.dtype = int(batch), tuple(shape), dtype
+        self.device, self.stream, self.key = torch.device(device), int(stream), key
+        self.coefs = [stage.coef for stage in program.stages]
+        self.state = "new"
+        self.stats = RunnerStats()
+        self.graph = None
+        self.u = self.seeds_buf = self.status = None
+        self.taus: list = []
+
+    # -------------------------------------------------------------------------------- public
+    def run(self, model, seeds: torch.Tensor, *, batch_start: int = 0, bar=None, check: bool = True):
+        """Final packed state (b, 2C, ...) for ``seeds`` (b,) int64 on the device, b <= batch.
+
+        Raises FloatingPointError like :func:`psld_fast.api.run_program` when ``check``; with
+        ``check=False`` nothing here syncs the host once the graph is captured.
+        """
+        b = seeds.shape[0]
+        if not 1 <= b <= self.batch:
+            raise ValueError(f"GraphRunner: got {b} seeds for a graph of batch {self.batch}")
+        with torch.cuda.device(self.device):
+            if self.state == "warm":
+                self._try_capture(model)
+            if self.state == "captured":
+                u = self._replay(seeds, batch_start, check)
+            else:
+                u = self._eager(model, seeds, batch_start, check, warm_up=self.state == "new")
+        if bar is not None:
+            bar.update(b * self.program.nfe)
+        return u
+
+    # ------------------------------------------------------------------------------- eager
+    def _eager(self, model, seeds, batch_start, check, warm_up):
+        """Eager run.  The first one (``warm_up``) is padded to the graph's batch and runs on the
+        side stream that the capture will use, so that stream's cuBLAS/cuDNN workspaces exist and
+        every kernel (Triton JIT, cuDNN algorithm choice) is ready before capture."""
+        from .api import run_program
+
+        self.stats.eager += 1
+        if not warm_up:  # a signature that cannot be captured: plain eager, no padding
+            return run_program(model, self.program, seeds, self.step_fn, dtype=self.dtype,
+                               device=self.device, stream=self.stream, batch_start=batch_start,
+                               check=check)
+        b = seeds.shape[0]
+        padded = self._pad(seeds)  # the warm-up runs the shapes the graph will be captured with
+        cur = torch.cuda.current_stream(self.device)
+        side = _side_stream(self.device)
+        side.wait_stream(cur)
+        try:
+            with torch.cuda.stream(side), torch.no_grad():
+                u = run_program(model, self.program, padded, self.step_fn, dtype=self.dtype,
+                                device=self.device, stream=self.stream, batch_start=batch_start,
+                                check=check)
+        finally:
+            cur.wait_stream(side)
+        u.record_stream(cur)  # allocated on the side stream, handed to the caller's stream
+        self.state = "warm"
+        return u[:b]
+
+    def _pad(self, seeds):
+        b = seeds.shape[0]
+        if b == self.batch:
+            return seeds
+        return torch.cat([seeds, seeds[:1].expand(self.batch - b)])
+
+    # ----------------------------------------------------------------------------- capture
+    def _allocate(self):
+        B, dev = self.batch, self.device
+        tau_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self.u = torch.empty((B, 2 * self.shape[0], *self.shape[1:]), dtype=self.dtype, device=dev)
+        self.seeds_buf = torch.zeros((B,), dtype=torch.int64, device=dev)
+        self.status = torch.full((2,), -1, dtype=torch.int64, device=dev)  # first bad stage, state bad
+        self.taus = [torch.full((B,), s.tau, dtype=tau_dtype, device=dev) if s.uses_network else None
+                     for s in self.program.stages]
+
+    def _loop(self, model):
+        """The captured body: every stage, NaN/Inf flags on the device, no host sync."""
+        u, seeds, first_bad, state_bad = self.u, self.seeds_buf, self.status[0], self.status[1]
+        first_bad.fill_(-1)
+        for k, stage in enumerate(self.program.stages):
+            eps = None
+            if stage.uses_network:
+                eps = model(u, self.taus[k])
+                first_bad.masked_fill_(~torch.isfinite(eps).all() & (first_bad < 0), k)
+            self.step_fn(u, eps, seeds, self.coefs[k], k, self.stream)
+        state_bad.copy_(~torch.isfinite(u).all())
+
+    def _try_capture(self, model):
+        self._allocate()
+        side = _side_stream(self.device)
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)  # one-time setup: the static buffers are ready
+        try:
+            with torch.cuda.stream(side), torch.no_grad():
+                # thread_local: a sync in this thread (e.g. .item() in the net) invalidates the
+                # capture and raises; other threads are not disturbed.
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    self._loop(model)
+                except BaseException:
+                    _end_failed_capture(graph)
+                    raise
+                graph.capture_end()
+        except Exception as exc:  # noqa: BLE001  (any capture failure means: run eagerly)
+            del graph
+            self.graph = None
+            self.u = self.seeds_buf = self.status = None
+            self.taus = []
+            self.state = "failed"
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            self.stats.failure = f"{type(exc).__name__}: {first_line}"
+            _log_once(("capture", self.key),
+                      f"psld_fast: CUDA-graph capture failed for {self.program.sampler} nfe={self.program.nfe} "
+                      f"batch={self.batch} ({self.stats.failure}); running eagerly. A network that "
+                      "syncs the host (.item(), .cpu(), printing a tensor) or branches on tensor values "
+                      "cannot be captured.")
+            return
+        self.graph = graph
+        self.state = "captured"
+        self.stats.captures += 1
+
+    # ------------------------------------------------------------------------------ replay
+    def _replay(self, seeds, batch_start, check):
+        from .api import raise_if_nonfinite
+
+        b = seeds.shape[0]
+        self.seeds_buf[:b].copy_(seeds)
+        if b < self.batch:  # pad with copies of the first seed: their rows are discarded
+            self.seeds_buf[b:].copy_(seeds[:1].expand(self.batch - b))
+        self.graph.replay()
+        self.stats.replays += 1
+        u = self.u[:b].clone()  # the static buffer is overwritten by the next replay
+        if check:
+            bad_stage, state_bad = self.status.tolist()  # the batch's one host sync
+            raise_if_nonfinite(bad_stage, bool(state_bad) and bad_stage < 0, self.program, batch_start)
+        return u
+
+
+def _end_failed_capture(graph) -> None:
+    """End an invalidated capture so the stream leaves capture mode and the allocator stops routing
+    to the graph's pool; the error that call reports is the expected one and is dropped."""
+    try:
+        graph.capture_end()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _side_stream(device: torch.device):
+    with _lock:
+        s = _side_streams.get(device)
+        if s is None:
+            s = _side_streams[device] = torch.cuda.Stream(device=device)
+        return s
+
+
+def _log_once(key, msg: str) -> None:
+    with _lock:
+        if key in _logged:
+            return
+        _logged.add(key)
+    log.warning(msg)

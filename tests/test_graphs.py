@@ -1,0 +1,329 @@
+"""CUDA-graph runner (psld_fast.graphs) and the ``cuda_graph`` argument of ``sample``.
+
+CPU: the argument is validated and means eager; the cache, its key and its bound are plain Python
+and are tested here too.  GPU (skipped without CUDA; the device is a fixture): replay equals eager
+for the same seeds (bitwise with the CUDA kernel), the cache is reused across calls and bounded, a
+smaller last batch is padded correctly, a network that syncs falls back to eager with a log, NaN/Inf
+is still detected through a graph, and neither the eager fused loop nor a replay syncs the host.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import psld_fast as pf
+from _tolerances import assert_close_verbose
+from psld_fast import graphs, ops
+from psld_fast.api import run_program
+from psld_fast.ops import get_step_fn, resolve_backend
+from psld_fast.samplers import compile_sampler
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    graphs.clear_cache()
+    yield
+    graphs.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def ring():
+    return pf.get_preset("ring2d")
+
+
+def _sample(model, n, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("nfe", 21)
+    return pf.sample(model, n, **kw)
+
+
+# ------------------------------------------------------------------------------------------ CPU
+@pytest.mark.parametrize("sampler", ["em", "reduced_oba"])
+def test_cpu_accepts_every_value_and_runs_eagerly(ring, sampler):
+    seeds = torch.arange(5, 17)
+    results = [_sample(ring, 12, sampler=sampler, seeds=seeds, cuda_graph=v, batch_size=5)
+               for v in ("auto", True, False)]
+    for r in results[1:]:
+        assert torch.equal(r.x, results[0].x) and torch.equal(r.m, results[0].m)
+    assert graphs.cache_info()["size"] == 0  # nothing was captured or cached on CPU
+
+
+@pytest.mark.parametrize("bad", ["yes", "AUTO", 1, 0, None, "true"])
+def test_bad_cuda_graph_value_raises(ring, bad):
+    with pytest.raises(ValueError, match="cuda_graph must be 'auto', True or False"):
+        _sample(ring, 2, cuda_graph=bad)
+
+
+def test_policy():
+    cuda = torch.device("cuda")  # a device object: no CUDA initialisation
+    assert graphs.use_cuda_graph("auto", cuda, "cuda") and graphs.use_cuda_graph("auto", cuda, "triton")
+    assert not graphs.use_cuda_graph("auto", cuda, "reference")
+    assert graphs.use_cuda_graph(True, cuda, "reference")
+    assert not graphs.use_cuda_graph(False, cuda, "cuda")
+    assert not graphs.use_cuda_graph(True, cuda, "cuda", callback=print)  # needs every stage's state
+    for v in ("auto", True, False):
+        assert not graphs.use_cuda_graph(v, "cpu", "cpu")
+
+
+def test_run_program_check_false_is_the_same_loop(ring):
+    program = compile_sampler("reduced_oba", ring.sde, 11)
+    seeds = torch.arange(8)
+    step_fn = get_step_fn(resolve_backend("auto", "cpu"))
+    kw = dict(dtype=torch.float32, device=torch.device("cpu"))
+    a = run_program(ring, program, seeds, step_fn, **kw)
+    b = run_program(ring, program, seeds, step_fn, check=False, **kw)
+    assert torch.equal(a, b)
+
+
+def test_program_hash_names_the_program(ring):
+    h = graphs.program_hash
+    a = compile_sampler("reduced_oba", ring.sde, 11)
+    assert h(a) == h(compile_sampler("reduced_oba", ring.sde, 11))
+    assert h(a) != h(compile_sampler("reduced_oba", ring.sde, 13))
+    assert h(a) != h(compile_sampler("reduced_oba", ring.sde, 11, lambda_s=0.5))
+    assert h(a) != h(compile_sampler("em", ring.sde, 11))
+
+
+def _runner(model, nfe=11, batch=4, **kw):
+    program = compile_sampler("em", model.sde, nfe)
+    args = dict(batch=batch, dtype=torch.float32, device="cpu", stream=0)
+    args.update(kw)
+    return graphs.get_runner(model, program, "cpu", None, **args)
+
+
+def test_cache_reuses_and_is_bounded(ring, monkeypatch):
+    monkeypatch.setenv(graphs.ENV_CACHE, "2")
+    r11 = _runner(ring, 11)
+    assert _runner(ring, 11) is r11  # same signature: same runner
+    assert _runner(ring, 11, batch=5) is not r11 and _runner(ring, 11, stream=1) is not r11
+    info = graphs.cache_info()
+    assert info["size"] == 2 and info["capacity"] == 2
+    assert _runner(ring, 11) is not r11  # evicted: least recently used of three signatures
+    monkeypatch.setenv(graphs.ENV_CACHE, "junk")
+    assert graphs.cache_capacity() == graphs.DEFAULT_CACHE_SIZE
+
+
+def test_cache_key_follows_the_network_not_its_wrapper():
+    net = torch.nn.Identity()
+    a = pf.EpsModel(net, shape=(2,))
+    b = pf.EpsModel(net, shape=(2,))  # sample() wraps a bare callable anew on every call
+    assert _runner(a) is _runner(b)
+    other = pf.EpsModel(torch.nn.Identity(), shape=(2,))
+    assert _runner(other) is not _runner(a)
+    del other
+    assert graphs.cache_info()["size"] == 1  # the dead network's entry is dropped
+
+
+def test_cache_key_sees_replaced_parameters():
+    net = torch.nn.Linear(4, 4)
+    model = pf.EpsModel(net, shape=(2,))
+    first = _runner(model)
+    with torch.no_grad():
+        net.weight.copy_(torch.randn(4, 4))  # in place: the graph reads the new values
+    assert _runner(model) is first
+    net.weight = torch.nn.Parameter(torch.randn(4, 4))  # new storage: a new graph is needed
+    assert _runner(model) is not first
+
+
+def test_captured_body_matches_the_eager_loop(ring):
+    """The body that gets captured, run here without a graph on CPU: same state, device-side flags."""
+    program = compile_sampler("em", ring.sde, 11)
+    step_fn = get_step_fn(resolve_backend("auto", "cpu"))
+    runner = graphs.GraphRunner(program, step_fn, batch=6, shape=ring.shape, dtype=torch.float32,
+                                device="cpu")
+    runner._allocate()
+    seeds = torch.arange(6) + 40
+    runner.seeds_buf.copy_(seeds)
+    runner._loop(ring)
+    expected = run_program(ring, program, seeds, step_fn, dtype=torch.float32, device=torch.device("cpu"))
+    assert torch.equal(runner.u, expected)
+    assert runner.status.tolist() == [-1, 0]
+    tau3 = program.stages[3].tau
+
+    def poisoned(u, tau):  # NaN from the network at stage 3 only
+        return ring(u, tau) + torch.where(tau == tau3, float("nan"), 0.0).reshape(-1, 1)
+
+    runner._loop(poisoned)
+    assert runner.status.tolist() == [3, 1]
+    runner._loop(ring)
+    assert runner.status.tolist() == [-1, 0]  # the flags are reset by every run of the body
+    assert torch.equal(runner._pad(seeds[:2]), torch.tensor([40, 41, 40, 40, 40, 40]))
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.fixture
+def device():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    return torch.device("cuda")
+
+
+def _gpu_backends():
+    return [pytest.param("cuda", marks=pytest.mark.skipif(not ops.HAS_CUDA_KERNEL,
+                                                          reason="psld_fast._C built without CUDA")),
+            "triton"]
+
+
+def _need_backend(backend):
+    if backend == "triton" and not ops.has_triton():
+        pytest.skip("Triton unavailable")
+
+
+def _assert_same(actual, expected, backend, what):
+    if backend == "cuda":  # same kernels, same arguments, same order: bit for bit
+        assert torch.equal(actual, expected), f"{what}: max diff {(actual - expected).abs().max():.3g}"
+    else:  # Triton's libdevice normals: a few float32 ulps over the whole loop
+        assert_close_verbose(actual, expected, atol=1e-4, rtol=1e-4, what=what)
+
+
+@pytest.fixture
+def digits(device):
+    return pf.get_preset("digits").to(device)
+
+
+def _entry():
+    (entry,) = graphs.cache_info()["entries"]
+    return entry
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("sampler", ["em", "reduced_oba"])
+def test_replay_matches_eager_and_is_reused(device, digits, backend, sampler):
+    _need_backend(backend)
+    kw = dict(sampler=sampler, backend=backend, device=device)
+    s1, s2 = torch.arange(100, 132), torch.arange(7000, 7032)
+    eager1 = _sample(digits, 32, seeds=s1, cuda_graph=False, **kw)
+    eager2 = _sample(digits, 32, seeds=s2, cuda_graph=False, **kw)
+    warm = _sample(digits, 32, seeds=s1, cuda_graph=True, **kw)  # first batch: the warm-up, eager
+    assert _entry()["state"] == "warm"
+    graphed = _sample(digits, 32, seeds=s1, cuda_graph=True, **kw)  # captured and replayed
+    assert _entry()["captures"] == 1 and _entry()["replays"] == 1
+    _assert_same(warm.x, eager1.x, backend, "warm-up vs eager")
+    _assert_same(graphed.x, eager1.x, backend, "replay vs eager (x)")
+    _assert_same(graphed.m, eager1.m, backend, "replay vs eager (m)")
+    other = _sample(digits, 32, seeds=s2, cuda_graph="auto", **kw)  # same signature, new seeds
+    assert _entry()["captures"] == 1 and _entry()["replays"] == 2
+    _assert_same(other.x, eager2.x, backend, "second replay, other seeds")
+    assert not torch.equal(other.x, graphed.x)
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_smaller_last_batch_is_padded(device, digits, backend):
+    _need_backend(backend)
+    seeds = torch.arange(40) * 7 + 3
+    kw = dict(sampler="reduced_oba", backend=backend, device=device, seeds=seeds)
+    eager = _sample(digits, 40, cuda_graph=False, **kw)
+    graphed = _sample(digits, 40, batch_size=16, cuda_graph=True, **kw)  # 16 eager, 16 + 8 replayed
+    e = _entry()
+    assert (e["batch"], e["eager"], e["captures"], e["replays"]) == (16, 1, 1, 2)
+    _assert_same(graphed.x, eager.x, backend, "padded last batch")
+    again = _sample(digits, 5, batch_size=16, cuda_graph=True, **dict(kw, seeds=seeds[:5]))
+    _assert_same(again.x, eager.x[:5], backend, "a batch of 5 from a graph of 16")  # new signature
+
+
+def test_cache_bound_on_gpu(device, digits, monkeypatch):
+    monkeypatch.setenv(graphs.ENV_CACHE, "2")
+    for nfe in (11, 13, 15):
+        for _ in range(2):
+            _sample(digits, 4, nfe=nfe, cuda_graph=True, device=device)
+    info = graphs.cache_info()
+    assert info["size"] == 2 and [e["nfe"] for e in info["entries"]] == [13, 15]
+    assert all(e["state"] == "captured" for e in info["entries"])
+
+
+class _SyncingNet(torch.nn.Module):
+    """Reads a tensor value on the host each call: runs eagerly, cannot be captured."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, u, tau):
+        if float(tau[0].item()) < 0:  # never true: the sync is the point
+            raise AssertionError
+        return self.inner(u, tau)
+
+
+def test_capture_failure_falls_back_to_eager(device, digits, caplog):
+    net = _SyncingNet(digits)
+    kw = dict(sde=digits.sde, shape=digits.shape, device=device, seeds=torch.arange(24))
+    eager = _sample(net, 24, cuda_graph=False, **kw)
+    with caplog.at_level(logging.WARNING, logger="psld_fast"):
+        graphed = _sample(net, 24, batch_size=8, cuda_graph=True, **kw)
+        again = _sample(net, 24, batch_size=8, cuda_graph=True, **kw)
+    failures = [r for r in caplog.records if "capture failed" in r.getMessage()]
+    assert len(failures) == 1, "the reason is logged once per signature"
+    e = _entry()
+    assert e["state"] == "failed" and e["replays"] == 0 and e["failure"]
+    assert torch.equal(graphed.x, eager.x) and torch.equal(again.x, eager.x)
+    assert not torch.cuda.is_current_stream_capturing()
+    torch.cuda.synchronize()  # the device is healthy after the failed capture
+    ok = _sample(digits, 8, cuda_graph=True, device=device, seeds=torch.arange(8))
+    assert torch.isfinite(ok.x).all()
+
+
+class _PoisonedNet(torch.nn.Module):
+    """Adds a device scalar to eps: 0 while warming up and capturing, NaN later (read by the graph)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("poison", torch.zeros(()))
+
+    def forward(self, u, tau):
+        return self.inner(u, tau) + self.poison
+
+
+def test_nan_is_detected_through_the_graph(device, digits):
+    net = pf.EpsModel(_PoisonedNet(digits).to(device), sde=digits.sde, shape=digits.shape)
+    kw = dict(device=device, seeds=torch.arange(8), cuda_graph=True)
+    _sample(net, 8, **kw)
+    _sample(net, 8, **kw)
+    assert _entry()["state"] == "captured"
+    net.net.poison.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN/Inf at stage 1 "):
+        _sample(net, 8, **kw)
+    net.net.poison.zero_()
+    assert torch.isfinite(_sample(net, 8, **kw).x).all()  # the flag is reset at every replay
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_small_ncsnpp_replay_matches_eager(device, backend):
+    _need_backend(backend)
+    from psld_fast.nets.ncsnpp import NCSNpp
+
+    net = NCSNpp.from_preset("small").to(device).eval().requires_grad_(False)
+    model = pf.EpsModel(net, shape=net.data_shape)
+    kw = dict(nfe=11, device=device, backend=backend, seeds=torch.arange(4))
+    eager = _sample(model, 4, cuda_graph=False, **kw)
+    _sample(model, 4, cuda_graph=True, **kw)
+    graphed = _sample(model, 4, cuda_graph=True, **kw)
+    assert _entry()["replays"] == 1
+    # cuDNN may pick other convolution algorithms inside the capture: float32 rounding only
+    assert_close_verbose(graphed.x, eager.x, atol=1e-4, rtol=1e-4, what="NCSN++ replay vs eager")
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+def test_no_host_sync_in_the_loop(device, digits, backend):
+    _need_backend(backend)
+    program = compile_sampler("reduced_oba", digits.sde, 21)
+    step_fn = get_step_fn(backend)
+    seeds = torch.arange(16, device=device)
+    kw = dict(dtype=torch.float32, device=device)
+    run_program(digits, program, seeds, step_fn, **kw)  # compiles/loads everything first
+    runner = graphs.get_runner(digits, program, backend, step_fn, batch=16, **kw)
+    runner.run(digits, seeds)  # warm-up
+    runner.run(digits, seeds)  # capture + replay
+    assert runner.state == "captured"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        u_eager = run_program(digits, program, seeds, step_fn, check=False, **kw)
+        u_graph = runner.run(digits, seeds, check=False)
+        u_padded = runner.run(digits, seeds[:5], check=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    _assert_same(u_graph, u_eager, backend, "replay vs eager")
+    _assert_same(u_padded, u_eager[:5], backend, "padded replay vs eager")
