@@ -37,6 +37,7 @@ struct AffineStepParams {
   bool read_state = false;        // false when P == 0: u may hold garbage and is not read
   bool has_eps = false;
   bool has_noise = false;         // false when R == 0: no Philox at all
+  bool has_second_draw = false;   // false when R2 == 0: only the first Box-Muller pair is needed
   c10::ScalarType state_dtype = c10::ScalarType::Float;
   c10::ScalarType eps_dtype = c10::ScalarType::Float;
 };

@@ -33,6 +33,9 @@ namespace {
 
 constexpr int kLanes = 64;        // counters per vectorised block
 constexpr int64_t kChunk = 2048;  // elements per half per parallel task (multiple of kLanes)
+// Fewer elements than this per thread cost more in wake-ups than they save (a B=1 step of a
+// 16x16 image is ~25 us of work; splitting it over a busy 2-core machine cost 8-12 ms).
+constexpr int64_t kMinElementsPerThread = 16384;
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(PSLD_FAST_NO_CLONES)
 #define PSLD_CPU_CLONES \
@@ -133,11 +136,12 @@ PSLD_INLINE float uniform_lane(uint32_t r) {
   return static_cast<float>(v ^ (v >> 31)) * kUint32ToUniform;  // v < 0 ? -v - 1 : v
 }
 
-// The four normals of kLanes consecutive elements; optionally the raw words too.
+// The normals of kLanes consecutive elements (all four, or only the first pair when pairs == 1);
+// the raw words too.
 PSLD_INLINE void normals_lanes(uint32_t j0, uint32_t step, uint32_t stream, uint64_t seed,
-                               float (&n)[4][kLanes], uint32_t (&w)[4][kLanes]) {
+                               float (&n)[4][kLanes], uint32_t (&w)[4][kLanes], int pairs = 2) {
   philox_lanes(j0, step, stream, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), w);
-  for (int pair = 0; pair < 2; ++pair) {
+  for (int pair = 0; pair < pairs; ++pair) {
     for (int i = 0; i < kLanes; ++i) {
       const float u1 = std::max(uniform_lane(w[2 * pair][i]), kMinUniform);
       const float th = kTwoPi * uniform_lane(w[2 * pair + 1][i]);
@@ -194,12 +198,21 @@ PSLD_INLINE void step_block(const AffineStepParams& p, state_t* x, state_t* m, c
   if (p.has_noise) {
     float n[4][kLanes];
     uint32_t w[4][kLanes];
-    normals_lanes(j0, p.step, p.stream, seed, n, w);
-    for (int i = 0; i < kLanes; ++i) {
-      xo[i] = xo[i] + (k[kR1_00] * n[0][i] + k[kR1_01] * n[1][i] + k[kR2_00] * n[2][i] +
-                       k[kR2_01] * n[3][i]);
-      mo[i] = mo[i] + (k[kR1_10] * n[0][i] + k[kR1_11] * n[1][i] + k[kR2_10] * n[2][i] +
-                       k[kR2_11] * n[3][i]);
+    if (p.has_second_draw) {
+      normals_lanes(j0, p.step, p.stream, seed, n, w, 2);
+      for (int i = 0; i < kLanes; ++i) {
+        xo[i] = xo[i] + (k[kR1_00] * n[0][i] + k[kR1_01] * n[1][i] + k[kR2_00] * n[2][i] +
+                         k[kR2_01] * n[3][i]);
+        mo[i] = mo[i] + (k[kR1_10] * n[0][i] + k[kR1_11] * n[1][i] + k[kR2_10] * n[2][i] +
+                         k[kR2_11] * n[3][i]);
+      }
+    } else {  // R2 == 0 (every sampler but SSCS): skip the second Box-Muller pair; the R2 terms
+              // would add exact zeros, so the result is the same
+      normals_lanes(j0, p.step, p.stream, seed, n, w, 1);
+      for (int i = 0; i < kLanes; ++i) {
+        xo[i] = xo[i] + (k[kR1_00] * n[0][i] + k[kR1_01] * n[1][i]);
+        mo[i] = mo[i] + (k[kR1_10] * n[0][i] + k[kR1_11] * n[1][i]);
+      }
     }
   }
   store_lanes(x, count, xo);
@@ -269,7 +282,8 @@ void affine_step_cpu_(const at::Tensor& u, const std::optional<at::Tensor>& eps,
                                                      c10::DeviceType::CPU, eps_holder);
   if (p.batch == 0 || p.half_numel == 0) return;
   const int64_t tasks = p.batch * ((p.half_numel + kChunk - 1) / kChunk);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = (kMinElementsPerThread + kChunk - 1) / kChunk;
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     affine_step_range(p, begin, end);
   });
 }

@@ -69,6 +69,8 @@ AffineStepParams make_affine_step_params(const at::Tensor& u, const std::optiona
   p.read_state = coef[kP00] != 0.0 || coef[kP01] != 0.0 || coef[kP10] != 0.0 || coef[kP11] != 0.0;
   p.has_noise = false;
   for (int i = kR1_00; i < kNumCoef; ++i) p.has_noise = p.has_noise || coef[i] != 0.0;
+  p.has_second_draw = false;
+  for (int i = kR2_00; i < kNumCoef; ++i) p.has_second_draw = p.has_second_draw || coef[i] != 0.0;
   p.step = static_cast<uint32_t>(step);      // = step & 0xFFFFFFFF, as the reference
   p.stream = static_cast<uint32_t>(stream);
   p.u = u.data_ptr();
