@@ -29,6 +29,7 @@ Conventions (documented knobs):
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -152,8 +153,24 @@ def compile_sampler(sampler: str, sde: PSLD, nfe: int, *, schedule="quadratic", 
     """Compile a sampler into a :class:`Program` of affine stages (all float64 host math).
 
     Raises ValueError naming the argument for an unknown sampler, schedule, reading or net_time,
-    a negative lambda_s or an NFE budget too small for the sampler.
+    a negative lambda_s or an NFE budget too small for the sampler.  Programs for named schedules
+    are cached (compiling costs milliseconds, ~50 us per NFE); treat them as read-only.
     """
+    args = (sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, denoise, split)
+    if isinstance(schedule, str):
+        try:
+            return _compile_cached(*args)
+        except TypeError:  # an unhashable argument: compile without the cache
+            pass
+    return _compile(*args)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_cached(*args) -> Program:
+    return _compile(*args)
+
+
+def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, denoise, split) -> Program:
     spec = _spec(sampler)
     if lambda_s is None:
         lambda_s = spec.default_lambda_s
