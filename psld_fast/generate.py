@@ -1,0 +1,467 @@
+"""Large sample sets, written once per seed, resumable, identical under any world size.
+
+``generate(model, out_dir, seeds, fmt="png" | "npz", ...)`` (CLI: ``psld-fast generate``) draws one
+sample per seed with :func:`psld_fast.sample` and writes it under the seed's name:
+
+* ``png``: ``{out}/{seed // 1000 * 1000:06d}/{seed:06d}.png`` (x clipped to [-1, 1], quantised with
+  :func:`psld_fast.images.to_uint8`); image models only (C, H, W) with C in (1, 3).
+* ``npz``: shards ``{out}/{seed // S * S:06d}.npz`` holding the requested seeds of the block
+  ``[k S, (k + 1) S)`` (S = ``shard_size``, default 1000) in request order: ``x`` float32 (raw
+  samples, not clipped) and ``seeds`` int64.
+
+A sample depends only on its seed (the library's reproducibility contract), so the files do not
+depend on the batch size, the number of processes or the order of work.  Under ``torchrun``
+(``WORLD_SIZE > 1``) the work is dealt round-robin: PNG batches of ``batch_size`` seeds, npz shards.
+Every file is written atomically (temporary name in the same folder + ``os.replace``); a killed run
+restarted with the same command skips the files that exist (zero-length files, which only a crash
+of the machine can leave behind, count as missing) and deletes the temporary files it left.
+
+``manifest.json`` (written by rank 0, atomically) records the configuration that determines the
+samples (model identity incl. a SHA-256 of its weights, sampler settings, dtype, format, seeds),
+the environment (versions, device, backend, world size) and one entry per run.  A folder holding a
+different configuration is refused unless ``force=True``, which takes the folder over: the manifest
+is replaced (the old one kept as ``manifest.replaced-<time>.json``) and existing sample files are
+kept and skipped -- delete them first if they came from the other configuration.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+__all__ = ["generate", "png_path", "shard_path", "seeds_to_spec", "model_identity", "ManifestMismatch",
+           "MANIFEST"]
+
+MANIFEST = "manifest.json"
+_FORMATS = ("png", "npz")
+_RESERVED = {"num_samples", "seeds", "generator", "batch_size", "callback", "progress", "device"}
+_PROGRAM_KEYS = ("schedule", "lambda_s", "lambda_reading", "net_time", "denoise", "split")
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+                torch.float64: "float64"}
+
+
+class ManifestMismatch(ValueError):
+    """The output folder holds a run with another configuration."""
+
+
+# --------------------------------------------------------------------------------------- naming
+def png_path(out_dir, seed: int) -> Path:
+    """``{out}/{seed // 1000 * 1000:06d}/{seed:06d}.png``."""
+    seed = int(seed)
+    return Path(out_dir) / f"{seed // 1000 * 1000:06d}" / f"{seed:06d}.png"
+
+
+def shard_path(out_dir, block_start: int) -> Path:
+    return Path(out_dir) / f"{int(block_start):06d}.npz"
+
+
+def seeds_to_spec(seeds: Iterable[int]) -> str:
+    """Compact text of a seed list in the ``parse_seeds`` syntax: [0, 1, 2, 5] -> '0-2,5'."""
+    parts, run = [], None
+    for s in seeds:
+        s = int(s)
+        if run is not None and s == run[1] + 1:
+            run[1] = s
+            continue
+        if run is not None:
+            parts.append(str(run[0]) if run[0] == run[1] else f"{run[0]}-{run[1]}")
+        run = [s, s]
+    if run is not None:
+        parts.append(str(run[0]) if run[0] == run[1] else f"{run[0]}-{run[1]}")
+    return ",".join(parts)
+
+
+# ----------------------------------------------------------------------------- configuration
+def _state_sha256(model) -> str | None:
+    if not isinstance(model, torch.nn.Module):
+        return None
+    state = model.state_dict()
+    if not state:
+        return None
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key]
+        if not isinstance(t, torch.Tensor):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def model_identity(model) -> dict:
+    """What identifies a model's samples: class, shape, process and a SHA-256 of its weights."""
+    sde = getattr(model, "sde", None)
+    net = getattr(model, "net", None)
+    ident = {
+        "class": type(model).__name__,
+        "net": type(net).__name__ if net is not None else None,
+        "name": getattr(model, "name", None),
+        "shape": list(getattr(model, "shape", None) or []),
+        "sde": {k: getattr(sde, k) for k in ("gamma", "nu", "kappa", "beta_min", "beta_max", "T", "eps_end")}
+        if sde is not None else None,
+        "weights_sha256": _state_sha256(model),
+    }
+    return ident
+
+
+def _jsonable(v):
+    if isinstance(v, torch.dtype):
+        return _DTYPE_NAMES.get(v, str(v))
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        return np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64).tolist()
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+def _versions() -> dict:
+    from . import __version__
+
+    return {"psld_fast": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
+            "numpy": np.__version__}
+
+
+def _device_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    from .images import _write_atomic
+
+    _write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _diff(old: dict, new: dict, prefix="") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            if k == "seeds" or (isinstance(a, str) and len(a) > 60):
+                a, b = str(a)[:60] + ("..." if len(str(a)) > 60 else ""), str(b)[:60] + ("..." if len(str(b)) > 60 else "")
+            out.append(f"{prefix}{k}: {a!r} in the folder, {b!r} now")
+    return out
+
+
+def _check_manifest(out_dir: Path, manifest: dict, force: bool) -> tuple[dict, list[str]]:
+    """Rank 0: create or validate the manifest.  Returns (manifest to keep, warnings)."""
+    path = out_dir / MANIFEST
+    warnings: list[str] = []
+    if not path.exists():
+        _write_json_atomic(path, manifest)
+        return manifest, warnings
+    try:
+        old = json.loads(path.read_text())
+        old_config = old["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not force:
+            raise ManifestMismatch(f"{path} is unreadable ({exc}); use another output folder or --force") from None
+        old, old_config = {}, None
+    if old_config is not None and old_config != manifest["config"]:
+        diffs = _diff(old_config, manifest["config"])
+        if not force:
+            raise ManifestMismatch(
+                f"{out_dir} holds samples of another configuration ({'; '.join(diffs)}). Use another output "
+                "folder, or force=True / --force to take it over (existing sample files are then kept and "
+                "skipped, so delete them first if they came from the other configuration).")
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        os.replace(path, out_dir / f"manifest.replaced-{stamp}.json")
+        warnings.append(f"--force: replaced the manifest of another configuration ({'; '.join(diffs)}); "
+                        f"the old one is manifest.replaced-{stamp}.json")
+        _write_json_atomic(path, manifest)
+        return manifest, warnings
+    if old_config is None:
+        _write_json_atomic(path, manifest)
+        return manifest, warnings
+    env_old, env_new = old.get("environment", {}), manifest["environment"]
+    for key in ("psld_fast", "torch"):
+        if env_old.get("versions", {}).get(key) != env_new["versions"].get(key):
+            warnings.append(f"resuming with {key} {env_new['versions'].get(key)} (the folder was started with "
+                            f"{env_old.get('versions', {}).get(key)})")
+    for key in ("device", "backend"):
+        if env_old.get(key, "").split(" ")[0] != env_new.get(key, "").split(" ")[0]:
+            warnings.append(f"resuming on {key} {env_new.get(key)} (started on {env_old.get(key)}): "
+                            "samples agree to float rounding, not bit for bit")
+    old.setdefault("runs", [])
+    return old, warnings
+
+
+# ------------------------------------------------------------------------------------ writing
+def _npz_bytes(x: np.ndarray, seeds: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, x=x, seeds=seeds)
+    return buf.getvalue()
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _remove_temp_files(out_dir: Path) -> int:
+    """Delete the ``.<name>.<random>.tmp`` files of atomic writes a killed run left behind."""
+    n = 0
+    for root, _dirs, files in os.walk(out_dir):
+        for f in files:
+            if f.startswith(".") and f.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(root, f))
+                    n += 1
+                except OSError:
+                    pass
+    return n
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int, desc: str):
+        self.bar, self.total, self.done, self.t0, self.next_report = None, total, 0, time.perf_counter(), 0.1
+        self.enabled = enabled and total > 0
+        if not self.enabled:
+            return
+        try:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="sample", smoothing=0.1, dynamic_ncols=True)
+        except ImportError:
+            print(f"{desc}: {total} samples", file=sys.stderr, flush=True)
+
+    def update(self, n: int):
+        if not self.enabled:
+            return
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.done >= self.next_report * self.total or self.done == self.total:
+            el = time.perf_counter() - self.t0
+            rate = self.done / max(el, 1e-9)
+            eta = (self.total - self.done) / max(rate, 1e-9)
+            print(f"  {self.done}/{self.total} samples  {rate:.1f}/s  ETA {eta:.0f} s", file=sys.stderr, flush=True)
+            self.next_report += 0.1
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------- generate
+def generate(model, out_dir, seeds, *, fmt: str = "png", batch_size: int | None = None,
+             shard_size: int = 1000, force: bool = False, progress: bool = True, device=None,
+             source: dict | None = None, after_batch: Callable[[dict], None] | None = None,
+             **sample_kwargs) -> dict:
+    """Write one sample per seed into ``out_dir`` (see the module docstring); resumable.
+
+    Args:
+        model: an :class:`~psld_fast.models.EpsModel` (e.g. a preset or a loaded checkpoint).
+        out_dir: output folder (created).
+        seeds: iterable of int seeds (duplicates are dropped, order kept).
+        fmt: ``"png"`` (image models) or ``"npz"`` (shards of ``shard_size`` seed values).
+        batch_size: samples per :func:`psld_fast.sample` call (default 256); does not change the files.
+        force: take over a folder whose manifest holds another configuration.
+        progress: progress bar with ETA on rank 0 (tqdm if importable).
+        device: where to sample (default: the model's device; ``cuda:LOCAL_RANK`` under torchrun).
+        source: free-form description recorded in the manifest (e.g. ``{"checkpoint": path}``).
+        after_batch: called after each batch's files are written with a dict (rank, batch, seeds,
+            files); an exception raised there aborts the run like a crash would.
+        **sample_kwargs: sampler settings for :func:`psld_fast.sample` (sampler, nfe, schedule,
+            lambda_s, lambda_reading, net_time, denoise, backend, dtype, ...).
+
+    Returns:
+        A summary dict: requested, written, skipped (already there), seconds, samples_per_second,
+        world_size, device, backend, nfe, out_dir, format.  Counts are over all ranks.
+    """
+    from .api import sample
+    from .distributed import env_world_size, setup
+
+    if fmt not in _FORMATS:
+        raise ValueError(f"fmt must be one of {_FORMATS}, got {fmt!r}")
+    bad = _RESERVED & set(sample_kwargs)
+    if bad:
+        raise TypeError(f"generate: {', '.join(sorted(bad))} cannot be passed here (seeds and batching are "
+                        "generate's own arguments)")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be an integer >= 1, got {shard_size!r}")
+    from .models import EpsModel
+
+    if not isinstance(model, EpsModel):
+        raise TypeError(f"generate needs an EpsModel (wrap a network as EpsModel(net, sde, shape)), got "
+                        f"{type(model).__name__}")
+    seed_list = list(dict.fromkeys(int(s) for s in seeds))
+    if not seed_list:
+        raise ValueError("no seeds given")
+    shape = tuple(getattr(model, "shape", None) or ())
+    if fmt == "png" and not (len(shape) == 3 and shape[0] in (1, 3)):
+        raise ValueError(f"--format png needs an image model with samples of shape (C, H, W), C in (1, 3); this "
+                         f"model's samples have shape {shape}: use --format npz")
+    batch_size = batch_size or 256
+    sample_kwargs.setdefault("sampler", "reduced_oba")
+    sample_kwargs.setdefault("nfe", 50)
+
+    if device is None:  # the model's device; under torchrun a CUDA model goes to cuda:LOCAL_RANK
+        device = _model_device(model)
+        if device.type == "cuda" and env_world_size() > 1:
+            device = "cuda"
+    ctx = setup(device)
+    dev = ctx.device
+    model = model.to(dev)
+    out_dir = Path(out_dir)
+    try:
+        return _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, progress, ctx, dev,
+                         source, after_batch, sample_kwargs, sample)
+    finally:
+        ctx.close()
+
+
+def _model_device(model) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for t in list(model.parameters()) + list(model.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
+def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, progress, ctx, dev, source,
+              after_batch, sample_kwargs, sample):
+    from .images import _write_atomic, save_png
+    from .ops import resolve_backend
+
+    from .samplers import compile_sampler
+
+    dtype = sample_kwargs.get("dtype", torch.float32)
+    backend = resolve_backend(sample_kwargs.get("backend", "auto"), dev, dtype=dtype)
+    program = compile_sampler(sample_kwargs["sampler"], model.sde, sample_kwargs["nfe"],
+                              **{k: v for k, v in sample_kwargs.items() if k in _PROGRAM_KEYS})
+    # ---- rank 0: manifest and the list of work that is left; everyone else waits for it
+    payload = None
+    if ctx.is_main:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            config = {
+                "model": model_identity(model),
+                "sampler": {k: _jsonable(v) for k, v in program.info.items() if k != "sde"},
+                "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
+                "format": fmt,
+                "shard_size": shard_size if fmt == "npz" else None,
+                "seeds": {"count": len(seed_list), "spec": seeds_to_spec(seed_list),
+                          "sha256": hashlib.sha256(np.asarray(seed_list, dtype=np.int64).tobytes()).hexdigest()},
+            }
+            config = json.loads(json.dumps(config))  # what a reload gives back
+            manifest = {
+                "psld_fast_generate": 1,
+                "created": _now(),
+                "config": config,
+                "source": source or {},
+                "environment": {"versions": _versions(), "device": _device_text(dev), "backend": backend,
+                                "world_size": ctx.world_size, "host": platform.node()},
+                "runs": [],
+            }
+            manifest, warnings = _check_manifest(out_dir, manifest, force)
+            removed = _remove_temp_files(out_dir)
+            if fmt == "png":
+                todo = [s for s in seed_list if not _exists(png_path(out_dir, s))]
+                units = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+            else:
+                blocks: dict[int, list[int]] = {}
+                for s in seed_list:
+                    blocks.setdefault(s // shard_size * shard_size, []).append(s)
+                units = [(b, ss) for b, ss in blocks.items() if not _exists(shard_path(out_dir, b))]
+                todo = [s for _b, ss in units for s in ss]
+            payload = {"units": units, "todo": len(todo), "warnings": warnings, "removed": removed, "error": None}
+        except Exception as exc:  # tell the other ranks, then raise here
+            payload = {"error": exc}
+    payload = ctx.broadcast_object(payload)
+    if payload["error"] is not None:
+        raise payload["error"]
+    if ctx.is_main:
+        for w in payload["warnings"]:
+            print(f"psld-fast generate: warning: {w}", file=sys.stderr)
+        manifest["runs"].append({"started": _now(), "world_size": ctx.world_size, "device": _device_text(dev),
+                                 "backend": backend, "batch_size": batch_size, "versions": _versions(),
+                                 "options": {k: _jsonable(v) for k, v in sample_kwargs.items()
+                                             if k not in _PROGRAM_KEYS and k not in ("sampler", "nfe", "dtype")}})
+        _write_json_atomic(out_dir / MANIFEST, manifest)  # a crashed run stays on record
+    units = payload["units"]
+    mine = units[ctx.rank::ctx.world_size]
+    n_mine = sum(len(u) if fmt == "png" else len(u[1]) for u in mine)
+    skipped = len(seed_list) - payload["todo"]
+    desc = f"generate ({ctx.world_size} ranks, rank 0)" if ctx.distributed else "generate"
+    bar = _Progress(progress and ctx.is_main, n_mine, desc)
+    kwargs = dict(sample_kwargs)
+    kwargs["backend"] = backend
+    written, batch_no = 0, 0
+    t0 = time.perf_counter()
+
+    def run(batch_seeds):
+        res = sample(model, len(batch_seeds), seeds=batch_seeds, device=dev, batch_size=len(batch_seeds),
+                     progress=False, **kwargs)
+        return res.x
+
+    def done_batch(batch_seeds, files):
+        nonlocal batch_no
+        bar.update(len(batch_seeds))
+        if after_batch is not None:
+            after_batch({"rank": ctx.rank, "batch": batch_no, "seeds": list(batch_seeds), "files": files})
+        batch_no += 1
+
+    try:
+        if fmt == "png":
+            for batch_seeds in mine:
+                x = run(batch_seeds).float().clamp(-1, 1).cpu()
+                files = []
+                for s, img in zip(batch_seeds, x):
+                    p = png_path(out_dir, s)
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    files.append(save_png(img, p))
+                written += len(batch_seeds)
+                done_batch(batch_seeds, files)
+        else:
+            for block, shard_seeds in mine:
+                xs = []
+                for i in range(0, len(shard_seeds), batch_size):
+                    batch_seeds = shard_seeds[i:i + batch_size]
+                    xs.append(run(batch_seeds).float().cpu())
+                    last = i + batch_size >= len(shard_seeds)
+                    if last:
+                        p = _write_atomic(shard_path(out_dir, block),
+                                          _npz_bytes(torch.cat(xs).numpy(), np.asarray(shard_seeds, dtype=np.int64)))
+                        written += len(shard_seeds)
+                    done_batch(batch_seeds, [p] if last else [])
+    finally:
+        bar.close()
+    local_seconds = time.perf_counter() - t0
+    ctx.barrier()
+    seconds = time.perf_counter() - t0
+    (written_all,) = ctx.sum_ints(written)
+    summary = {
+        "out_dir": str(out_dir), "format": fmt, "requested": len(seed_list), "written": written_all,
+        "skipped": skipped, "seconds": seconds, "samples_per_second": written_all / max(seconds, 1e-9),
+        "world_size": ctx.world_size, "device": _device_text(dev), "backend": backend, "nfe": program.nfe,
+        "removed_temp_files": payload["removed"], "rank0_seconds": local_seconds,
+    }
+    if ctx.is_main:
+        manifest["runs"][-1].update({"finished": _now(), "written": written_all, "skipped": skipped,
+                                     "seconds": round(seconds, 3)})
+        _write_json_atomic(out_dir / MANIFEST, manifest)
+    return summary

@@ -1,0 +1,523 @@
+"""Quality over a sampler x NFE x lambda_s (x net_time x schedule) grid: CSV, Markdown, PNG plot.
+
+``sweep(model, out_dir, samplers, nfes, lambdas, ...)`` (CLI: ``psld-fast sweep``) samples every cell
+with the same seeds (common random numbers: differences between cells are not seed noise) and scores
+it with one metric:
+
+* ``"sw2"`` (analytic :class:`~psld_fast.models.GaussianMixture` models): sliced Wasserstein-2 to
+  exact draws from the data law with a 95% bootstrap interval, the figure of ``psld-fast sample``
+  (:func:`psld_fast.metrics.sliced_wasserstein_ci`; the reference draw is fixed by ``seed``).
+* ``"fid"`` (image checkpoints): FID against ``reference`` (statistics .npz or image folder, see
+  :mod:`psld_fast.fid`) with Inception-v3 features from a local weights file; the samples are
+  streamed through the extractor batch by batch, nothing is written.
+
+Outputs in ``out_dir``: ``sweep.csv`` (one row per cell, appended and flushed as each cell
+finishes), ``sweep.md`` (the best lambda_s per sampler and NFE, then every cell), ``sweep.png``
+(metric vs NFE on a log axis, one line per sampler through the best lambda_s of each NFE, drawn as
+a square marker; the other lambda_s values as small dots; a text legend) and ``sweep.json`` (the
+configuration).  Rerunning resumes: cells already in the CSV are skipped, so a grid can also be
+extended.  A folder whose ``sweep.json`` differs (model, metric, sample count, seed, ...) is refused
+unless ``force=True``, which starts over (old files renamed ``*.replaced-<time>``).
+
+The plot is drawn by a small rasteriser of this module (matplotlib is not a dependency) with a
+3x5 pixel font: upper-case labels, numbers as ``1.2E-3``.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import os
+import sys
+import time
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["sweep", "plot_sweep", "write_markdown", "read_rows", "FIELDS"]
+
+FIELDS = ["sampler", "schedule", "net_time", "nfe", "lambda_s", "nfe_spent", "metric", "value", "lo", "hi",
+          "std", "n", "status", "seconds"]
+_METRIC_TEXT = {"sw2": "sliced W2 to the exact data law (95% bootstrap CI)", "fid": "FID"}
+
+
+def _lam_key(v) -> str:
+    return "default" if v is None else repr(float(v))
+
+
+def _key(row) -> tuple:
+    return (row["sampler"], row["schedule"], row["net_time"], str(int(row["nfe"])), row["lambda_s"])
+
+
+# ----------------------------------------------------------------------------------------- csv
+def read_rows(path) -> list[dict]:
+    """Rows of a sweep CSV; a torn last line (a kill during the write) is dropped from the file."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[:text.rfind("\n") + 1]
+        from .images import _write_atomic
+
+        _write_atomic(path, text.encode())
+    rows = []
+    for row in csv.DictReader(io.StringIO(text)):
+        if None in row or any(row.get(f) is None for f in FIELDS):
+            continue
+        rows.append(row)
+    return rows
+
+
+def _append_row(path: Path, row: dict) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+    if new:
+        w.writeheader()
+    w.writerow({k: row.get(k, "") for k in FIELDS})
+    with open(path, "a", newline="") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _f(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+# --------------------------------------------------------------------------------------- sweep
+def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,), schedules=("quadratic",),
+          num_samples: int | None = None, seed: int = 0, metric: str = "auto", reference=None,
+          inception_weights=None, extractor: str = "inception-v3-compat", batch_size: int | None = None,
+          device=None, backend="auto", dtype=torch.float32, lambda_reading: str = "marginal",
+          denoise: bool = True, n_boot: int = 100, force: bool = False, progress: bool = True,
+          source: dict | None = None, verbose: bool = False, on_cell=None) -> list[dict]:
+    """Score every cell of the grid (see the module docstring); returns all rows of the CSV.
+
+    Args:
+        samplers, nfes, lambdas, net_times, schedules: the grid (``None`` = the sampler's default
+            lambda_s / net_time).
+        num_samples: samples per cell (default 1024 for sw2, 10000 for FID).
+        seed: the cells' seeds are ``seed * 10**9 + arange(num_samples)``; also fixes the reference
+            draw and the bootstrap.
+        metric: "auto" (sw2 for GaussianMixture models, else fid), "sw2" or "fid".
+        reference, inception_weights, extractor: FID reference and features (see psld_fast.fid).
+        on_cell: called with each newly computed row.
+    """
+    from .api import sample
+    from .generate import model_identity
+    from .models import GaussianMixture
+
+    samplers, nfes = list(samplers), [int(v) for v in nfes]
+    lambdas, net_times, schedules = list(lambdas), list(net_times), list(schedules)
+    if not (samplers and nfes and lambdas and net_times and schedules):
+        raise ValueError("sweep: every grid axis needs at least one value")
+    from .samplers import ALL_SAMPLERS, NET_TIMES
+
+    for s in samplers:
+        if s not in ALL_SAMPLERS:
+            raise ValueError(f"unknown sampler {s!r}; choose from {', '.join(ALL_SAMPLERS)}")
+    for t in net_times:
+        if t is not None and t not in NET_TIMES:
+            raise ValueError(f"unknown net_time {t!r}; choose from default, {', '.join(NET_TIMES)}")
+    if metric == "auto":
+        metric = "sw2" if isinstance(model, GaussianMixture) else "fid"
+    if metric not in _METRIC_TEXT:
+        raise ValueError(f"metric must be 'auto', 'sw2' or 'fid', got {metric!r}")
+    if metric == "sw2" and not isinstance(model, GaussianMixture):
+        raise ValueError("sweep: the sliced-W2 metric needs an analytic (GaussianMixture) model, whose data law is known")
+    if metric == "fid" and reference is None:
+        raise ValueError("sweep: a non-analytic model is scored by FID, which needs a reference (--ref: a statistics "
+                         ".npz with mu/sigma or a folder of reference images) and Inception weights "
+                         "(--inception-weights or PSLD_FAST_INCEPTION_WEIGHTS)")
+    n = int(num_samples or (1024 if metric == "sw2" else 10000))
+    device = torch.device(device) if device is not None else (
+        next(iter(list(model.parameters()) + list(model.buffers())), torch.empty(0)).device)
+    model = model.to(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- the metric's fixed parts
+    ex = ref_stats = ref_samples = None
+    config = {"model": model_identity(model), "metric": metric, "num_samples": n, "seed": seed,
+              "lambda_reading": lambda_reading, "denoise": denoise, "dtype": str(dtype).replace("torch.", "")}
+    if metric == "sw2":
+        config["n_boot"] = n_boot
+        g = torch.Generator().manual_seed(seed + 12345)
+        ref_samples = model.sample_data(max(n, 1024), generator=g).double().cpu()
+    else:
+        from .fid import make_extractor, reference_statistics
+
+        ex = make_extractor(extractor, weights=inception_weights, device=device)
+        ref_stats, _info = reference_statistics(reference, ex, None, progress=progress)
+        config["reference"] = str(Path(reference).resolve())
+        config["extractor"] = ex.identity
+    config = json.loads(json.dumps(config))
+    _check_config(out_dir, config, force, source)
+
+    csv_path = out_dir / "sweep.csv"
+    rows = read_rows(csv_path)
+    done = {_key(r) for r in rows}
+    cells = [c for c in product(samplers, schedules, net_times, nfes, lambdas)
+             if (c[0], c[1], c[2] or "default", str(c[3]), _lam_key(c[4])) not in done]
+    seeds = seed * 10**9 + torch.arange(n, dtype=torch.int64)
+    bs = batch_size or (n if metric == "sw2" else 256)
+    bar = None
+    if progress and cells:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(cells), desc="sweep", unit="cell", dynamic_ncols=True)
+        except ImportError:
+            pass
+    if verbose and len(done):
+        print(f"sweep: {len(done)} cells already in {csv_path}, {len(cells)} to go", file=sys.stderr)
+    try:
+        for sampler, schedule, net_time, nfe, lam in cells:
+            row = {"sampler": sampler, "schedule": schedule, "net_time": net_time or "default", "nfe": nfe,
+                   "lambda_s": _lam_key(lam), "metric": metric, "n": n}
+            kw = dict(sampler=sampler, nfe=nfe, schedule=schedule, lambda_s=lam, lambda_reading=lambda_reading,
+                      net_time=net_time, denoise=denoise, backend=backend, dtype=dtype, device=device,
+                      progress=False)
+            t0 = time.perf_counter()
+            try:
+                if metric == "sw2":
+                    from .metrics import sliced_wasserstein_ci
+
+                    res = sample(model, n, seeds=seeds, batch_size=bs, **kw)
+                    q = sliced_wasserstein_ci(res.x.double().cpu(), ref_samples, seed=seed, n_boot=n_boot)
+                    row.update(value=q["value"], lo=q["lo"], hi=q["hi"], std=q["std"])
+                else:
+                    row.update(value=_fid_cell(model, sample, kw, seeds, bs, ex, ref_stats), lo="", hi="", std="")
+                    res = None
+                row["nfe_spent"] = res.nfe if res is not None else ""
+                row["status"] = "ok"
+            except FloatingPointError:
+                row.update(value="nan", lo="", hi="", std="", status="diverged")
+            except ValueError as exc:
+                row.update(value="nan", lo="", hi="", std="", status="invalid: " + str(exc).replace("\n", " ")[:160])
+            if row.get("nfe_spent") in (None, ""):
+                row["nfe_spent"] = _spent(model, sampler, nfe, schedule, lam, lambda_reading, net_time, denoise)
+            row["seconds"] = round(time.perf_counter() - t0, 3)
+            row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            _append_row(csv_path, row)
+            row = {k: str(row.get(k, "")) for k in FIELDS}
+            rows.append(row)
+            if verbose:
+                print(f"  {sampler:14s} {schedule:10s} {row['net_time']:8s} NFE {nfe:4d}  lambda_s {row['lambda_s']:8s}"
+                      f"  {metric} {row['value']}" + (f" [{row['lo']}, {row['hi']}]" if row["lo"] not in ("", None) else "")
+                      + ("" if row["status"] == "ok" else f"  ({row['status']})"), file=sys.stderr, flush=True)
+            if on_cell is not None:
+                on_cell(dict(row))
+            if bar is not None:
+                bar.update(1)
+            _write_outputs(out_dir, rows, config)
+    finally:
+        if bar is not None:
+            bar.close()
+    _write_outputs(out_dir, rows, config)
+    return rows
+
+
+def _spent(model, sampler, nfe, schedule, lam, reading, net_time, denoise):
+    from .samplers import compile_sampler
+
+    try:
+        return compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lam, lambda_reading=reading,
+                               net_time=net_time, denoise=denoise).nfe
+    except (ValueError, TypeError):
+        return ""
+
+
+def _fid_cell(model, sample, kw, seeds, bs, ex, ref_stats) -> float:
+    from .fid import FeatureAccumulator, frechet_distance
+    from .images import to_uint8
+
+    acc = FeatureAccumulator(ex.dim, ex.device)
+    for i in range(0, len(seeds), bs):
+        res = sample(model, len(seeds[i:i + bs]), seeds=seeds[i:i + bs], **kw)
+        x = res.x
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"FID needs image samples (C, H, W), got {tuple(x.shape[1:])}")
+        img = to_uint8(x.float().clamp(-1, 1))
+        acc.add(ex(img.expand(-1, 3, -1, -1) if img.shape[1] == 1 else img))
+    st = acc.result()
+    return frechet_distance(st["mu"], st["sigma"], ref_stats["mu"], ref_stats["sigma"])
+
+
+def _check_config(out_dir: Path, config: dict, force: bool, source) -> None:
+    from .generate import _diff, _write_json_atomic
+
+    path = out_dir / "sweep.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text()).get("config")
+        except (OSError, ValueError):
+            old = None
+        if old == config:
+            return
+        diffs = _diff(old or {}, config)
+        if not force:
+            raise ValueError(f"{out_dir} holds a sweep of another configuration ({'; '.join(diffs)}). Use another "
+                             "--out folder, or --force to start over (the old files are renamed *.replaced-<time>).")
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        for name in ("sweep.json", "sweep.csv", "sweep.md", "sweep.png"):
+            if (out_dir / name).exists():
+                os.replace(out_dir / name, out_dir / f"{name}.replaced-{stamp}")
+    from .generate import _versions
+
+    _write_json_atomic(path, {"config": config, "source": source or {}, "versions": _versions(),
+                              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+
+
+# ------------------------------------------------------------------------------------- reports
+def _series(rows) -> dict:
+    """{(sampler, schedule, net_time): {nfe: [(lambda_s, value, row)]}} of the finished cells."""
+    out: dict = {}
+    for r in rows:
+        key = (r["sampler"], r["schedule"], r["net_time"])
+        out.setdefault(key, {}).setdefault(int(r["nfe"]), []).append((r["lambda_s"], _f(r["value"]), r))
+    return out
+
+
+def _best(cells):
+    ok = [c for c in cells if math.isfinite(c[1])]
+    return min(ok, key=lambda c: c[1]) if ok else None
+
+
+def _label(key, keys) -> str:
+    parts = [key[0]]
+    if len({k[1] for k in keys}) > 1:
+        parts.append(key[1])
+    if len({k[2] for k in keys}) > 1:
+        parts.append(f"net_time={key[2]}")
+    return " ".join(parts)
+
+
+def _fmt_cell(r, metric) -> str:
+    if r.get("status") != "ok":
+        return r.get("status", "")
+    v = f"{_f(r['value']):.4g}"
+    if metric == "sw2" and r.get("lo") not in ("", None):
+        v += f" [{_f(r['lo']):.4g}, {_f(r['hi']):.4g}]"
+    return v
+
+
+def write_markdown(path, rows, config) -> Path:
+    from .images import _write_atomic
+
+    metric = config.get("metric", "")
+    series = _series(rows)
+    nfes = sorted({int(r["nfe"]) for r in rows})
+    keys = list(series)
+    lines = [f"# Sweep: {config.get('model', {}).get('name')} {tuple(config.get('model', {}).get('shape', []))}", "",
+             f"Metric: {_METRIC_TEXT.get(metric, metric)}, lower is better. {config.get('num_samples')} samples per "
+             f"cell, the same seeds in every cell (seed base {config.get('seed')}); lambda_reading "
+             f"{config.get('lambda_reading')}, denoise {config.get('denoise')}, dtype {config.get('dtype')}.", "",
+             "## Best lambda_s per NFE", "",
+             "| sampler | " + " | ".join(f"NFE {v}" for v in nfes) + " |",
+             "|---|" + "---|" * len(nfes)]
+    for key in keys:
+        cells = []
+        for v in nfes:
+            b = _best(series[key].get(v, []))
+            cells.append("" if b is None else f"{_fmt_cell(b[2], metric)} (lambda_s {b[0]})")
+        lines.append(f"| {_label(key, keys)} | " + " | ".join(cells) + " |")
+    lines += ["", "## All cells", "",
+              "| sampler | schedule | net_time | NFE | NFE spent | lambda_s | value | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["sampler"], r["schedule"], r["net_time"], int(r["nfe"]), r["lambda_s"])):
+        lines.append(f"| {r['sampler']} | {r['schedule']} | {r['net_time']} | {r['nfe']} | {r['nfe_spent']} | "
+                     f"{r['lambda_s']} | {_fmt_cell(r, metric)} | {r['seconds']} |")
+    lines += ["", "Plot: `sweep.png`, metric vs NFE (log axis), one line per sampler through its best lambda_s per NFE "
+              "(square markers); small dots are the other lambda_s values.", ""]
+    return _write_atomic(Path(path), "\n".join(lines).encode())
+
+
+def _write_outputs(out_dir: Path, rows, config) -> None:
+    if not rows:
+        return
+    write_markdown(out_dir / "sweep.md", rows, config)
+    plot_sweep(out_dir / "sweep.png", rows, ylabel={"sw2": "SLICED W2", "fid": "FID"}.get(config.get("metric"), "METRIC"))
+
+
+# ----------------------------------------------------------------------------------- plotting
+_GLYPHS = {
+    "0": ("###", "#.#", "#.#", "#.#", "###"), "1": (".#.", "##.", ".#.", ".#.", "###"),
+    "2": ("###", "..#", "###", "#..", "###"), "3": ("###", "..#", "###", "..#", "###"),
+    "4": ("#.#", "#.#", "###", "..#", "..#"), "5": ("###", "#..", "###", "..#", "###"),
+    "6": ("###", "#..", "###", "#.#", "###"), "7": ("###", "..#", "..#", ".#.", ".#."),
+    "8": ("###", "#.#", "###", "#.#", "###"), "9": ("###", "#.#", "###", "..#", "###"),
+    "A": (".#.", "#.#", "###", "#.#", "#.#"), "B": ("##.", "#.#", "##.", "#.#", "##."),
+    "C": (".##", "#..", "#..", "#..", ".##"), "D": ("##.", "#.#", "#.#", "#.#", "##."),
+    "E": ("###", "#..", "##.", "#..", "###"), "F": ("###", "#..", "##.", "#..", "#.."),
+    "G": (".##", "#..", "#.#", "#.#", ".##"), "H": ("#.#", "#.#", "###", "#.#", "#.#"),
+    "I": ("###", ".#.", ".#.", ".#.", "###"), "J": ("..#", "..#", "..#", "#.#", ".#."),
+    "K": ("#.#", "#.#", "##.", "#.#", "#.#"), "L": ("#..", "#..", "#..", "#..", "###"),
+    "M": ("#.#", "###", "###", "#.#", "#.#"), "N": ("##.", "#.#", "#.#", "#.#", "#.#"),
+    "O": (".#.", "#.#", "#.#", "#.#", ".#."), "P": ("##.", "#.#", "##.", "#..", "#.."),
+    "Q": (".#.", "#.#", "#.#", "##.", ".##"), "R": ("##.", "#.#", "##.", "#.#", "#.#"),
+    "S": (".##", "#..", ".#.", "..#", "##."), "T": ("###", ".#.", ".#.", ".#.", ".#."),
+    "U": ("#.#", "#.#", "#.#", "#.#", "###"), "V": ("#.#", "#.#", "#.#", "#.#", ".#."),
+    "W": ("#.#", "#.#", "###", "###", "#.#"), "X": ("#.#", "#.#", ".#.", "#.#", "#.#"),
+    "Y": ("#.#", "#.#", ".#.", ".#.", ".#."), "Z": ("###", "..#", ".#.", "#..", "###"),
+    "_": ("...", "...", "...", "...", "###"), ".": ("...", "...", "...", "...", ".#."),
+    "-": ("...", "...", "###", "...", "..."), "+": ("...", ".#.", "###", ".#.", "..."),
+    "=": ("...", "###", "...", "###", "..."), ":": ("...", ".#.", "...", ".#.", "..."),
+    "(": (".#.", "#..", "#..", "#..", ".#."), ")": (".#.", "..#", "..#", "..#", ".#."),
+    "/": ("..#", "..#", ".#.", "#..", "#.."), " ": ("...", "...", "...", "...", "..."),
+}
+_PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
+            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+class _Canvas:
+    def __init__(self, w: int, h: int):
+        self.a = np.full((h, w, 3), 255, dtype=np.uint8)
+        self.h, self.w = h, w
+
+    def rect(self, x0, y0, x1, y1, c):
+        x0, x1 = sorted((int(round(x0)), int(round(x1))))
+        y0, y1 = sorted((int(round(y0)), int(round(y1))))
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, self.w - 1), min(y1, self.h - 1)
+        if x0 <= x1 and y0 <= y1:
+            self.a[y0:y1 + 1, x0:x1 + 1] = c
+
+    def line(self, x0, y0, x1, y1, c, width=1):
+        steps = int(max(abs(x1 - x0), abs(y1 - y0))) + 2
+        t = np.linspace(0.0, 1.0, steps)
+        xs, ys = np.rint(x0 + t * (x1 - x0)).astype(int), np.rint(y0 + t * (y1 - y0)).astype(int)
+        lo = -((width - 1) // 2)
+        for dx in range(lo, lo + width):
+            for dy in range(lo, lo + width):
+                x, y = xs + dx, ys + dy
+                ok = (x >= 0) & (x < self.w) & (y >= 0) & (y < self.h)
+                self.a[y[ok], x[ok]] = c
+
+    def text(self, x, y, s, c=(0, 0, 0), scale=2, anchor="left"):
+        s = str(s).upper()
+        width = (4 * len(s) - 1) * scale
+        if anchor == "right":
+            x -= width
+        elif anchor == "center":
+            x -= width / 2
+        x, y = int(round(x)), int(round(y))
+        # the string as a 5-row bitmap, upscaled, then painted where set
+        bits = np.array([[ch == "#" for g in (_GLYPHS.get(k, _GLYPHS[" "]) for k in s) for ch in g[j] + "."]
+                         for j in range(5)], dtype=bool)[:, :-1]
+        bits = np.repeat(np.repeat(bits, scale, axis=0), scale, axis=1)
+        ys, xs = np.nonzero(bits)
+        xs, ys = xs + x, ys + y
+        ok = (xs >= 0) & (xs < self.w) & (ys >= 0) & (ys < self.h)
+        self.a[ys[ok], xs[ok]] = c
+        return width
+
+
+def _num(v: float) -> str:
+    if v == 0:
+        return "0"
+    if 1e-3 <= abs(v) < 1e4:
+        return f"{v:.4g}"
+    mant, exp = f"{v:.1e}".split("e")
+    return f"{mant.rstrip('0').rstrip('.')}E{int(exp)}"
+
+
+def _nice_ticks(lo, hi, n=5):
+    span = hi - lo
+    if span <= 0:
+        return [lo]
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=10 * mag)
+    start = math.ceil(lo / step) * step
+    return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
+
+
+def plot_sweep(path, rows, ylabel: str = "METRIC", width: int = 760, height: int = 460) -> Path:
+    """Metric vs NFE (log x) per series; the best lambda_s of each NFE joined and marked by squares."""
+    from .images import _write_atomic, encode_png
+
+    series = _series(rows)
+    keys = list(series)
+    pts = [(nfe, v) for s in series.values() for nfe, cells in s.items() for _l, v, _r in cells if math.isfinite(v)]
+    cv = _Canvas(width, height)
+    L, R, T, B = 78, width - 200, 34, height - 52
+    cv.text((L + R) / 2, 10, f"{ylabel} VS NFE", scale=2, anchor="center")
+    if pts:
+        xs = np.log([p[0] for p in pts])
+        ys = np.array([p[1] for p in pts])
+        xlo, xhi = float(xs.min()), float(xs.max())
+        if xhi - xlo < 1e-9:
+            xlo, xhi = xlo - 0.5, xhi + 0.5
+        pad = 0.05 * (xhi - xlo)
+        xlo, xhi = xlo - pad, xhi + pad
+        logy = bool(ys.min() > 0 and ys.max() / ys.min() > 20)
+        yv = np.log10(ys) if logy else ys
+        ylo, yhi = float(yv.min()), float(yv.max())
+        if not logy and ylo >= 0:
+            ylo = 0.0
+        if yhi - ylo < 1e-12:
+            ylo, yhi = ylo - 0.5, yhi + 0.5
+        pad = 0.06 * (yhi - ylo)
+        ylo, yhi = ylo - (pad if logy or ylo < 0 else 0), yhi + pad
+
+        def X(nfe):
+            return L + (math.log(nfe) - xlo) / (xhi - xlo) * (R - L)
+
+        def Y(v):
+            v = math.log10(v) if logy else v
+            return B - (v - ylo) / (yhi - ylo) * (B - T)
+
+        grid, axis = (228, 228, 228), (0, 0, 0)
+        yt = ([10.0 ** e for e in range(math.floor(ylo), math.ceil(yhi) + 1) if ylo <= e <= yhi] if logy
+              else _nice_ticks(ylo, yhi))
+        for v in yt:
+            y = Y(v)
+            cv.line(L, y, R, y, grid)
+            cv.line(L - 5, y, L, y, axis)
+            cv.text(L - 8, y - 5, _num(v), scale=2, anchor="right")
+        for nfe in sorted({p[0] for p in pts}):
+            x = X(nfe)
+            cv.line(x, T, x, B, grid)
+            cv.line(x, B, x, B + 5, axis)
+            cv.text(x, B + 9, str(nfe), scale=2, anchor="center")
+        cv.line(L, T, L, B, axis)
+        cv.line(L, B, R, B, axis)
+        cv.text((L + R) / 2, height - 18, "NFE (LOG SCALE)", scale=2, anchor="center")
+        for k, key in enumerate(keys):
+            c = _PALETTE[k % len(_PALETTE)]
+            light = tuple(int(255 - 0.45 * (255 - v)) for v in c)
+            best = []
+            for nfe in sorted(series[key]):
+                for _l, v, _r in series[key][nfe]:
+                    if math.isfinite(v):
+                        cv.rect(X(nfe) - 2, Y(v) - 2, X(nfe) + 2, Y(v) + 2, light)
+                b = _best(series[key][nfe])
+                if b is not None:
+                    best.append((X(nfe), Y(b[1])))
+            for (x0, y0), (x1, y1) in zip(best, best[1:]):
+                cv.line(x0, y0, x1, y1, c, width=2)
+            for x, y in best:
+                cv.rect(x - 5, y - 5, x + 5, y + 5, (0, 0, 0))
+                cv.rect(x - 4, y - 4, x + 4, y + 4, c)
+    else:
+        cv.text((L + R) / 2, (T + B) / 2, "NO FINITE VALUES", scale=2, anchor="center")
+    lx, ly = R + 16, T + 4
+    for k, key in enumerate(keys):
+        c = _PALETTE[k % len(_PALETTE)]
+        cv.rect(lx, ly, lx + 11, ly + 11, (0, 0, 0))
+        cv.rect(lx + 1, ly + 1, lx + 10, ly + 10, c)
+        label = _label(key, keys).replace("net_time=", "T=")
+        cv.text(lx + 17, ly + 1, label[:22], scale=2)
+        ly += 20
+    cv.text(lx, ly + 8, "SQUARES: BEST", scale=1)
+    cv.text(lx, ly + 16, "LAMBDA_S PER NFE", scale=1)
+    return _write_atomic(Path(path), encode_png(cv.a))

@@ -1,0 +1,193 @@
+"""psld-fast generate: files named by seed, identical for any batch size / world size, resumable."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import psld_fast as pf
+from psld_fast.generate import ManifestMismatch, generate, png_path, seeds_to_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = [0, 1, 2, 3, 4, 998, 999, 1000, 1001, 1002]
+NFE = 6
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _tree(root: Path) -> dict:
+    """Every file under root (relative path -> bytes) except the manifests."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith("manifest")}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return pf.get_preset("digits")
+
+
+@pytest.fixture(scope="module")
+def ring():
+    return pf.get_preset("ring2d")
+
+
+@pytest.fixture(scope="module")
+def reference_png(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("ref_png")
+    generate(digits, out, SEEDS, nfe=NFE, batch_size=4, progress=False)
+    return _tree(out)
+
+
+def test_png_layout_values_and_batch_size_invariance(tmp_path, digits, reference_png):
+    s = generate(digits, tmp_path / "b3", SEEDS, nfe=NFE, batch_size=3, progress=False)
+    assert s["written"] == len(SEEDS) and s["skipped"] == 0 and s["nfe"] == NFE
+    generate(digits, tmp_path / "b5", SEEDS, nfe=NFE, batch_size=5, progress=False)
+    t3, t5 = _tree(tmp_path / "b3"), _tree(tmp_path / "b5")
+    assert t3 == t5 == reference_png
+    assert sorted(t3) == [f"000000/{s:06d}.png" for s in SEEDS[:7]] + [f"001000/{s:06d}.png" for s in SEEDS[7:]]
+    assert png_path("o", 1234) == Path("o/001000/001234.png")
+    # a file holds exactly the quantised sample of its seed
+    from PIL import Image
+
+    x = pf.sample(digits, 2, seeds=[999, 3], nfe=NFE, progress=False).x
+    from psld_fast.images import to_uint8
+
+    want = to_uint8(x.clamp(-1, 1))
+    got = np.asarray(Image.open(io.BytesIO(t3["000000/000999.png"])))
+    assert got.shape == (16, 16) and np.array_equal(got, want[0, 0].numpy())
+    man = json.loads((tmp_path / "b3" / "manifest.json").read_text())
+    assert man["config"]["sampler"]["nfe"] == NFE and man["config"]["seeds"]["spec"] == "0-4,998-1002"
+    assert {"psld_fast", "torch", "python"} <= set(man["environment"]["versions"]) and man["environment"]["device"]
+
+
+def test_npz_shards_any_batch_size(tmp_path, ring):
+    seeds = list(range(25))
+    generate(ring, tmp_path / "a", seeds, fmt="npz", shard_size=10, nfe=NFE, batch_size=3, progress=False)
+    generate(ring, tmp_path / "b", seeds, fmt="npz", shard_size=10, nfe=NFE, batch_size=7, progress=False)
+    ta, tb = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert ta == tb and sorted(ta) == ["000000.npz", "000010.npz", "000020.npz"]
+    ref = pf.sample(ring, 25, seeds=seeds, nfe=NFE, progress=False).x
+    with np.load(tmp_path / "a" / "000020.npz") as z:
+        assert z["x"].dtype == np.float32 and z["x"].shape == (5, 2)
+        assert np.array_equal(z["seeds"], np.arange(20, 25))
+        assert np.array_equal(z["x"], ref[20:].numpy())
+
+
+def test_png_needs_an_image_model(tmp_path, ring):
+    with pytest.raises(ValueError, match="--format npz"):
+        generate(ring, tmp_path, [0, 1], nfe=NFE, progress=False)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _crash_after(k):
+    def hook(info):
+        if info["batch"] + 1 >= k:
+            raise _Crash(f"simulated crash after batch {info['batch']}")
+    return hook
+
+
+def test_resume_png_after_a_crash(tmp_path, digits, reference_png):
+    out = tmp_path / "run"
+    with pytest.raises(_Crash):
+        generate(digits, out, SEEDS, nfe=NFE, batch_size=3, progress=False, after_batch=_crash_after(2))
+    assert len(_tree(out)) == 6
+    stale = out / "000000" / ".000007.png.x1y2.tmp"  # what a kill during a write leaves
+    stale.write_bytes(b"partial")
+    s = generate(digits, out, SEEDS, nfe=NFE, batch_size=3, progress=False)
+    assert (s["written"], s["skipped"], s["removed_temp_files"]) == (4, 6, 1)
+    assert _tree(out) == reference_png and not list(out.rglob("*.tmp"))
+    runs = json.loads((out / "manifest.json").read_text())["runs"]
+    assert len(runs) == 2 and runs[-1]["written"] == 4 and "finished" not in runs[0]
+
+
+def test_resume_npz_after_a_crash(tmp_path, ring):
+    seeds = list(range(25))
+    ref = tmp_path / "ref"
+    generate(ring, ref, seeds, fmt="npz", shard_size=10, nfe=NFE, batch_size=4, progress=False)
+    out = tmp_path / "run"
+    with pytest.raises(_Crash):  # batches 0-3, 4-7, 8-9 (shard 0 written), 10-13 (crash)
+        generate(ring, out, seeds, fmt="npz", shard_size=10, nfe=NFE, batch_size=4, progress=False,
+                 after_batch=_crash_after(4))
+    assert sorted(_tree(out)) == ["000000.npz"]
+    s = generate(ring, out, seeds, fmt="npz", shard_size=10, nfe=NFE, batch_size=4, progress=False)
+    assert (s["written"], s["skipped"]) == (15, 10)
+    assert _tree(out) == _tree(ref)
+
+
+def test_other_configuration_refused_unless_forced(tmp_path, digits, capsys):
+    out = tmp_path / "run"
+    generate(digits, out, SEEDS[:3], nfe=NFE, progress=False)
+    with pytest.raises(ManifestMismatch, match=r"another configuration.*nfe.*--force"):
+        generate(digits, out, SEEDS[:3], nfe=NFE + 2, progress=False)
+    with pytest.raises(ManifestMismatch, match="seeds"):
+        generate(digits, out, SEEDS[:4], nfe=NFE, progress=False)
+    from psld_fast.cli import main
+
+    rc = main(["generate", "--model", "digits", "--seeds", "0-2", "--nfe", str(NFE + 2), "--out", str(out),
+               "--no-progress"])
+    assert rc == 2 and "another configuration" in capsys.readouterr().err
+    s = generate(digits, out, SEEDS[:3], nfe=NFE + 2, progress=False, force=True)
+    assert s["skipped"] == 3  # --force keeps the existing files
+    assert list(out.glob("manifest.replaced-*.json"))
+    assert json.loads((out / "manifest.json").read_text())["config"]["sampler"]["nfe"] == NFE + 2
+
+
+def test_seeds_to_spec():
+    assert seeds_to_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    from psld_fast.cli import parse_seeds
+
+    assert parse_seeds(seeds_to_spec(SEEDS)) == SEEDS
+
+
+def test_two_gloo_processes_write_the_same_files(tmp_path, reference_png):
+    """torchrun with 2 CPU processes (gloo) through the CLI: byte-identical to one process."""
+    out = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "psld_fast", "generate", "--model", "digits", "--seeds", "0-4,998-1002", "--nfe", str(NFE),
+           "--batch-size", "2", "--out", str(out), "--no-progress", "--device", "cpu"]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _tree(out) == reference_png
+    assert r.stdout.count("samples    10 requested: 10 written") == 1  # the summary comes from rank 0 only
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["environment"]["world_size"] == 2
+
+
+def test_sigkill_then_rerun_completes_identically(tmp_path, reference_png):
+    out = tmp_path / "killed"
+    script = (
+        "import time, psld_fast as pf\n"
+        "from psld_fast.generate import generate\n"
+        f"generate(pf.get_preset('digits'), {str(out)!r}, {SEEDS!r}, nfe={NFE}, batch_size=1, progress=False,\n"
+        "         after_batch=lambda info: time.sleep(0.25))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=_env())
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(out.rglob("*.png"))) < 3:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    n_before = len(list(out.rglob("*.png")))
+    assert 3 <= n_before < len(SEEDS)
+    from psld_fast.cli import main
+
+    assert main(["generate", "--model", "digits", "--seeds", "0-4,998-1002", "--nfe", str(NFE), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert _tree(out) == reference_png and not list(out.rglob("*.tmp"))
+    runs = json.loads((out / "manifest.json").read_text())["runs"]
+    assert runs[-1]["written"] == len(SEEDS) - n_before and runs[-1]["skipped"] == n_before
