@@ -135,3 +135,21 @@ def test_quadratic_grid_formula_and_custom_grid():
         pf.time_grid(t, 3, sde)
     with pytest.raises(ValueError, match="increase strictly"):
         pf.time_grid(t[::-1].copy(), 4, sde)
+
+
+def test_unstable_step_warning_and_ou_split_stability():
+    """Additive split, quadratic grid, NFE 11: the first steps amplify the momentum (d nu / 2 > 2), a
+    RuntimeWarning says so, and the exact output law is far off; the OU split stays accurate."""
+    model = pf.get_preset("gaussian")
+    mu, var = (t.numpy().ravel() for t in model.data_moments())
+    sde = pf.PSLD(eps_end=1.1e-3)  # a process of its own, so the program cache cannot swallow the warning
+    with pytest.warns(RuntimeWarning, match="d\\*nu/2 = 3.0"):
+        additive = pf.compile_sampler("reduced_oba", sde, 11)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ou = pf.compile_sampler("reduced_oba", sde, 11, split="ou")
+        pf.compile_sampler("reduced_oba", sde, 21)
+    assert sampler_error(additive, sde, mu, var) > 10 * sampler_error(ou, sde, mu, var)
+    assert sampler_error(ou, sde, mu, var) < 1.0
