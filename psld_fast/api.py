@@ -76,6 +76,7 @@ def _as_model(model, sde, shape) -> EpsModel:
     return model
 
 
+@torch.no_grad()
 def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 50,
            schedule="quadratic", lambda_s: float | None = None, lambda_reading: str = "marginal",
            net_time: str | None = None, denoise: bool = True, split: str = "additive", seeds=None,
@@ -176,6 +177,7 @@ def _progress(enabled, total, desc):
     return tqdm(total=total, desc=desc, unit="nfe", leave=False, mininterval=0.5)
 
 
+@torch.no_grad()
 def run_program(model, program: Program, seeds: torch.Tensor, step_fn, *, dtype, device,
                 stream: int = 0, callback=None, batch_start: int = 0, bar=None,
                 check: bool = True) -> torch.Tensor:

@@ -140,3 +140,17 @@ def test_lean_import_and_sampling_without_compiled_module_or_triton():
     env = {k: v for k, v in os.environ.items() if k not in ("PSLD_FAST_BACKEND", "TRITON_INTERPRET")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_network_with_trainable_parameters_runs_without_autograd():
+    """Sampling builds no autograd graph even for a network whose parameters require grad."""
+    ring = pf.get_preset("ring2d")
+    lin = torch.nn.Linear(4, 4)
+    seen = []
+
+    def net(u, tau):
+        seen.append(torch.is_grad_enabled())
+        return ring(u, tau) + 0.0 * lin(u.float())
+
+    r = pf.sample(net, 3, sde=ring.sde, shape=(2,), nfe=11, progress=False)
+    assert not any(seen) and not r.x.requires_grad
