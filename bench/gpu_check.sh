@@ -27,17 +27,17 @@ fi
 "$PY" -c "from psld_fast import ops; print('== kernels: cpu', ops.HAS_CPU_KERNEL, 'cuda', ops.HAS_CUDA_KERNEL, 'triton', ops.has_triton())"
 
 echo "== tests"
-timeout 240 "$PY" -m pytest -q -x --no-header -p no:cacheprovider tests 2>&1 | tee "$OUT_DIR/pytest.log" | tail -25
+timeout 200 "$PY" -m pytest -q -x --no-header -p no:cacheprovider tests 2>&1 | tee "$OUT_DIR/pytest.log" | tail -25
 STATUS[tests]="$(grep -E '(passed|failed|error)' "$OUT_DIR/pytest.log" | tail -1)"
 
 echo "== bench_step"
-timeout 120 "$PY" bench/bench_step.py --csv "$OUT_DIR/bench_step.csv" 2>&1 | tee "$OUT_DIR/bench_step.log"
+timeout 90 "$PY" bench/bench_step.py --csv "$OUT_DIR/bench_step.csv" 2>&1 | tee "$OUT_DIR/bench_step.log"
 STATUS[bench_step]="$([[ ${PIPESTATUS[0]} == 0 ]] && echo ok || echo FAILED)"
 timeout 60 "$PY" bench/bench_step.py --dtype bf16 --sizes 256x6x64x64 2>&1 | tee -a "$OUT_DIR/bench_step.log" | tail -4
 
 if [[ -f bench/bench_sampler.py ]]; then
   echo "== bench_sampler"
-  timeout 120 "$PY" bench/bench_sampler.py 2>&1 | tee "$OUT_DIR/bench_sampler.log" | tail -30
+  timeout 150 "$PY" bench/bench_sampler.py --quick --csv "$OUT_DIR/bench_sampler.csv" 2>&1 | tee "$OUT_DIR/bench_sampler.log" | tail -30
   STATUS[bench_sampler]="$([[ ${PIPESTATUS[0]} == 0 ]] && echo ok || echo FAILED)"
 fi
 
