@@ -111,6 +111,11 @@ class PSLD:
         """``E[z_tau] = P(b(tau)) mu0``."""
         return self.P(self.b(tau))
 
+    def marginal_mean(self, tau: float, mu0) -> np.ndarray:
+        """``E[z_tau] = P(b(tau)) mu0`` for a start mean ``mu0`` of shape (2,) or (2, ...)."""
+        mu0 = np.asarray(mu0, dtype=np.float64)
+        return np.tensordot(self.P(self.b(tau)), mu0, axes=1)
+
     def marginal_cov(self, tau: float, S0) -> np.ndarray:
         """``Cov[z_tau] = Sinf + P (S0 - Sinf) P^T`` for a Gaussian start with covariance ``S0``."""
         P = self.P(self.b(tau))

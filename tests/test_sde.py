@@ -103,8 +103,7 @@ def test_moments_match_monte_carlo_forward_simulation():
         dm = 0.5 * beta * (-x - sde.nu * m)
         x, m = (x + dx * dt + math.sqrt(beta * sde.gamma * dt) * torch.randn(n, generator=g, dtype=torch.float64),
                 m + dm * dt + math.sqrt(beta * sde.M * sde.nu * dt) * torch.randn(n, generator=g, dtype=torch.float64))
-    P = sde.P(sde.b(tau_end))
-    mean = P @ np.array([0.7, 0.0])
+    mean = sde.marginal_mean(tau_end, [0.7, 0.0])
     cov = sde.marginal_cov(tau_end, np.diag([0.09, sde.kappa * sde.M]))
     z = torch.stack([x, m], 1).numpy()
     # 5-sigma bands for the sample mean and covariance (n = 20000), plus the O(dt) bias of EM
