@@ -153,7 +153,7 @@ def bench_size(shape, dtype, device, args, copy_gbps):
         results[name] = time_fn(runner(fn), device, reps, args.warmup)
     eager_ms = statistics.median(results["eager"])
     for name, times in results.items():
-        qs = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+        qs = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
         med = statistics.median(times)
         gbps = nbytes / (med * 1e-3) / 1e9
         rows.append(dict(shape="x".join(map(str, shape)), dtype=str(dtype).replace("torch.", ""),
