@@ -148,6 +148,14 @@ def _unavailable(backend: str, device_type: str, dtype) -> str | None:
         if device_type != "cpu":
             return f"tensor is on {device_type}"
         return None if HAS_CPU_KERNEL else _COMPILED_NOTE
+    if backend == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        ok, why = _triton_status()  # Triton's interpreter runs the kernel on CPU tensors (slowly)
+        if ok:
+            from .triton_step import INTERPRETED
+
+            return None if INTERPRETED else ("TRITON_INTERPRET=1 was set after triton was imported; "
+                                             "set it before the first import")
+        return why
     if device_type != "cuda":
         return f"tensor is on {device_type}"
     if backend == "cuda":
