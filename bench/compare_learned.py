@@ -37,7 +37,15 @@ SAMPLERS = ["em", "sscs", "naive_oba", "reduced_oba", "reduced_obab", "reduced_b
 TEST_SEED0 = 1_000_000
 
 
+# The recorded tables (bench/results/learned_*) were made with the spec's additive split and the
+# paper's shifted time for reduced OBA/OBAB/BAOAB; the library's defaults were changed afterwards on
+# these very measurements (split "ou", net_time "start"), so pin the recorded settings here.
+_RECORDED_NET_TIME = {"reduced_oba": "end", "reduced_obab": "end", "reduced_baoab": "end"}
+
+
 def _run(model, n, sampler, nfe, seed0=0, batch_size=None, **kw):
+    kw.setdefault("split", "additive")
+    kw.setdefault("net_time", _RECORDED_NET_TIME.get(sampler, "start"))
     t0 = time.perf_counter()
     try:
         res = pf.sample(model, n, sampler=sampler, nfe=nfe, seeds=torch.arange(seed0, seed0 + n), progress=False,

@@ -79,7 +79,7 @@ def _as_model(model, sde, shape) -> EpsModel:
 @torch.no_grad()
 def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 50,
            schedule="quadratic", lambda_s: float | None = None, lambda_reading: str = "marginal",
-           net_time: str | None = None, denoise: bool = True, split: str = "additive", seeds=None,
+           net_time: str | None = None, denoise: bool = True, split: str | None = None, seeds=None,
            generator: torch.Generator | None = None, backend: str | None = "auto",
            dtype: torch.dtype = torch.float32, device=None, batch_size: int | None = None,
            callback=None, progress: bool = True, sde=None, shape=None, stream: int = 0,
@@ -95,7 +95,8 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         schedule: "quadratic", "uniform", "cubic", "logsnr", "power:<p>" or an array of N+1 times.
         lambda_s: x-noise scale (default 1: the reverse SDE); ``lambda_reading`` "marginal" | "noise".
         net_time: "start" | "end" (time conditioning of calls made after O; default per sampler).
-        split: "additive" (spec 4.3 default: O adds noise) | "ou" (O is the exact OU friction step).
+        split: "additive" (spec 4.3 default reading: O adds noise) | "ou" (O is the exact OU friction
+            step); default per sampler ("ou" for the reduced samplers, measured better).
         seeds: (num_samples,) int64, one per sample; else drawn from ``generator``; else 0..N-1.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton" (env ``PSLD_FAST_BACKEND``).
         dtype: state dtype (float32 default; float16/bfloat16 on the kernels; float64 reference).

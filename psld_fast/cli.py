@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from .api import sample
+from .learned import LEARNED
 from .models import PRESETS, GaussianMixture, get_preset
 from .samplers import ALL_SAMPLERS, LAMBDA_READINGS, NET_TIMES, SAMPLER_SPECS, SPLITS
 
@@ -47,11 +48,14 @@ def parse_seeds(text: str) -> list[int]:
 
 def _add_model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="digits", choices=sorted(PRESETS),
-                   help="embedded analytic model (default: digits). " +
-                        "; ".join(f"{k}: {v[1]}" for k, v in PRESETS.items()))
+    g.add_argument("--model", default="digits", choices=sorted(PRESETS) + [f"learned-{k}" for k in LEARNED],
+                   help="embedded model (default: digits). Analytic: " +
+                        "; ".join(f"{k}: {v[1]}" for k, v in PRESETS.items()) +
+                        ". Learned (small networks trained with psld-fast train): " +
+                        ", ".join(f"learned-{k}" for k in LEARNED))
     g.add_argument("--checkpoint", type=Path, default=None,
-                   help="an official PSLD Lightning checkpoint (.ckpt) to sample from instead")
+                   help="a PSLD checkpoint to sample from instead: an official PSLD Lightning .ckpt "
+                        "(NCSN++) or one written by psld-fast train")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="state dtype")
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"],
@@ -68,8 +72,9 @@ def _add_sampler_args(p: argparse.ArgumentParser, single=True):
     g.add_argument("--net-time", default=None, choices=NET_TIMES,
                    help="time conditioning of calls after O (default: per sampler)")
     g.add_argument("--schedule", default="quadratic", help="uniform | quadratic | cubic | logsnr | power:<p>")
-    g.add_argument("--split", default="additive", choices=SPLITS,
-                   help="additive: O only adds noise (spec default); ou: O is the exact friction+noise step")
+    g.add_argument("--split", default=None, choices=SPLITS,
+                   help="additive: O only adds noise (spec's reading); ou: O is the exact friction+noise step "
+                        "(default: ou for the reduced samplers, additive for the naive ones)")
     g.add_argument("--no-denoise", action="store_true", help="skip the final denoising step")
 
 
@@ -103,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=int, default=512)
 
     sub.add_parser("info", help="versions, devices and available backends")
+    try:  # training of small models lives in its own module
+        from .cli_train import register as register_train
+    except ImportError:
+        register_train = None
+    if register_train is not None:
+        register_train(sub)
     try:  # large-scale generation, FID and sweeps live in their own module
         from .cli_generate import register
     except ImportError:
@@ -114,9 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_model(args):
     if args.checkpoint is not None:
-        from .checkpoint import load_psld_checkpoint
+        from .learned import load_checkpoint_any
 
-        return load_psld_checkpoint(args.checkpoint)
+        return load_checkpoint_any(args.checkpoint)
+    if args.model.startswith("learned-"):
+        from .learned import load_learned
+
+        return load_learned(args.model[len("learned-"):])
     return get_preset(args.model)
 
 
@@ -131,13 +146,33 @@ def _sampler_kwargs(args) -> dict:
                 schedule=args.schedule, denoise=not args.no_denoise, split=args.split)
 
 
-def _quality(model, x: torch.Tensor, seed: int = 0) -> dict | None:
-    if not isinstance(model, GaussianMixture):
-        return None
+def _reference_law(model, name: str | None):
+    """The exact data law a model's samples are scored against: the analytic model itself, or for a
+    shipped learned model the law it was trained on (ring2d: the exact mixture; digits: the real
+    digits, an empirical law)."""
+    if isinstance(model, GaussianMixture):
+        return model
+    if name == "learned-ring2d":
+        return get_preset("ring2d")
+    return None
+
+
+def _quality(model, x: torch.Tensor, seed: int = 0, name: str | None = None) -> dict | None:
     from .metrics import sliced_wasserstein_ci
 
+    if name == "learned-digits":
+        from .datasets import load_digits
+
+        q = sliced_wasserstein_ci(x.double().cpu(), load_digits(size=x.shape[-1])[0], seed=seed)
+        q["reference"] = "the 1797 training digits"
+        return q
+    law = _reference_law(model, name)
+    if law is None:
+        return None
+    model = law
     ref = model.cpu().sample_data(max(len(x), 1024), generator=torch.Generator().manual_seed(seed + 12345))
     q = sliced_wasserstein_ci(x.double().cpu(), ref, seed=seed)
+    q["reference"] = "the exact data law"
     if model.num_components == 1 and len(x) >= 2:  # one Gaussian: W2 of the sample moments vs the exact ones
         from .metrics import gaussian_w2_diag
 
@@ -168,14 +203,15 @@ def cmd_sample(args) -> int:
         out = out.with_suffix(".npz")
         np.savez(out, x=res.x.float().cpu().numpy(), seeds=res.seeds.numpy())
     print(f"model      {name} {tuple(model.shape)}  device {device}  backend {res.backend}  dtype {args.dtype}")
-    print(f"sampler    {args.sampler}  NFE {res.nfe}  schedule {args.schedule}  lambda_s {res.program_info['lambda_s']:g}"
-          f"  net_time {res.program_info['net_time']}")
+    info = res.program_info
+    print(f"sampler    {args.sampler}  NFE {res.nfe}  schedule {args.schedule}  lambda_s {info['lambda_s']:g}"
+          f"  net_time {info['net_time']}  split {info['split']}")
     print(f"samples    {n}  wall {wall:.2f} s  ({res.samples_per_second:.1f} samples/s, "
           f"{1e3 * res.timings['sampling'] / max(res.nfe, 1):.2f} ms per NFE)")
     if not args.no_quality:
-        q = _quality(model, res.x)
+        q = _quality(model, res.x, name=None if args.checkpoint else args.model)
         if q is not None:
-            print(f"quality    sliced W2 to the exact data law: {q['value']:.4f} "
+            print(f"quality    sliced W2 to {q['reference']}: {q['value']:.4f} "
                   f"(95% CI {q['lo']:.4f} - {q['hi']:.4f}, n={q['n']})")
             if "gaussian_w2" in q:
                 print(f"quality    Gaussian W2 of the sample moments to the exact moments: {q['gaussian_w2']:.4f}")
@@ -186,8 +222,10 @@ def cmd_sample(args) -> int:
 def cmd_compare(args) -> int:
     device = _device(args)
     model = _load_model(args).to(device)
-    if not isinstance(model, GaussianMixture):
-        print("compare needs an analytic model (its exact data law is the reference)", file=sys.stderr)
+    name = None if args.checkpoint else args.model
+    if _reference_law(model, name) is None and name != "learned-digits":
+        print("compare needs a model with a known data law (an analytic preset or a shipped learned model)",
+              file=sys.stderr)
         return 2
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     nfes = [int(v) for v in args.nfes.split(",")]
@@ -204,7 +242,7 @@ def cmd_compare(args) -> int:
             try:
                 res = sample(model, args.num_samples, sampler=s, nfe=nfe, backend=args.backend,
                              dtype=_DTYPES[args.dtype], device=device, progress=False, **_sampler_kwargs(args))
-                q = _quality(model, res.x)
+                q = _quality(model, res.x, name=name)
                 cells.append(f"{q['value']:.4f} [{q['lo']:.4f},{q['hi']:.4f}]")
             except (ValueError, FloatingPointError) as exc:
                 cells.append("diverged" if isinstance(exc, FloatingPointError) else "n/a")

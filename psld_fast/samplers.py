@@ -56,8 +56,14 @@ class SamplerSpec:
     default_net_time: str
     default_lambda_s: float
     description: str
+    default_split: str = "additive"
 
 
+# Defaults of the reduced samplers, picked by measurement (README "What the measurements say"):
+# split="ou" and net_time="start" gave lower errors on the exact Gaussian law, on the learned digits
+# model (Reduced OBA NFE 20: digit-feature FD 12.4 vs 82.7 with additive/end) and within noise or
+# better on the learned ring; the additive split also diverges on coarse grids.  The naive samplers
+# keep the spec's additive reading: they are the published baselines.
 _SPECS = [
     SamplerSpec("em", 1, True, "start", 1.0, "Euler-Maruyama on the reverse SDE"),
     SamplerSpec("sscs", 1, True, "start", 1.0, "symmetric splitting (CLD): exact OU half-steps around an Euler score step"),
@@ -65,10 +71,12 @@ _SPECS = [
     SamplerSpec("naive_bao", 2, True, "start", 1.0, "B, A (fresh calls), O"),
     SamplerSpec("naive_obab", 3, True, "start", 1.0, "O, B(h/2), A, B(h/2), each with a fresh call"),
     SamplerSpec("naive_baoab", 4, True, "start", 1.0, "B(h/2), A(h/2), O, A(h/2), B(h/2), each with a fresh call"),
-    SamplerSpec("reduced_oba", 1, True, "end", 1.0, "Reduced OBA: one call after O serves B and A"),
-    SamplerSpec("reduced_bao", 1, True, "start", 1.0, "Reduced BAO: one call serves B and A, then O"),
-    SamplerSpec("reduced_obab", 2, True, "end", 1.0, "Reduced OBAB: call after O serves B(h/2)+A; closing B(h/2) at tau_{n+1}"),
-    SamplerSpec("reduced_baoab", 2, True, "end", 1.0, "Reduced BAOAB: call 1 serves B(h/2)+A(h/2), O, call 2 serves A(h/2)+B(h/2)"),
+    SamplerSpec("reduced_oba", 1, True, "start", 1.0, "Reduced OBA: one call after O serves B and A", "ou"),
+    SamplerSpec("reduced_bao", 1, True, "start", 1.0, "Reduced BAO: one call serves B and A, then O", "ou"),
+    SamplerSpec("reduced_obab", 2, True, "start", 1.0,
+                "Reduced OBAB: call after O serves B(h/2)+A; closing B(h/2) at tau_{n+1}", "ou"),
+    SamplerSpec("reduced_baoab", 2, True, "start", 1.0,
+                "Reduced BAOAB: call 1 serves B(h/2)+A(h/2), O, call 2 serves A(h/2)+B(h/2)", "ou"),
     SamplerSpec("ode_euler", 1, False, "start", 0.0, "Euler on the probability-flow ODE (deterministic)"),
 ]
 SAMPLER_SPECS = {s.name: s for s in _SPECS}
@@ -150,7 +158,7 @@ class _Steps:
 
 def compile_sampler(sampler: str, sde: PSLD, nfe: int, *, schedule="quadratic", lambda_s=None,
                     lambda_reading: str = "marginal", net_time: str | None = None,
-                    denoise: bool = True, split: str = "additive") -> Program:
+                    denoise: bool = True, split: str | None = None) -> Program:
     """Compile a sampler into a :class:`Program` of affine stages (all float64 host math).
 
     Raises ValueError naming the argument for an unknown sampler, schedule, reading or net_time,
@@ -181,6 +189,7 @@ def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, de
         raise ValueError("lambda_s is not defined for sscs (its OU half-steps are exact): leave it at 1")
     if lambda_reading not in LAMBDA_READINGS:
         raise ValueError(f"unknown lambda_reading {lambda_reading!r}; choose one of {LAMBDA_READINGS}")
+    split = spec.default_split if split is None else split
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     net_time = spec.default_net_time if net_time is None else net_time

@@ -60,3 +60,13 @@ def test_parse_seeds():
 def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "psld_fast", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "psld-fast" in out.stdout and "sample" in out.stdout
+
+
+def test_learned_models_selectable_by_name(tmp_path, capsys):
+    assert main(["sample", "--model", "learned-ring2d", "--out", str(tmp_path / "r.npz"), "--no-progress",
+                 "-n", "64", "--nfe", "21"]) == 0
+    assert "sliced W2 to the exact data law" in capsys.readouterr().out
+    assert main(["sample", "--model", "learned-digits", "--out", str(tmp_path / "d.png"), "--no-progress",
+                 "-n", "4", "--nfe", "11"]) == 0
+    assert "sliced W2 to the 1797 training digits" in capsys.readouterr().out
+    assert (tmp_path / "d.png").exists()

@@ -21,7 +21,7 @@ def _run_program_f64(model, program, seeds):
 
 _KNOBS = {"default": dict(), "start": dict(net_time="start"), "end": dict(net_time="end"),
           "lam0.3": dict(lambda_s=0.3), "lam0.3-noise": dict(lambda_s=0.3, lambda_reading="noise"),
-          "uniform-nodenoise": dict(schedule="uniform", denoise=False),
+          "uniform-nodenoise": dict(schedule="uniform", denoise=False), "additive": dict(split="additive"),
           "ou": dict(split="ou"), "ou-lam0.3-noise": dict(split="ou", lambda_s=0.3, lambda_reading="noise"),
           "ou-lam0": dict(split="ou", lambda_s=0.0, net_time="start")}
 # sscs has no lambda_s (test_bad_arguments checks that it raises), so those pairs are not generated
@@ -144,12 +144,13 @@ def test_unstable_step_warning_and_ou_split_stability():
     mu, var = (t.numpy().ravel() for t in model.data_moments())
     sde = pf.PSLD(eps_end=1.1e-3)  # a process of its own, so the program cache cannot swallow the warning
     with pytest.warns(RuntimeWarning, match="d\\*nu/2 = 3.0"):
-        additive = pf.compile_sampler("reduced_oba", sde, 11)
+        additive = pf.compile_sampler("reduced_oba", sde, 11, split="additive")
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ou = pf.compile_sampler("reduced_oba", sde, 11, split="ou")
-        pf.compile_sampler("reduced_oba", sde, 21)
+        pf.compile_sampler("reduced_oba", sde, 21, split="additive")
+        pf.compile_sampler("reduced_oba", sde, 11)  # the default split of the reduced samplers
     assert sampler_error(additive, sde, mu, var) > 10 * sampler_error(ou, sde, mu, var)
     assert sampler_error(ou, sde, mu, var) < 1.0
