@@ -182,7 +182,7 @@ def compare_ring2d(args, out: Path):
                                  nll=None if q is None else q["nll"], wall_s=wall))
                 print(f"KNOB reduced_oba nfe {nfe} lambda {lam} net_time {nt:5s} split {sp:8s}: {_fmt(q)}", flush=True)
     _write_csv(rows, out / "learned_ring2d.csv")
-    lines = [f"# Sampler comparison on the learned ring2d model", "",
+    lines = ["# Sampler comparison on the learned ring2d model", "",
              f"Command: `{' '.join(['python'] + sys.argv)}`", "",
              f"Model: `load_learned('ring2d')` (MLP, EMA weights). Metric: sliced W2 (256 projections) of n = {n} "
              f"samples to {args.n_ref} exact draws of the ring2d law, 95% normal bootstrap CI ({args.n_boot} "
@@ -448,7 +448,6 @@ def replot(args, out: Path):
         return None if v in (None, "", "None") else float(v)
 
     if args.model == "ring2d":
-        floor = None
         series: dict = {}
         nfes = sorted({int(r["nfe"]) for r in rows})
         for r in rows:

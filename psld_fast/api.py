@@ -7,7 +7,6 @@ is accumulated on the device and read once at the end of a batch.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 

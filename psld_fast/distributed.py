@@ -96,7 +96,6 @@ def setup(device=None) -> DistContext:
     CPU.  A bare ``"cuda"`` becomes ``cuda:LOCAL_RANK`` when several processes run.
     """
     world = env_world_size()
-    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
     if device is None:
         device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")

@@ -494,7 +494,7 @@ def kernel_inception_distance(f1, f2, *, subsets: int = 100, subset_size: int = 
 # ----------------------------------------------------------------------------- stats on disk
 def save_statistics(path, stats: dict, meta: dict | None = None) -> Path:
     """Write mu, sigma, n (and kid_features when present) to an .npz, atomically."""
-    from .images import _write_atomic
+    from ._io import write_atomic
 
     arrays = {"mu": np.asarray(stats["mu"]), "sigma": np.asarray(stats["sigma"]), "n": np.asarray(stats["n"])}
     if stats.get("kid_features") is not None:
@@ -507,7 +507,7 @@ def save_statistics(path, stats: dict, meta: dict | None = None) -> Path:
     np.savez(buf, **arrays)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _write_atomic(path, buf.getvalue())
+    return write_atomic(path, buf.getvalue())
 
 
 def load_statistics(path) -> dict:

@@ -145,9 +145,9 @@ def _now() -> str:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    from .images import _write_atomic
+    from ._io import write_atomic
 
-    _write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def _diff(old: dict, new: dict, prefix="") -> list[str]:
@@ -344,7 +344,8 @@ def _model_device(model) -> torch.device:
 
 def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, progress, ctx, dev, source,
               after_batch, sample_kwargs, sample):
-    from .images import _write_atomic, save_png
+    from ._io import write_atomic
+    from .images import save_png
     from .ops import resolve_backend
 
     from .samplers import compile_sampler
@@ -444,7 +445,7 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
                     xs.append(run(batch_seeds).float().cpu())
                     last = i + batch_size >= len(shard_seeds)
                     if last:
-                        p = _write_atomic(shard_path(out_dir, block),
+                        p = write_atomic(shard_path(out_dir, block),
                                           _npz_bytes(torch.cat(xs).numpy(), np.asarray(shard_seeds, dtype=np.int64)))
                         written += len(shard_seeds)
                     done_batch(batch_seeds, [p] if last else [])

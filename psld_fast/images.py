@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ._io import write_atomic
 
 try:  # optional
     from PIL import Image as _PIL
@@ -113,23 +114,6 @@ def encode_png(arr: np.ndarray) -> bytes:
     return _encode_png_pil(arr) if _PIL is not None else _encode_png_pure(arr)
 
 
-def _write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
 def save_grid(images: Any, path: str | os.PathLike, nrow: int | None = None, padding: int = 1,
               scale: int = 4, *, pad_value: int = 128) -> Path:
     """Write images (N, C, H, W) in ``[-1, 1]`` (C = 1 or 3; clipped) as one PNG grid.
@@ -137,7 +121,7 @@ def save_grid(images: Any, path: str | os.PathLike, nrow: int | None = None, pad
     Layout and size as in :func:`make_grid` (nearest-neighbour upscale by ``scale`` so that 16x16
     digits are visible).  Greyscale PNG for C = 1, RGB for C = 3.  Atomic write; returns the path.
     """
-    return _write_atomic(path, encode_png(make_grid(images, nrow, padding, scale, pad_value)))
+    return write_atomic(path, encode_png(make_grid(images, nrow, padding, scale, pad_value)))
 
 
 def save_png(image: Any, path: str | os.PathLike, scale: int = 1) -> Path:
@@ -146,4 +130,4 @@ def save_png(image: Any, path: str | os.PathLike, scale: int = 1) -> Path:
     x = _as_nchw(image)
     if x.shape[0] != 1:
         raise ValueError(f"save_png takes one image, got a batch of {x.shape[0]}; use save_grid")
-    return _write_atomic(path, encode_png(make_grid(x, 1, 0, scale)))
+    return write_atomic(path, encode_png(make_grid(x, 1, 0, scale)))

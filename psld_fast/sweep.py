@@ -62,9 +62,9 @@ def read_rows(path) -> list[dict]:
     text = path.read_text()
     if text and not text.endswith("\n"):
         text = text[:text.rfind("\n") + 1]
-        from .images import _write_atomic
+        from ._io import write_atomic
 
-        _write_atomic(path, text.encode())
+        write_atomic(path, text.encode())
     rows = []
     for row in csv.DictReader(io.StringIO(text)):
         if None in row or any(row.get(f) is None for f in FIELDS):
@@ -312,7 +312,7 @@ def _fmt_cell(r, metric) -> str:
 
 
 def write_markdown(path, rows, config) -> Path:
-    from .images import _write_atomic
+    from ._io import write_atomic
 
     metric = config.get("metric", "")
     series = _series(rows)
@@ -339,7 +339,7 @@ def write_markdown(path, rows, config) -> Path:
                      f"{r['lambda_s']} | {_fmt_cell(r, metric)} | {r['seconds']} |")
     lines += ["", "Plot: `sweep.png`, metric vs NFE (log axis), one line per sampler through its best lambda_s per NFE "
               "(square markers); small dots are the other lambda_s values.", ""]
-    return _write_atomic(Path(path), "\n".join(lines).encode())
+    return write_atomic(Path(path), "\n".join(lines).encode())
 
 
 def _write_outputs(out_dir: Path, rows, config) -> None:
@@ -443,7 +443,8 @@ def _nice_ticks(lo, hi, n=5):
 
 def plot_sweep(path, rows, ylabel: str = "METRIC", width: int = 760, height: int = 460) -> Path:
     """Metric vs NFE (log x) per series; the best lambda_s of each NFE joined and marked by squares."""
-    from .images import _write_atomic, encode_png
+    from ._io import write_atomic
+    from .images import encode_png
 
     series = _series(rows)
     keys = list(series)
@@ -520,4 +521,4 @@ def plot_sweep(path, rows, ylabel: str = "METRIC", width: int = 760, height: int
         ly += 20
     cv.text(lx, ly + 8, "SQUARES: BEST", scale=1)
     cv.text(lx, ly + 16, "LAMBDA_S PER NFE", scale=1)
-    return _write_atomic(Path(path), encode_png(cv.a))
+    return write_atomic(Path(path), encode_png(cv.a))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ import torch
 from .models import EpsModel, _transition_entries, hsm_cholesky_tensor
 from .nets.small import build_net, count_params, default_config
 from .sde import PSLD
+from ._io import write_atomic
 
 __all__ = ["TrainConfig", "hsm_loss", "perturb", "train", "load_trained_checkpoint", "make_data",
            "save_checkpoint_atomic", "strip_checkpoint"]
@@ -140,25 +140,7 @@ def make_data(spec: str, sde: PSLD):
 # ------------------------------------------------------------------------------------ checkpoints
 def save_checkpoint_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)       # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return write_atomic(path, lambda f: torch.save(obj, f), fsync=True)
 
 
 def _state_dict(net, ema) -> dict:

@@ -1,5 +1,4 @@
 """psld_fast.sample: reproducibility contract, results and clear errors for bad input."""
-import numpy as np
 import pytest
 import torch
 
