@@ -215,6 +215,7 @@ def test_resolve_backend_auto_and_explicit(monkeypatch):
     assert ops.resolve_backend("reference", "cpu") == "reference"
     with pytest.raises(RuntimeError, match="backend='cuda' requested but .*tensor is on cpu"):
         ops.resolve_backend("cuda", "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # with it, Triton may run on CPU tensors
     with pytest.raises(RuntimeError, match="backend='triton' requested but .*tensor is on cpu"):
         ops.resolve_backend("triton", "cpu")
     with pytest.raises(ValueError, match="unknown backend"):
