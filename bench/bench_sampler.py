@@ -48,6 +48,9 @@ from psld_fast.samplers import compile_sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = ("em", "reduced_oba")
+# (i) is written with the spec's additive O (as a PSLD-style loop would be); (ii) and (iii) run the
+# same math so the three variants are comparable sample for sample.
+SPLIT = dict(split="additive")
 VARIANTS = ("eager", "fused", "graph")
 LABEL = {"eager": "(i) eager", "fused": "(ii) fused", "graph": "(iii) fused+graph"}
 
@@ -191,10 +194,10 @@ def check_correctness(model, sampler, device, dtype, backend, has_graph) -> list
     """One small run per check; returns failure messages (empty when all agree)."""
     nfe, B = 21, 4
     seeds = torch.arange(1000, 1000 + B)
-    kw = dict(sampler=sampler, nfe=nfe, seeds=seeds, device=device, dtype=dtype, progress=False)
+    kw = dict(sampler=sampler, nfe=nfe, seeds=seeds, device=device, dtype=dtype, progress=False, **SPLIT)
     ref = pf.sample(model, B, backend="reference", cuda_graph=False, **kw).x
     fused = pf.sample(model, B, backend=backend, cuda_graph=False, **kw).x
-    program = compile_sampler(sampler, model.sde, nfe)
+    program = compile_sampler(sampler, model.sde, nfe, **SPLIT)
     draws = ProgramNoise(program, seeds, model.shape, dtype=torch.float64)
     eager = eager_psld(model, program, B, dtype=dtype, device=device,
                        noise=lambda: tuple(t.to(device, dtype) for t in draws()))
@@ -291,10 +294,10 @@ def plan(args, device):
 
 
 def run_cell(model, sampler, nfe, B, device, dtype, backend, args, has_graph, env):
-    program = compile_sampler(sampler, model.sde, nfe)
+    program = compile_sampler(sampler, model.sde, nfe, **SPLIT)
     seeds = torch.arange(B)
     common = dict(sampler=sampler, nfe=nfe, seeds=seeds, device=device, dtype=dtype, backend=backend,
-                  progress=False)
+                  progress=False, **SPLIT)
     compile_ms = {}
 
     def fused(graph):
