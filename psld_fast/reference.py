@@ -17,7 +17,7 @@ import math
 
 import torch
 
-__all__ = ["REFERENCE_SAMPLERS", "run_reference", "IIDNoise"]
+__all__ = ["REFERENCE_SAMPLERS", "run_reference", "run_reference_like", "IIDNoise", "ProgramNoise"]
 
 
 class IIDNoise:
@@ -269,3 +269,14 @@ class ProgramNoise:
     @property
     def exhausted(self) -> bool:
         return self._next == len(self._draws)
+
+
+def run_reference_like(program, eps_fn, sde, seeds: torch.Tensor, shape, dtype=torch.float64) -> torch.Tensor:
+    """The readable loop of ``program.sampler`` with the program's knobs and exactly the Philox noise
+    the compiled program (any backend of ``psld_fast.sample``) draws for ``seeds``: what
+    ``sample(model, len(seeds), seeds=seeds, ...)`` computes, written in the spec's notation."""
+    info = program.info
+    noise = ProgramNoise(program, seeds, shape, dtype=dtype)
+    return run_reference(program.sampler, eps_fn, sde, program.grid, noise, lambda_s=info["lambda_s"],
+                         reading=info["lambda_reading"], net_time=info["net_time"],
+                         denoise=info["denoise"], split=info["split"])
