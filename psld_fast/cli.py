@@ -58,8 +58,8 @@ def _add_model_args(p: argparse.ArgumentParser):
                         "(NCSN++) or one written by psld-fast train")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="state dtype")
-    g.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"],
-                   help="fused-step implementation (default: auto; env PSLD_FAST_BACKEND)")
+    g.add_argument("--backend", default=None, choices=["auto", "reference", "cpu", "cuda", "triton"],
+                   help="fused-step implementation (default: $PSLD_FAST_BACKEND, else auto)")
 
 
 def _add_sampler_args(p: argparse.ArgumentParser, single=True):
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-quality", action="store_true", help="skip the quality figure")
 
-    p = sub.add_parser("compare", help="sampler x NFE table of the quality figure for an analytic model",
+    p = sub.add_parser("compare", help="sampler x NFE table of the quality figure (analytic or shipped learned model)",
                        description="Quality (sliced Wasserstein to the exact data law, 95%% CI) per sampler and NFE.")
     _add_model_args(p)
     _add_sampler_args(p, single=False)

@@ -22,7 +22,7 @@ def _csv(text: str) -> list[str]:
 
 def register(sub) -> None:
     from .cli import _add_model_args, _add_sampler_args, parse_seeds
-    from .samplers import LAMBDA_READINGS
+    from .samplers import LAMBDA_READINGS, SPLITS
 
     # ----------------------------------------------------------------------------- generate
     p = sub.add_parser(
@@ -90,6 +90,7 @@ def register(sub) -> None:
     p.add_argument("--net-times", default="default", help="comma-separated: default, start, end")
     p.add_argument("--schedules", default="quadratic", help="comma-separated: uniform, quadratic, cubic, logsnr, power:<p>")
     p.add_argument("--lambda-reading", default="marginal", choices=LAMBDA_READINGS)
+    p.add_argument("--split", default=None, choices=SPLITS, help="O step reading (default: per sampler)")
     p.add_argument("--no-denoise", action="store_true", help="skip the final denoising step")
     p.add_argument("-n", "--num-samples", type=int, default=None,
                    help="samples per cell (default 1024 for analytic models, 10000 for FID)")
@@ -200,7 +201,8 @@ def cmd_sweep(args) -> int:
                  net_times=net_times, schedules=_csv(args.schedules), num_samples=args.num_samples,
                  seed=args.seed, reference=args.ref, inception_weights=args.inception_weights,
                  extractor=args.extractor, batch_size=args.batch_size, device=device, backend=args.backend,
-                 dtype=_DTYPES[args.dtype], lambda_reading=args.lambda_reading, denoise=not args.no_denoise,
+                 dtype=_DTYPES[args.dtype], lambda_reading=args.lambda_reading, split=args.split,
+                 denoise=not args.no_denoise,
                  n_boot=args.n_boot, force=args.force, progress=not args.no_progress, source=source, verbose=True)
     print(f"sweep      {len(rows)} cells in {out}/sweep.csv, table {out}/sweep.md, plot {out}/sweep.png")
     return 0

@@ -98,7 +98,7 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
           num_samples: int | None = None, seed: int = 0, metric: str = "auto", reference=None,
           inception_weights=None, extractor: str = "inception-v3-compat", batch_size: int | None = None,
           device=None, backend="auto", dtype=torch.float32, lambda_reading: str = "marginal",
-          denoise: bool = True, n_boot: int = 100, force: bool = False, progress: bool = True,
+          split: str | None = None, denoise: bool = True, n_boot: int = 100, force: bool = False, progress: bool = True,
           source: dict | None = None, verbose: bool = False, on_cell=None) -> list[dict]:
     """Score every cell of the grid (see the module docstring); returns all rows of the CSV.
 
@@ -148,7 +148,7 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
     # ---- the metric's fixed parts
     ex = ref_stats = ref_samples = None
     config = {"model": model_identity(model), "metric": metric, "num_samples": n, "seed": seed,
-              "lambda_reading": lambda_reading, "denoise": denoise, "dtype": str(dtype).replace("torch.", "")}
+              "lambda_reading": lambda_reading, "split": split or "default", "denoise": denoise, "dtype": str(dtype).replace("torch.", "")}
     if metric == "sw2":
         config["n_boot"] = n_boot
         g = torch.Generator().manual_seed(seed + 12345)
@@ -185,7 +185,7 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
             row = {"sampler": sampler, "schedule": schedule, "net_time": net_time or "default", "nfe": nfe,
                    "lambda_s": _lam_key(lam), "metric": metric, "n": n}
             kw = dict(sampler=sampler, nfe=nfe, schedule=schedule, lambda_s=lam, lambda_reading=lambda_reading,
-                      net_time=net_time, denoise=denoise, backend=backend, dtype=dtype, device=device,
+                      net_time=net_time, split=split, denoise=denoise, backend=backend, dtype=dtype, device=device,
                       progress=False)
             t0 = time.perf_counter()
             try:
@@ -205,7 +205,7 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
             except ValueError as exc:
                 row.update(value="nan", lo="", hi="", std="", status="invalid: " + str(exc).replace("\n", " ")[:160])
             if row.get("nfe_spent") in (None, ""):
-                row["nfe_spent"] = _spent(model, sampler, nfe, schedule, lam, lambda_reading, net_time, denoise)
+                row["nfe_spent"] = _spent(model, sampler, nfe, schedule, lam, lambda_reading, net_time, denoise, split)
             row["seconds"] = round(time.perf_counter() - t0, 3)
             row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
             _append_row(csv_path, row)
@@ -227,12 +227,12 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
     return rows
 
 
-def _spent(model, sampler, nfe, schedule, lam, reading, net_time, denoise):
+def _spent(model, sampler, nfe, schedule, lam, reading, net_time, denoise, split=None):
     from .samplers import compile_sampler
 
     try:
         return compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lam, lambda_reading=reading,
-                               net_time=net_time, denoise=denoise).nfe
+                               net_time=net_time, denoise=denoise, split=split).nfe
     except (ValueError, TypeError):
         return ""
 
