@@ -25,6 +25,7 @@ if not torch.cuda.is_available():  # effective only if triton has not been impor
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from psld_fast import rng  # noqa: E402
+from _devices import triton_device_params
 
 NORMAL_ATOL = 2e-6
 NORMAL_RTOL = 4e-6
@@ -123,25 +124,6 @@ def test_counter_layout_independent_of_batch():
 
 # --------------------------------------------------------------------------- Triton cross-checks
 
-def _triton_device_params():
-    try:
-        import triton  # noqa: F401
-        from psld_fast import triton_step
-    except ImportError:
-        return [pytest.param("cpu", marks=pytest.mark.skip(reason="triton is not installed"))]
-    params = []
-    if triton_step.INTERPRETED:
-        params.append("cpu")
-    else:
-        params.append(pytest.param("cpu", marks=pytest.mark.skip(
-            reason="TRITON_INTERPRET=1 was not set before triton was first imported (tests/conftest.py)")))
-    if torch.cuda.is_available() and not triton_step.INTERPRETED:
-        params.append("cuda")
-    else:
-        params.append(pytest.param("cuda", marks=pytest.mark.skip(reason="no CUDA device (or interpreter on)")))
-    return params
-
-
 _kernels = {}
 
 
@@ -229,7 +211,7 @@ def _assert_normals_close(got, ref):
         f"normals differ by {float(err.flatten()[worst]):.3g} at |n| = {float(ref.flatten()[worst].abs()):.3g}")
 
 
-@pytest.mark.parametrize("device", _triton_device_params())
+@pytest.mark.parametrize("device", triton_device_params())
 def test_triton_philox_known_answers(device):
     seeds = torch.tensor([_key_to_seed(*key) for _, key, _ in KAT], dtype=torch.int64)
     ctr = torch.tensor([c for c, _, _ in KAT], dtype=torch.int64)
@@ -237,7 +219,7 @@ def test_triton_philox_known_answers(device):
     assert [tuple(r) for r in ints.tolist()] == [e for _, _, e in KAT]
 
 
-@pytest.mark.parametrize("device", _triton_device_params())
+@pytest.mark.parametrize("device", triton_device_params())
 def test_triton_philox_matches_reference(device):
     """Every (seed, counter) pair, including negative and >= 2^32 seeds, bit for bit."""
     g = torch.Generator().manual_seed(1)
@@ -264,7 +246,7 @@ def test_triton_philox_matches_reference(device):
     _assert_normals_close(norm, r_norm)
 
 
-@pytest.mark.parametrize("device", _triton_device_params())
+@pytest.mark.parametrize("device", triton_device_params())
 def test_triton_randn4x_is_our_layout(device):
     """tl.randn4x(seed, j) equals psld_fast.rng.philox_normals(seed, ..., step=0, stream=0)."""
     k = _get_kernels()["randn4x"]
@@ -277,7 +259,7 @@ def test_triton_randn4x_is_our_layout(device):
     _assert_normals_close(out.cpu(), ref)
 
 
-@pytest.mark.parametrize("device", _triton_device_params())
+@pytest.mark.parametrize("device", triton_device_params())
 def test_triton_normal_statistics(device):
     """1e6 Triton normals: moments within 5 sigma, all finite, radius bounded by the clamp."""
     N = 250_000

@@ -26,6 +26,7 @@ if not torch.cuda.is_available():  # effective only if triton has not been impor
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from psld_fast.program import affine_step_reference  # noqa: E402
+from _devices import triton_device_params
 
 try:
     import triton  # noqa: F401
@@ -39,23 +40,7 @@ _STATE_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-5, 2.0**-10), torc
 TOL = {(s, e): _STATE_TOL[s] for s in DTYPES for e in DTYPES}
 
 
-def _device_params():
-    if triton_step is None:
-        return [pytest.param("cpu", marks=pytest.mark.skip(reason="triton is not installed"))]
-    params = []
-    if triton_step.INTERPRETED:
-        params.append("cpu")
-    else:
-        params.append(pytest.param("cpu", marks=pytest.mark.skip(
-            reason="TRITON_INTERPRET=1 was not set before triton was first imported (tests/conftest.py)")))
-    if torch.cuda.is_available() and not triton_step.INTERPRETED:
-        params.append("cuda")
-    else:
-        params.append(pytest.param("cuda", marks=pytest.mark.skip(reason="no CUDA device (or interpreter on)")))
-    return params
-
-
-@pytest.fixture(params=_device_params())
+@pytest.fixture(params=triton_device_params())
 def device(request):
     return request.param
 
