@@ -116,7 +116,7 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     model = _as_model(model, sde, shape)
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = _check_device(model, device)
     t0 = time.perf_counter()
     program = compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lambda_s,
                               lambda_reading=lambda_reading, net_time=net_time, denoise=denoise, split=split)
@@ -155,6 +155,24 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     timings = {"compile": t_compile, "sampling": t_run, "total": time.perf_counter() - t0}
     return SampleResult(x=torch.cat(xs), m=torch.cat(ms), nfe=program.nfe, seeds=all_seeds,
                         timings=timings, sampler=sampler, backend=backend, program_info=program.info)
+
+
+def _check_device(model, device) -> torch.device:
+    """The sampling device: ``device`` if given (checked against the model's tensors), else the
+    model's.  Mismatches are reported here, not as a device error deep inside the network."""
+    model_device = _model_device(model)
+    if device is None:
+        return model_device
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={str(device)!r} requested but CUDA is not available "
+                           f"(torch {torch.__version__})")
+    has_tensors = any(True for _ in model.parameters()) or any(True for _ in model.buffers())
+    if has_tensors and (model_device.type != device.type or
+                        (device.index is not None and model_device.index not in (None, device.index))):
+        raise ValueError(f"the model's tensors are on {model_device} but device={str(device)!r}; "
+                         f"move the model first (model.to({str(device)!r}))")
+    return device
 
 
 def _model_device(model) -> torch.device:

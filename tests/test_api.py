@@ -153,3 +153,14 @@ def test_network_with_trainable_parameters_runs_without_autograd():
 
     r = pf.sample(net, 3, sde=ring.sde, shape=(2,), nfe=11, progress=False)
     assert not any(seen) and not r.x.requires_grad
+
+
+def test_device_errors_are_clear(ring):
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device='cuda' requested but CUDA is not available"):
+            _sample(ring, 2, device="cuda")
+    else:
+        with pytest.raises(ValueError, match="the model's tensors are on cpu but device='cuda'"):
+            _sample(ring, 2, device="cuda")
+    with pytest.raises(ValueError, match="the model's tensors are on cpu but device='meta'"):
+        _sample(ring, 2, device="meta")
