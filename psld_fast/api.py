@@ -216,6 +216,7 @@ def run_program(model, program: Program, seeds: torch.Tensor, step_fn, *, dtype,
             tau = torch.full((B,), stage.tau, dtype=tau_dtype, device=device)
             eps = model(u, tau)
             _check_eps(eps, u, k)
+            eps = as_step_eps(eps, u)
             first_bad.masked_fill_(nonfinite(eps) & (first_bad < 0), k)
         step_fn(u, eps, seeds, stage.coef, k, stream)
         if callback is not None:
@@ -250,6 +251,14 @@ def raise_if_nonfinite(bad_stage: int, state_bad: bool, program: Program, batch_
     if state_bad:
         raise FloatingPointError("sampling produced NaN/Inf in the state although the network outputs were finite "
                                  "(the step coefficients overflowed the state dtype?)")
+
+
+def as_step_eps(eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The fused step computes in float32: a float64 network output for a lower-precision state is
+    rounded to float32 here (the kernels take float32/float16/bfloat16 eps)."""
+    if eps.dtype == torch.float64 and u.dtype != torch.float64:
+        return eps.float()
+    return eps
 
 
 def _check_eps(eps, u, k):

@@ -285,14 +285,14 @@ class GraphRunner:
 
     def _loop(self, model):
         """The captured body: every stage, NaN/Inf flags on the device, no host sync."""
-        from .api import nonfinite
+        from .api import as_step_eps, nonfinite
 
         u, seeds, first_bad, state_bad = self.u, self.seeds_buf, self.status[0], self.status[1]
         first_bad.fill_(-1)
         for k, stage in enumerate(self.program.stages):
             eps = None
             if stage.uses_network:
-                eps = model(u, self.taus[k])
+                eps = as_step_eps(model(u, self.taus[k]), u)
                 first_bad.masked_fill_(nonfinite(eps) & (first_bad < 0), k)
             self.step_fn(u, eps, seeds, self.coefs[k], k, self.stream)
         state_bad.copy_(~torch.isfinite(u).all())

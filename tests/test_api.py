@@ -164,3 +164,13 @@ def test_device_errors_are_clear(ring):
             _sample(ring, 2, device="cuda")
     with pytest.raises(ValueError, match="the model's tensors are on cpu but device='meta'"):
         _sample(ring, 2, device="meta")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_float64_network_output_with_float32_state(ring, backend):
+    """A network answering in float64 works on every backend and gives the float32 network's samples."""
+    seeds = torch.arange(6)
+    r64 = pf.sample(lambda u, t: ring(u.double(), t.double()), 6, sde=ring.sde, shape=(2,), nfe=21, seeds=seeds,
+                    progress=False, backend=backend)
+    r32 = pf.sample(ring, 6, nfe=21, seeds=seeds, progress=False, backend=backend)
+    assert r64.x.dtype == torch.float32 and (r64.x - r32.x).abs().max() < 1e-4
