@@ -292,22 +292,18 @@ def digit_features(seed: int = 0, epochs: int = 400):
 
 
 def frechet(f1: np.ndarray, f2: np.ndarray) -> float:
-    """Frechet distance between Gaussian fits of two feature sets; ``tr sqrt(S1 S2)`` from the
-    eigenvalues of the PSD matrix ``S1^1/2 S2 S1^1/2`` (robust to singular covariances, e.g. dead
-    ReLU features)."""
-    m1, m2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    w, V = np.linalg.eigh(s1)
-    h = (V * np.sqrt(np.clip(w, 0, None))) @ V.T
-    ev = np.linalg.eigvalsh(h @ s2 @ h)
-    return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+    """Frechet distance between Gaussian fits of two feature sets: the squared Bures-Wasserstein
+    distance (symmetric eigendecompositions: robust to singular covariances, e.g. dead ReLU features)."""
+    from psld_fast.metrics import bures_w2
+
+    return bures_w2(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False)) ** 2
 
 
-def compare_digits(args, out: Path):
+def _digits_quality(args):
+    """``quality(x) -> (sliced W2 with CI to the real digits, FD-dig, mean classifier confidence)``
+    (all None for diverged samples), the real digits, and the feature classifier's accuracy."""
     from psld_fast.datasets import load_digits
-    from psld_fast.images import save_grid
 
-    model = load_learned("digits")
     real, _ = load_digits(16)
     real_flat = real.reshape(len(real), -1)
     feat, acc = digit_features()
@@ -320,10 +316,18 @@ def compare_digits(args, out: Path):
         xc = x.clamp(-1, 1)
         q = sliced_wasserstein_ci(xc.reshape(len(xc), -1), real_flat, n_boot=args.n_boot, seed=0)
         with torch.no_grad():
-            logits = feat.head(feat.body(xc.float()))
-            f = feat.body(xc.float()).numpy().astype(np.float64)
-        conf = torch.softmax(logits, 1).max(1).values.mean().item()
-        return q, frechet(f, f_real), conf
+            f = feat.body(xc.float())
+            conf = torch.softmax(feat.head(f), 1).max(1).values.mean().item()
+        return q, frechet(f.numpy().astype(np.float64), f_real), conf
+
+    return quality, real, acc
+
+
+def compare_digits(args, out: Path):
+    from psld_fast.images import save_grid
+
+    model = load_learned("digits")
+    quality, real, acc = _digits_quality(args)
 
     n = args.n
     nfes = [int(v) for v in args.nfes.split(",")]
@@ -395,15 +399,10 @@ def compare_digits(args, out: Path):
 
 def digits_knobs(args, out: Path):
     """Reduced OBA net_time x split (and EM / SSCS for reference) on the digits model at low NFE."""
-    from psld_fast.datasets import load_digits
     from psld_fast.images import save_grid
 
     model = load_learned("digits")
-    real, _ = load_digits(16)
-    real_flat = real.reshape(len(real), -1)
-    feat, acc = digit_features()
-    with torch.no_grad():
-        f_real = feat.body(real.float()).numpy().astype(np.float64)
+    quality, _, _ = _digits_quality(args)
     n = args.n
     nfes = [int(v) for v in args.nfes.split(",")]
     lam = float(args.lambdas.split(",")[0])
@@ -417,17 +416,9 @@ def digits_knobs(args, out: Path):
             for sp in ("additive", "ou"):
                 x, spent, wall = _run(model, n, "reduced_oba", nfe, seed0=0, lambda_s=lam, net_time=nt, split=sp,
                                       batch_size=args.batch_size)
-                if x is None:
-                    q = fd = conf = None
-                else:
-                    xc = x.clamp(-1, 1)
-                    q = sliced_wasserstein_ci(xc.reshape(len(xc), -1), real_flat, n_boot=args.n_boot, seed=0)
-                    with torch.no_grad():
-                        f = feat.body(xc.float())
-                        conf = torch.softmax(feat.head(f), 1).max(1).values.mean().item()
-                    fd = frechet(f.numpy().astype(np.float64), f_real)
-                    if nfe == min(nfes):
-                        save_grid(x[:64].float(), out / f"learned_digits_reduced_oba_nfe{nfe}_{nt}_{sp}.png")
+                q, fd, conf = quality(x)
+                if x is not None and nfe == min(nfes):
+                    save_grid(x[:64].float(), out / f"learned_digits_reduced_oba_nfe{nfe}_{nt}_{sp}.png")
                 rows.append(dict(model="digits", sampler="reduced_oba", nfe=nfe, nfe_spent=spent, lambda_s=lam,
                                  net_time=nt, split=sp, n=n, sw=None if q is None else q["value"],
                                  lo=None if q is None else q["lo"], hi=None if q is None else q["hi"], fd_dig=fd,
