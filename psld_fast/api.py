@@ -226,8 +226,8 @@ def run_program(model, program: Program, seeds: torch.Tensor, step_fn, *, dtype,
             bar.update(B)
     if not check:
         return u
-    bad_stage = int(first_bad)  # the one host sync of the batch
-    raise_if_nonfinite(bad_stage, bad_stage < 0 and not bool(torch.isfinite(u).all()), program, batch_start)
+    bad_stage, state_bad = torch.stack([first_bad, (~torch.isfinite(u).all()).long()]).tolist()  # one sync
+    raise_if_nonfinite(bad_stage, bool(state_bad) and bad_stage < 0, program, batch_start)
     return u
 
 
