@@ -18,6 +18,7 @@ This file also holds :func:`affine_step_reference`, the pure-PyTorch definition 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,9 +45,10 @@ class Stage:
     R2: np.ndarray
     n_draws: int
 
-    @property
+    @functools.cached_property
     def coef(self) -> list[float]:
-        """The 16 coefficients in :data:`COEF_LAYOUT` order, as Python floats (float64)."""
+        """The 16 coefficients in :data:`COEF_LAYOUT` order, as Python floats (float64); computed
+        once (it is read once per NFE of every batch)."""
         return [float(v) for v in np.concatenate([self.P.ravel(), self.Q.ravel(),
                                                   self.R1.ravel(), self.R2.ravel()])]
 
