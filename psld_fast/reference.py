@@ -34,12 +34,14 @@ class IIDNoise:
 class _Ctx:
     """The process and knobs shared by the loops below: score, drift and the O, A, B updates."""
 
-    def __init__(self, eps_fn, sde, noise, lambda_s, reading, split="additive"):
+    def __init__(self, eps_fn, sde, noise, lambda_s, reading, split="additive", coupling="sequential",
+                 lambda_form="std"):
         self.eps_fn, self.sde, self.noise = eps_fn, sde, noise
         self.G, self.nu, self.M, self.Minv = sde.gamma, sde.nu, sde.M, sde.Minv
-        self.lx = lambda_s
-        self.cx = 1.0 + lambda_s ** 2 if reading == "marginal" else 2.0
+        self.lx = lambda_s if lambda_form == "std" else math.sqrt(lambda_s)
+        self.cx = 1.0 + self.lx ** 2 if reading == "marginal" else 2.0
         self.ou = split == "ou"
+        self.joint = coupling == "joint"
 
     def score(self, x, m, tau):
         """s = -L^{-T} eps (spec 1.2)."""
@@ -67,6 +69,16 @@ class _Ctx:
         if self.ou:
             return x + d / 2 * (-self.Minv * m + self.cx * self.G * (s_x + x))
         return x + d / 2 * (self.G * x - self.Minv * m + self.cx * self.G * s_x)
+
+    def BA(self, x, m, dB, dA, s_x, s_m):
+        """B(dB) then A(dA) from one score: A sees the new m (sequential) or the old one (joint)."""
+        m_new = self.B(x, m, dB, s_m)
+        return self.A(x, m if self.joint else m_new, dA, s_x), m_new
+
+    def AB(self, x, m, dA, dB, s_x, s_m):
+        """A(dA) then B(dB) from one score: B sees the new x (sequential) or the old one (joint)."""
+        x_new = self.A(x, m, dA, s_x)
+        return x_new, self.B(x if self.joint else x_new, m, dB, s_m)
 
     def step_times(self, grid, n):
         tau_n, tau_next = self.sde.T - grid[n], self.sde.T - grid[n + 1]
@@ -178,9 +190,8 @@ def _reduced_oba(c, grid, net_time):
     for n in range(len(grid) - 1):
         tau_n, tau_next, d, _ = c.step_times(grid, n)
         x, m = c.O(x, m, d)                                           # O: noise in x and m
-        s_x, s_m = c.score(x, m, _after_o(net_time, tau_n, tau_next))  # one call ...
-        m = c.B(x, m, d, s_m)                                         # ... serves B
-        x = c.A(x, m, d, s_x)                                         # ... and A (s_x reused)
+        s_x, s_m = c.score(x, m, _after_o(net_time, tau_n, tau_next))  # one call serves
+        x, m = c.BA(x, m, d, d, s_x, s_m)                             # B and A (s_x reused)
     return x, m
 
 
@@ -189,8 +200,7 @@ def _reduced_bao(c, grid, net_time):
     for n in range(len(grid) - 1):
         tau_n, _, d, _ = c.step_times(grid, n)
         s_x, s_m = c.score(x, m, tau_n)
-        m = c.B(x, m, d, s_m)
-        x = c.A(x, m, d, s_x)
+        x, m = c.BA(x, m, d, d, s_x, s_m)
         x, m = c.O(x, m, d)
     return x, m
 
@@ -201,8 +211,7 @@ def _reduced_obab(c, grid, net_time):
         tau_n, tau_next, d, _ = c.step_times(grid, n)
         x, m = c.O(x, m, d)
         s_x, s_m = c.score(x, m, _after_o(net_time, tau_n, tau_next))
-        m = c.B(x, m, d / 2, s_m)
-        x = c.A(x, m, d, s_x)
+        x, m = c.BA(x, m, d / 2, d, s_x, s_m)
         m = c.B(x, m, d / 2, c.score(x, m, tau_next)[1])  # closing B at the advanced time
     return x, m
 
@@ -212,12 +221,10 @@ def _reduced_baoab(c, grid, net_time):
     for n in range(len(grid) - 1):
         tau_n, tau_next, d, _ = c.step_times(grid, n)
         s_x, s_m = c.score(x, m, tau_n)
-        m = c.B(x, m, d / 2, s_m)
-        x = c.A(x, m, d / 2, s_x)
+        x, m = c.BA(x, m, d / 2, d / 2, s_x, s_m)
         x, m = c.O(x, m, d)
         s_x, s_m = c.score(x, m, _after_o(net_time, tau_n, tau_next))
-        x = c.A(x, m, d / 2, s_x)
-        m = c.B(x, m, d / 2, s_m)
+        x, m = c.AB(x, m, d / 2, d / 2, s_x, s_m)
     return x, m
 
 
@@ -230,9 +237,10 @@ REFERENCE_SAMPLERS = {
 
 
 def run_reference(sampler, eps_fn, sde, grid, noise, *, lambda_s=1.0, reading="marginal",
-                  net_time="start", denoise=True, split="additive") -> torch.Tensor:
+                  net_time="start", denoise=True, split="additive", coupling="sequential",
+                  lambda_form="std") -> torch.Tensor:
     """Run the readable loop of ``sampler`` and the final denoising step; returns z = cat(x, m)."""
-    c = _Ctx(eps_fn, sde, noise, lambda_s, reading, split)
+    c = _Ctx(eps_fn, sde, noise, lambda_s, reading, split, coupling, lambda_form)
     x, m = REFERENCE_SAMPLERS[sampler](c, grid, net_time)
     if denoise:  # one noise-free Euler step of the full reverse SDE from eps_end to 0
         tau, beta = sde.eps_end, sde.beta(sde.eps_end)
@@ -279,4 +287,5 @@ def run_reference_like(program, eps_fn, sde, seeds: torch.Tensor, shape, dtype=t
     noise = ProgramNoise(program, seeds, shape, dtype=dtype)
     return run_reference(program.sampler, eps_fn, sde, program.grid, noise, lambda_s=info["lambda_s"],
                          reading=info["lambda_reading"], net_time=info["net_time"],
-                         denoise=info["denoise"], split=info["split"])
+                         denoise=info["denoise"], split=info["split"], coupling=info["coupling"],
+                         lambda_form=info["lambda_form"])

@@ -13,8 +13,14 @@ Sub-steps over a reverse step ``t_n -> t_{n+1}`` with integrated beta ``d = b(ta
 
 Conventions (documented knobs):
 
-* ``lambda_reading='marginal'`` (spec reading (a), default): ``lx = lambda_s``,
-  ``c_x = 1 + lambda_s^2``; ``'noise'`` (reading (b)): ``lx = lambda_s``, ``c_x = 2``.
+* ``lambda_form='std'`` (default): lambda_s scales the x-noise standard deviation, ``lx = lambda_s``;
+  ``'var'``: it scales the x-noise variance, ``lx = sqrt(lambda_s)`` (a reparametrisation of the grid).
+* ``lambda_reading='marginal'`` (spec reading (a), default): ``c_x = 1 + lx^2``; ``'noise'``
+  (reading (b)): ``c_x = 2`` (only the noise is scaled).
+* ``coupling``: how one network call serves consecutive A and B sub-steps (reduced samplers only).
+  ``'sequential'``: the second sub-step sees the first one's update (B, then A with the new m:
+  symplectic-Euler order); ``'joint'``: both start from the state the score was evaluated at (one
+  Euler step of the Hamiltonian part with the shared score).
 * ``net_time='end'``: a network call made after the step's O update is conditioned on
   ``tau_{n+1}`` (the reduced samplers' shifted time); ``'start'``: every call of step n at ``tau_n``.
 * ``split='additive'`` (spec 4.3 default reading): O only adds noise, A and B carry the whole drift.
@@ -41,11 +47,17 @@ from .program import Program, ProgramBuilder
 from .sde import PSLD
 
 __all__ = ["SAMPLERS", "DETERMINISTIC_SAMPLERS", "ALL_SAMPLERS", "SamplerSpec", "SAMPLER_SPECS",
-           "compile_sampler", "steps_for_nfe", "LAMBDA_READINGS", "NET_TIMES", "SPLITS"]
+           "compile_sampler", "steps_for_nfe", "LAMBDA_READINGS", "LAMBDA_FORMS", "NET_TIMES", "SPLITS",
+           "COUPLINGS", "READING_KNOBS"]
+
+#: Every reading knob a program records in ``program.info`` (and generate/sweep in their manifests).
+READING_KNOBS = ("lambda_reading", "lambda_form", "net_time", "split", "coupling")
 
 LAMBDA_READINGS = ("marginal", "noise")
+LAMBDA_FORMS = ("std", "var")
 SPLITS = ("additive", "ou")
 NET_TIMES = ("start", "end")
+COUPLINGS = ("sequential", "joint")
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,12 @@ class SamplerSpec:
     default_lambda_s: float
     description: str
     default_split: str = "additive"
+    default_coupling: str = "sequential"
+
+    @property
+    def reduced(self) -> bool:
+        """A reduced sampler: one network call serves consecutive A and B sub-steps."""
+        return self.name.startswith("reduced_")
 
 
 # Defaults of the reduced samplers, picked by measurement (README "What the measurements say"):
@@ -110,11 +128,13 @@ def _spec(sampler: str) -> SamplerSpec:
 class _Steps:
     """The 2x2 sub-step maps of one run (process, lambda_s, reading and split fixed)."""
 
-    def __init__(self, sde: PSLD, lambda_s: float, reading: str, split: str = "additive"):
+    def __init__(self, sde: PSLD, lambda_s: float, reading: str, split: str = "additive",
+                 coupling: str = "sequential", lambda_form: str = "std"):
         self.sde = sde
-        self.lx = lambda_s
-        self.cx = 1.0 + lambda_s ** 2 if reading == "marginal" else 2.0
+        self.lx = lambda_s if lambda_form == "std" else math.sqrt(lambda_s)
+        self.cx = 1.0 + self.lx ** 2 if reading == "marginal" else 2.0
         self.ou = split == "ou"
+        self.joint = coupling == "joint"
 
     def O(self, d):
         """Noise-only O: returns R.  (The OU O is :meth:`O_ou`: returns (Mz, R).)"""
@@ -148,6 +168,22 @@ class _Steps:
         Meps[0] = d * cx * s.gamma / 2 * S[0]
         return Mz, Meps
 
+    def shared(self, first, second):
+        """Two sub-steps ``(Mz, Meps)`` served by one call: composed (sequential coupling: the second
+        sees the first's update) or both applied to the call's state (joint: increments added)."""
+        (M1, E1), (M2, E2) = first, second
+        if self.joint:
+            return M1 + M2 - np.eye(2), E1 + E2
+        return M2 @ M1, M2 @ E1 + E2
+
+    def BA(self, dB, dA, S):
+        """B(dB) then A(dA), one shared score."""
+        return self.shared(self.B(dB, S), self.A(dA, S))
+
+    def AB(self, dA, dB, S):
+        """A(dA) then B(dB), one shared score."""
+        return self.shared(self.A(dA, S), self.B(dB, S))
+
     def euler(self, hb, S, cx, cm):
         """``z += hb * drift`` with score factors ``cx/2 * Gamma``, ``cm/2 * M nu`` (hb = h * beta)."""
         s = self.sde
@@ -158,14 +194,18 @@ class _Steps:
 
 def compile_sampler(sampler: str, sde: PSLD, nfe: int, *, schedule="quadratic", lambda_s=None,
                     lambda_reading: str = "marginal", net_time: str | None = None,
-                    denoise: bool = True, split: str | None = None) -> Program:
+                    denoise: bool = True, split: str | None = None, coupling: str | None = None,
+                    lambda_form: str = "std") -> Program:
     """Compile a sampler into a :class:`Program` of affine stages (all float64 host math).
 
+    The reading knobs (``lambda_reading``, ``lambda_form``, ``net_time``, ``split``, ``coupling``;
+    None = the sampler's default) are described in the module docstring.
     Raises ValueError naming the argument for an unknown sampler, schedule, reading or net_time,
     a negative lambda_s or an NFE budget too small for the sampler.  Programs for named schedules
     are cached (compiling costs milliseconds, ~50 us per NFE); treat them as read-only.
     """
-    args = (sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, denoise, split)
+    args = (sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, denoise, split, coupling,
+            lambda_form)
     if isinstance(schedule, str):
         try:
             return _compile_cached(*args)
@@ -179,7 +219,8 @@ def _compile_cached(*args) -> Program:
     return _compile(*args)
 
 
-def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, denoise, split) -> Program:
+def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, denoise, split, coupling,
+             lambda_form) -> Program:
     spec = _spec(sampler)
     if lambda_s is None:
         lambda_s = spec.default_lambda_s
@@ -189,15 +230,23 @@ def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, de
         raise ValueError("lambda_s is not defined for sscs (its OU half-steps are exact): leave it at 1")
     if lambda_reading not in LAMBDA_READINGS:
         raise ValueError(f"unknown lambda_reading {lambda_reading!r}; choose one of {LAMBDA_READINGS}")
+    if lambda_form not in LAMBDA_FORMS:
+        raise ValueError(f"unknown lambda_form {lambda_form!r}; choose one of {LAMBDA_FORMS}")
     split = spec.default_split if split is None else split
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    coupling = spec.default_coupling if coupling is None else coupling
+    if coupling not in COUPLINGS:
+        raise ValueError(f"unknown coupling {coupling!r}; choose one of {COUPLINGS}")
+    if coupling == "joint" and not spec.reduced:
+        raise ValueError(f"coupling='joint' applies to the reduced samplers only ({sampler} makes a fresh "
+                         f"network call for every sub-step)")
     net_time = spec.default_net_time if net_time is None else net_time
     if net_time not in NET_TIMES:
         raise ValueError(f"unknown net_time {net_time!r}; choose one of {NET_TIMES}")
     N = steps_for_nfe(sampler, nfe, denoise)
     grid = time_grid(schedule, N, sde)
-    steps = _Steps(sde, float(lambda_s), lambda_reading, split)
+    steps = _Steps(sde, float(lambda_s), lambda_reading, split, coupling, lambda_form)
     pb = ProgramBuilder()
     # Stage 0: the prior draw x ~ N(0, I), m ~ N(0, M I) overwrites the state.
     pb.reset_state()
@@ -207,8 +256,8 @@ def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, de
     if denoise:
         _denoise(pb, steps)
     info = dict(sampler=sampler, nfe=nfe, steps=N, schedule=schedule if isinstance(schedule, str) else "custom",
-                lambda_s=float(lambda_s), lambda_reading=lambda_reading, net_time=net_time, denoise=denoise,
-                split=split,
+                lambda_s=float(lambda_s), lambda_reading=lambda_reading, lambda_form=lambda_form,
+                net_time=net_time, denoise=denoise, split=split, coupling=coupling,
                 sde=sde.to_dict())
     program = Program(sampler=sampler, stages=pb.finish(), grid=grid, info=info)
     info["nfe"] = program.nfe
@@ -334,16 +383,14 @@ def _compile_reduced_oba(pb, steps, grid, net_time):
         tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
         _O(pb, steps, d)
         S = _call(pb, steps, _after_o(net_time, tau_n, tau_next))
-        pb.linear(*steps.B(d, S))
-        pb.linear(*steps.A(d, S))
+        pb.linear(*steps.BA(d, d, S))
 
 
 def _compile_reduced_bao(pb, steps, grid, net_time):
     for n in range(len(grid) - 1):
         tau_n, _, d, _ = _step_times(steps.sde, grid, n)
         S = _call(pb, steps, tau_n)
-        pb.linear(*steps.B(d, S))
-        pb.linear(*steps.A(d, S))
+        pb.linear(*steps.BA(d, d, S))
         _O(pb, steps, d)
 
 
@@ -352,8 +399,7 @@ def _compile_reduced_obab(pb, steps, grid, net_time):
         tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
         _O(pb, steps, d)
         S = _call(pb, steps, _after_o(net_time, tau_n, tau_next))
-        pb.linear(*steps.B(d / 2, S))
-        pb.linear(*steps.A(d, S))
+        pb.linear(*steps.BA(d / 2, d, S))
         pb.linear(*steps.B(d / 2, _call(pb, steps, tau_next)))
 
 
@@ -361,12 +407,10 @@ def _compile_reduced_baoab(pb, steps, grid, net_time):
     for n in range(len(grid) - 1):
         tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
         S = _call(pb, steps, tau_n)
-        pb.linear(*steps.B(d / 2, S))
-        pb.linear(*steps.A(d / 2, S))
+        pb.linear(*steps.BA(d / 2, d / 2, S))
         _O(pb, steps, d)
         S = _call(pb, steps, _after_o(net_time, tau_n, tau_next))
-        pb.linear(*steps.A(d / 2, S))
-        pb.linear(*steps.B(d / 2, S))
+        pb.linear(*steps.AB(d / 2, d / 2, S))
 
 
 _COMPILERS = {

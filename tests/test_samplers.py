@@ -23,10 +23,25 @@ _KNOBS = {"default": dict(), "start": dict(net_time="start"), "end": dict(net_ti
           "lam0.3": dict(lambda_s=0.3), "lam0.3-noise": dict(lambda_s=0.3, lambda_reading="noise"),
           "uniform-nodenoise": dict(schedule="uniform", denoise=False), "additive": dict(split="additive"),
           "ou": dict(split="ou"), "ou-lam0.3-noise": dict(split="ou", lambda_s=0.3, lambda_reading="noise"),
-          "ou-lam0": dict(split="ou", lambda_s=0.0, net_time="start")}
-# sscs has no lambda_s (test_bad_arguments checks that it raises), so those pairs are not generated
+          "ou-lam0": dict(split="ou", lambda_s=0.0, net_time="start"),
+          "var-lam0.3": dict(lambda_s=0.3, lambda_form="var"),
+          "sequential": dict(coupling="sequential"),
+          "joint-additive-end": dict(coupling="joint", split="additive", net_time="end"),
+          "joint-ou-start-var": dict(coupling="joint", split="ou", net_time="start", lambda_s=0.5, lambda_form="var"),
+          "joint-ou-end-noise": dict(coupling="joint", split="ou", net_time="end", lambda_s=0.7,
+                                     lambda_reading="noise")}
+
+
+def _applies(sampler, knobs):
+    # sscs has no lambda_s and only the reduced samplers share a call between sub-steps
+    # (test_bad_arguments checks that both raise), so those pairs are not generated
+    if sampler == "sscs" and "lambda_s" in knobs:
+        return False
+    return knobs.get("coupling") != "joint" or sampler.startswith("reduced_")
+
+
 _PATHWISE_CASES = [pytest.param(s, k, id=f"{s}-{name}") for s in pf.ALL_SAMPLERS for name, k in _KNOBS.items()
-                   if not (s == "sscs" and "lambda_s" in k)]
+                   if _applies(s, k)]
 
 
 @pytest.mark.parametrize("sampler,knobs", _PATHWISE_CASES)
@@ -44,7 +59,7 @@ def test_compiled_program_equals_reference_loop_pathwise(sampler, knobs):
 
     z_ref = run_reference(sampler, eps_fn, sde, program.grid, noise, lambda_s=info["lambda_s"],
                           reading=info["lambda_reading"], net_time=info["net_time"], denoise=info["denoise"],
-                          split=info["split"])
+                          split=info["split"], coupling=info["coupling"], lambda_form=info["lambda_form"])
     assert noise.exhausted, "the program and the reference loop consumed different numbers of draws"
     u = _run_program_f64(model, program, seeds)
     err = (u - z_ref).abs().max().item()
@@ -109,6 +124,9 @@ def test_error_falls_with_nfe_and_fitted_orders(capsys):
     (dict(lambda_reading="x"), ValueError, "unknown lambda_reading"),
     (dict(net_time="middle"), ValueError, "unknown net_time"),
     (dict(split="half"), ValueError, "unknown split"),
+    (dict(coupling="both"), ValueError, "unknown coupling"),
+    (dict(sampler="naive_oba", coupling="joint"), ValueError, "coupling='joint' applies to the reduced"),
+    (dict(lambda_form="sd"), ValueError, "unknown lambda_form"),
     (dict(nfe=20.5), TypeError, "nfe must be an integer"),
 ])
 def test_bad_arguments(kwargs, exc, match):
