@@ -14,7 +14,8 @@ import numpy as np
 from .program import Program
 from .sde import PSLD
 
-__all__ = ["gaussian_eps_affine", "program_output_moments", "gaussian_w2_1d", "sampler_error"]
+__all__ = ["gaussian_eps_affine", "program_output_moments", "gaussian_w2_1d", "sampler_error",
+           "program_x_law", "RelativeEpsError", "stage_maps", "step_spectral_radii"]
 
 
 def gaussian_eps_affine(sde: PSLD, tau: float, mu: np.ndarray, var: np.ndarray):
@@ -36,24 +37,100 @@ def gaussian_eps_affine(sde: PSLD, tau: float, mu: np.ndarray, var: np.ndarray):
     return E, e0
 
 
-def program_output_moments(program: Program, sde: PSLD, mu, var):
-    """Exact per-coordinate mean (D, 2) and covariance (D, 2, 2) of a program's final state."""
+class RelativeEpsError:
+    """A controlled network error that keeps the law Gaussian: ``eps_hat = (I + r(tau) U_d) eps*``.
+
+    ``U_d`` is a fixed random 2x2 matrix per coordinate (entries N(0, 1/2), ``seed``), and the relative
+    size ``r(tau) = r_data * exp(-tau / tau_scale) + r_noise`` grows towards the data end, as the
+    error of a trained eps-network does (its targets are hardest at small tau).  Being multiplicative
+    and linear in eps, it can be applied to any eps (exact Gaussian, mixture or network) per
+    coordinate pair, and on Gaussian data the output law stays exactly computable.
+    """
+
+    def __init__(self, dim: int, r_data: float = 0.1, r_noise: float = 0.01, tau_scale: float = 0.1,
+                 seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.U = rng.normal(0.0, math.sqrt(0.5), size=(int(dim), 2, 2))
+        self.r_data, self.r_noise, self.tau_scale = float(r_data), float(r_noise), float(tau_scale)
+
+    def r(self, tau: float) -> float:
+        return self.r_data * math.exp(-tau / self.tau_scale) + self.r_noise
+
+    def matrix(self, tau: float) -> np.ndarray:
+        """(D, 2, 2) per-coordinate ``I + r(tau) U``."""
+        return np.eye(2) + self.r(tau) * self.U
+
+    def apply(self, eps, tau: float):
+        """The erroneous eps for a packed (B, 2C, ...) tensor whose x half has D = C * ... elements."""
+        import torch
+
+        G = torch.as_tensor(self.matrix(tau), dtype=eps.dtype, device=eps.device)
+        B, C2 = eps.shape[0], eps.shape[1]
+        e = eps.reshape(B, 2, -1)                      # (B, 2, D)
+        if e.shape[2] != G.shape[0]:
+            raise ValueError(f"RelativeEpsError: built for {G.shape[0]} coordinates, eps has {e.shape[2]}")
+        out = torch.einsum("dij,bjd->bid", G, e)
+        return out.reshape(eps.shape)
+
+
+def stage_maps(program: Program, sde: PSLD, mu, var, eps_error=None):
+    """Per stage the affine map of the per-coordinate state on Gaussian data: ``z <- A z + b + noise``.
+
+    Yields ``(A (D, 2, 2), b (D, 2), noise_cov (2, 2))``; ``eps_error`` (e.g. :class:`RelativeEpsError`)
+    replaces the exact eps by ``eps_error.matrix(tau) @ eps``.
+    """
     mu = np.asarray(mu, dtype=np.float64).ravel()
     var = np.asarray(var, dtype=np.float64).ravel()
     D = mu.shape[0]
-    mean = np.zeros((D, 2))
-    cov = np.zeros((D, 2, 2))
     for stage in program.stages:
         A = np.broadcast_to(stage.P, (D, 2, 2)).copy()
         b = np.zeros((D, 2))
         if stage.uses_network:
             E, e0 = gaussian_eps_affine(sde, stage.tau, mu, var)
+            if eps_error is not None:
+                G = eps_error.matrix(stage.tau)
+                E, e0 = G @ E, np.einsum("dij,dj->di", G, e0)
             A = A + stage.Q @ E
             b = e0 @ stage.Q.T
-        noise = stage.R1 @ stage.R1.T + stage.R2 @ stage.R2.T
+        yield A, b, stage.R1 @ stage.R1.T + stage.R2 @ stage.R2.T
+
+
+def program_output_moments(program: Program, sde: PSLD, mu, var, eps_error=None):
+    """Exact per-coordinate mean (D, 2) and covariance (D, 2, 2) of a program's final state
+    (with the exact eps, or the controlled error ``eps_error``)."""
+    D = np.asarray(mu).size
+    mean = np.zeros((D, 2))
+    cov = np.zeros((D, 2, 2))
+    for A, b, noise in stage_maps(program, sde, mu, var, eps_error):
         mean = np.einsum("dij,dj->di", A, mean) + b
         cov = A @ cov @ np.transpose(A, (0, 2, 1)) + noise
     return mean, cov
+
+
+def program_x_law(program: Program, sde: PSLD, mu, var, eps_error=None):
+    """Per-coordinate mean and variance (each (D,)) of the program's output x."""
+    mean, cov = program_output_moments(program, sde, mu, var, eps_error)
+    return mean[:, 0], cov[:, 0, 0]
+
+
+def step_spectral_radii(program: Program, sde: PSLD, var, evals_per_step: int = 1) -> np.ndarray:
+    """Spectral radius of each grid step's deterministic map on centred Gaussian data N(0, diag(var)).
+
+    The maps of ``evals_per_step`` consecutive network stages are multiplied (stage 0, the prior
+    draw, and the final denoising stage are left out); returns an array (steps, D).  A radius above 1
+    where the exact reverse flow contracts means the discretisation amplifies that direction.
+    """
+    var = np.asarray(var, dtype=np.float64).ravel()
+    maps = [A for A, _, _ in stage_maps(program, sde, np.zeros_like(var), var)][1:]
+    if program.info.get("denoise", True):
+        maps = maps[:-1]
+    radii = []
+    for i in range(0, len(maps) - evals_per_step + 1, evals_per_step):
+        M = np.broadcast_to(np.eye(2), maps[i].shape).copy()
+        for A in maps[i:i + evals_per_step]:
+            M = A @ M
+        radii.append(np.abs(np.linalg.eigvals(M)).max(axis=-1))
+    return np.array(radii)
 
 
 def gaussian_w2_1d(m1, v1, m2, v2) -> float:
