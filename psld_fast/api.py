@@ -78,7 +78,8 @@ def _as_model(model, sde, shape) -> EpsModel:
 @torch.no_grad()
 def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 50,
            schedule="quadratic", lambda_s: float | None = None, lambda_reading: str = "marginal",
-           net_time: str | None = None, denoise: bool = True, split: str | None = None, seeds=None,
+           net_time: str | None = None, denoise: bool = True, split: str | None = None,
+           coupling: str | None = None, lambda_form: str = "std", seeds=None,
            generator: torch.Generator | None = None, backend: str | None = "auto",
            dtype: torch.dtype = torch.float32, device=None, batch_size: int | None = None,
            callback=None, progress: bool = True, sde=None, shape=None, stream: int = 0,
@@ -95,7 +96,10 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         lambda_s: x-noise scale (default 1: the reverse SDE); ``lambda_reading`` "marginal" | "noise".
         net_time: "start" | "end" (time conditioning of calls made after O; default per sampler).
         split: "additive" (spec 4.3 default reading: O adds noise) | "ou" (O is the exact OU friction
-            step); default per sampler ("ou" for the reduced samplers, measured better).
+            step); default per sampler (chosen by docs/readings_protocol.md).
+        coupling: "sequential" | "joint": how one call serves consecutive A and B sub-steps
+            (reduced samplers; default per sampler, chosen by the protocol).
+        lambda_form: "std" (lambda_s scales the x-noise std) | "var" (it scales the variance).
         seeds: (num_samples,) int64, one per sample; else drawn from ``generator``; else 0..N-1.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton" (env ``PSLD_FAST_BACKEND``).
         dtype: state dtype (float32 default; float16/bfloat16 on the kernels; float64 reference).
@@ -119,7 +123,8 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     device = _check_device(model, device)
     t0 = time.perf_counter()
     program = compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lambda_s,
-                              lambda_reading=lambda_reading, net_time=net_time, denoise=denoise, split=split)
+                              lambda_reading=lambda_reading, net_time=net_time, denoise=denoise, split=split,
+                              coupling=coupling, lambda_form=lambda_form)
     if program.nfe != nfe:
         log.info("sampler %s: nfe=%d does not fit %s; spending %d", sampler, nfe,
                  "N * evals_per_step + 1", program.nfe)

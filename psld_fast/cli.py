@@ -18,7 +18,7 @@ from . import __version__
 from .api import sample
 from .learned import LEARNED
 from .models import PRESETS, GaussianMixture, get_preset
-from .samplers import ALL_SAMPLERS, LAMBDA_READINGS, NET_TIMES, SAMPLER_SPECS, SPLITS
+from .samplers import ALL_SAMPLERS, COUPLINGS, LAMBDA_FORMS, LAMBDA_READINGS, NET_TIMES, SAMPLER_SPECS, SPLITS
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -68,13 +68,19 @@ def _add_sampler_args(p: argparse.ArgumentParser, single=True):
         g.add_argument("--sampler", default="reduced_oba", choices=ALL_SAMPLERS)
         g.add_argument("--nfe", type=int, default=50, help="network evaluations per sample, incl. the final denoising step")
     g.add_argument("--lambda-s", type=float, default=None, help="x-noise scale lambda_s (default 1)")
-    g.add_argument("--lambda-reading", default="marginal", choices=LAMBDA_READINGS)
+    g.add_argument("--lambda-reading", default="marginal", choices=LAMBDA_READINGS,
+                   help="marginal: x-score factor 1 + lx^2 (marginal-preserving); noise: only the noise is scaled")
+    g.add_argument("--lambda-form", default="std", choices=LAMBDA_FORMS,
+                   help="lambda_s scales the x-noise std (std) or its variance (var)")
     g.add_argument("--net-time", default=None, choices=NET_TIMES,
                    help="time conditioning of calls after O (default: per sampler)")
     g.add_argument("--schedule", default="quadratic", help="uniform | quadratic | cubic | logsnr | power:<p>")
     g.add_argument("--split", default=None, choices=SPLITS,
                    help="additive: O only adds noise (spec's reading); ou: O is the exact friction+noise step "
-                        "(default: ou for the reduced samplers, additive for the naive ones)")
+                        "(default: per sampler, see docs/readings_protocol.md)")
+    g.add_argument("--coupling", default=None, choices=COUPLINGS,
+                   help="reduced samplers: one call serves B then A with the updated state (sequential) or "
+                        "both from the call's state (joint) (default: per sampler)")
     g.add_argument("--no-denoise", action="store_true", help="skip the final denoising step")
 
 
@@ -143,7 +149,8 @@ def _device(args) -> torch.device:
 
 def _sampler_kwargs(args) -> dict:
     return dict(lambda_s=args.lambda_s, lambda_reading=args.lambda_reading, net_time=args.net_time,
-                schedule=args.schedule, denoise=not args.no_denoise, split=args.split)
+                schedule=args.schedule, denoise=not args.no_denoise, split=args.split, coupling=args.coupling,
+                lambda_form=args.lambda_form)
 
 
 def _reference_law(model, name: str | None):
@@ -205,7 +212,7 @@ def cmd_sample(args) -> int:
     print(f"model      {name} {tuple(model.shape)}  device {device}  backend {res.backend}  dtype {args.dtype}")
     info = res.program_info
     print(f"sampler    {args.sampler}  NFE {res.nfe}  schedule {args.schedule}  lambda_s {info['lambda_s']:g}"
-          f"  net_time {info['net_time']}  split {info['split']}")
+          f"  net_time {info['net_time']}  split {info['split']}  coupling {info['coupling']}")
     print(f"samples    {n}  wall {wall:.2f} s  ({res.samples_per_second:.1f} samples/s, "
           f"{1e3 * res.timings['sampling'] / max(res.nfe, 1):.2f} ms per NFE)")
     if not args.no_quality:
