@@ -261,6 +261,7 @@ def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, de
                 sde=sde.to_dict())
     program = Program(sampler=sampler, stages=pb.finish(), grid=grid, info=info)
     info["nfe"] = program.nfe
+    _warn_if_amplifying(program, sde, spec)
     return program
 
 
@@ -276,6 +277,43 @@ def _warn_if_unstable(sampler, sde, grid, split):
         warnings.warn(f"{sampler}: the largest step (integrated beta {d_max:.3g}) makes the explicit momentum "
                       f"friction unstable (d*nu/2 = {d_max * sde.nu / 2:.2f} > 2); expect diverging samples. "
                       f"Use split='ou', more NFE or another schedule.", RuntimeWarning, stacklevel=3)
+
+
+#: Probe data laws of the amplification check: centred Gaussian directions with these variances
+#: (stiff directions near the data, as in images, up to the prior's scale).
+_PROBE_VARS = np.array([1e-4, 1e-2, 1.0])
+#: Warn when the step maps multiply a probe direction by more than this over the run.
+_AMPLIFICATION_LIMIT = 1.5
+#: Grids with more steps than this are not checked (their step maps are contractions; measured).
+_AMPLIFICATION_MAX_STEPS = 400
+
+
+def _warn_if_amplifying(program: Program, sde: PSLD, spec: SamplerSpec):
+    """Warn when the deterministic part of the step maps amplifies a data direction.
+
+    On Gaussian probe data N(0, v) (v in :data:`_PROBE_VARS`) each grid step's map is linear; its
+    spectral radius above 1, where the exact reverse flow contracts towards the data, means the
+    discretisation amplifies that direction (e.g. the uniform grid at NFE 20: radius 1.5 for
+    variance 1e-4, where EM's exact W2 error is 10x that of the quadratic grid).  The product of
+    the radii above 1 over the run is compared with :data:`_AMPLIFICATION_LIMIT`.
+    """
+    steps = program.info["steps"]
+    if steps > _AMPLIFICATION_MAX_STEPS:
+        return
+    from .exact import step_spectral_radii
+
+    with np.errstate(all="ignore"):
+        radii = step_spectral_radii(program, sde, _PROBE_VARS, spec.evals_per_step)  # (steps, probes)
+    amp = np.prod(np.maximum(radii, 1.0), axis=0)
+    worst = int(np.argmax(amp))
+    if not amp[worst] > _AMPLIFICATION_LIMIT:
+        return
+    info = program.info
+    warnings.warn(f"{program.sampler} at NFE {program.nfe} ({info['schedule']} grid): the step maps amplify "
+                  f"data directions of variance {_PROBE_VARS[worst]:g} by {amp[worst]:.3g}x over the run "
+                  f"(largest per-step spectral radius {radii[:, worst].max():.2f}) where the exact reverse flow "
+                  f"contracts; expect large errors for low-variance data. Use more NFE, the quadratic "
+                  f"schedule, or another reading.", RuntimeWarning, stacklevel=4)
 
 
 def _step_times(sde: PSLD, grid, n):

@@ -1,4 +1,6 @@
 """Compiled programs vs the readable reference loops, exact output laws, NFE accounting."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -165,11 +167,10 @@ def test_unstable_step_warning_and_ou_split_stability():
         additive = pf.compile_sampler("reduced_oba", sde, 11, split="additive")
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings():  # (the amplification check has its own test below)
+        warnings.filterwarnings("error", message=".*explicit momentum friction")
         ou = pf.compile_sampler("reduced_oba", sde, 11, split="ou")
         pf.compile_sampler("reduced_oba", sde, 21, split="additive")
-        pf.compile_sampler("reduced_oba", sde, 11)  # the default split of the reduced samplers
     assert sampler_error(additive, sde, mu, var) > 10 * sampler_error(ou, sde, mu, var)
     assert sampler_error(ou, sde, mu, var) < 1.0
 
@@ -184,3 +185,82 @@ def test_run_reference_like_equals_sample():
         z = run_reference_like(program, lambda u, t: model(u, torch.full((u.shape[0],), t, dtype=torch.float64)),
                                model.sde, seeds, model.shape)
         assert (res.x - z[:, :2]).abs().max() < 1e-10 * max(1.0, z.abs().max().item())
+
+
+def test_amplification_warning_fires_where_the_step_maps_amplify():
+    """The spectral-radius check: uniform grid at NFE 20 (radius ~1.5 for low-variance data) warns and
+    its exact error on stiff data is far above the quadratic grid's, which does not warn."""
+    import warnings
+
+    sde = pf.PSLD(eps_end=1.2e-3)  # a process of its own, so the program cache cannot swallow the warning
+    stiff = np.logspace(-5, 0, 16)
+    with pytest.warns(RuntimeWarning, match="amplify data directions of variance"):
+        uniform = pf.compile_sampler("em", sde, 20, schedule="uniform")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quad = pf.compile_sampler("em", sde, 20, schedule="quadratic")
+        for sampler in pf.SAMPLERS:  # the defaults at the README's NFEs are quiet
+            if not sampler.startswith("naive_"):
+                for nfe in (20, 50, 100):
+                    pf.compile_sampler(sampler, sde, nfe)
+    e_unif = sampler_error(uniform, sde, np.zeros(16), stiff)
+    e_quad = sampler_error(quad, sde, np.zeros(16), stiff)
+    assert e_unif > 5 * e_quad, (e_unif, e_quad)
+
+
+_CONSISTENCY_READINGS = [dict(), dict(split="additive"), dict(split="ou"), dict(net_time="end"),
+                         dict(lambda_s=0.5), dict(lambda_s=0.5, lambda_reading="noise"),
+                         dict(lambda_s=0.5, lambda_form="var", split="ou"),
+                         dict(coupling="joint", split="additive"), dict(coupling="joint", split="ou", net_time="end"),
+                         dict(coupling="sequential", split="ou")]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the custom grids jump from t0 + 2h to the end
+@pytest.mark.parametrize("sampler", [s for s in pf.SAMPLERS])
+def test_step_maps_sum_to_the_reverse_sde(sampler):
+    """Consistency of every reading: on Gaussian data (linear score) one grid step maps z to
+    ``M z + b + noise``; as h -> 0, ``(M - I)/h``, ``b/h`` and ``noise_cov/h`` tend to the reverse SDE's
+    drift Jacobian, drift offset and diffusion ``beta diag(lx^2 Gamma, M nu)``.  The relative error
+    must be first order: below 3% at h = 1.25e-4 and falling about in half from h = 2.5e-4."""
+    from psld_fast.exact import gaussian_eps_affine, stage_maps
+    from psld_fast.program import Program
+
+    sde = pf.PSLD()
+    spec = SAMPLER_SPECS[sampler]
+    mu, var = np.array([0.3]), np.array([0.05])
+    K = np.array([[sde.gamma, -sde.Minv], [1.0, sde.nu]])
+    for knobs in _CONSISTENCY_READINGS:
+        if "coupling" in knobs and knobs["coupling"] == "joint" and not spec.reduced:
+            continue
+        if sampler == "sscs" and "lambda_s" in knobs:
+            continue
+        errs = []
+        for h in (2.5e-4, 1.25e-4):  # one small step at t = 0.5 and one at t = 0.95 (near the data)
+            worst = 0.0
+            for t0 in (0.5, 0.95):
+                grid = np.array([0.0, t0, t0 + h, t0 + 2 * h, sde.T - sde.eps_end])
+                p = pf.compile_sampler(sampler, sde, 4 * spec.evals_per_step, schedule=grid, denoise=False,
+                                       **knobs)
+                info = p.info
+                lx = info["lambda_s"] if info["lambda_form"] == "std" else math.sqrt(info["lambda_s"])
+                cx = 1 + lx ** 2 if info["lambda_reading"] == "marginal" else 2.0
+                e = spec.evals_per_step
+                k = 1 + e  # grid step 1's calls and step 2's pre-call part: both steps of size h
+                M, b, Q = np.eye(2), np.zeros(2), np.zeros((2, 2))
+                step = Program(p.sampler, p.stages[k:k + e], p.grid, p.info)
+                for A, bb, noise in stage_maps(step, sde, mu, var):
+                    M, b, Q = A[0] @ M, A[0] @ b + bb[0], A[0] @ Q @ A[0].T + noise
+                tau = sde.T - t0
+                beta = sde.beta(tau)
+                E, e0 = gaussian_eps_affine(sde, tau, mu, var)
+                Dm = np.diag([cx / 2 * sde.gamma, sde.M * sde.nu])
+                J = beta / 2 * K + beta * Dm @ sde.score_matrix(tau) @ E[0]
+                off = beta * Dm @ sde.score_matrix(tau) @ e0[0]
+                diff = beta * np.diag([lx ** 2 * sde.gamma, sde.M * sde.nu])
+                worst = max(worst,
+                            np.abs((M - np.eye(2)) / h - J).max() / np.abs(J).max(),
+                            np.abs(b / h - off).max() / max(np.abs(off).max(), 1e-12),
+                            np.abs(Q / h - diff).max() / np.abs(diff).max())
+            errs.append(worst)
+        assert errs[1] < 0.03, f"{sampler} {knobs}: relative error {errs[1]:.3g} at h = {h}"
+        assert errs[1] < 0.7 * errs[0] or errs[1] < 1e-9, f"{sampler} {knobs}: not first order: {errs}"
