@@ -1,0 +1,20 @@
+"""What `import psld_fast` alone provides, checked in a fresh interpreter."""
+import subprocess
+import sys
+
+
+def _fresh(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_ops_exist_right_after_import_psld_fast():
+    out = _fresh(
+        "import torch, psld_fast\n"
+        "op, fn = torch.ops.psld_fast.affine_step_, torch.ops.psld_fast.affine_step\n"
+        "u = torch.zeros(2, 2, 3); s = torch.arange(2)\n"
+        "v = fn(u, None, s, [1.0] + [0.0] * 15, 0, 0)\n"
+        "assert v.shape == u.shape and torch.equal(u, torch.zeros(2, 2, 3))\n"
+        "op(u, None, s, [1.0] + [0.0] * 15, 0, 0)\n"
+        "import sys; assert 'triton' not in sys.modules\n"
+        "print('ok')\n")
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
