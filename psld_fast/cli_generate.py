@@ -21,7 +21,8 @@ def _csv(text: str) -> list[str]:
 
 
 def register(sub) -> None:
-    from .cli import _add_model_args, _add_sampler_args, parse_seeds
+    from .cli_common import add_threads_arg
+    from .cli_common import add_model_args as _add_model_args, add_sampler_args as _add_sampler_args, parse_seeds
     from .samplers import LAMBDA_READINGS, SPLITS
 
     # ----------------------------------------------------------------------------- generate
@@ -73,6 +74,7 @@ def register(sub) -> None:
                    help="also save the samples' statistics (mu, sigma, n, KID features) to this .npz")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--no-progress", action="store_true")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_fid)
 
     # -------------------------------------------------------------------------------- sweep
@@ -108,7 +110,7 @@ def register(sub) -> None:
 
 # --------------------------------------------------------------------------------------- handlers
 def _model_and_source(args):
-    from .cli import _load_model
+    from .cli_common import load_model as _load_model
 
     model = _load_model(args)
     if args.checkpoint is not None:
@@ -119,7 +121,7 @@ def _model_and_source(args):
 def cmd_generate(args) -> int:
     import torch
 
-    from .cli import _DTYPES, _sampler_kwargs
+    from .cli_common import DTYPES as _DTYPES, sampler_kwargs as _sampler_kwargs
     from .generate import generate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -189,7 +191,7 @@ def cmd_fid(args) -> int:
 def cmd_sweep(args) -> int:
     import torch
 
-    from .cli import _DTYPES
+    from .cli_common import DTYPES as _DTYPES
     from .sweep import sweep
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

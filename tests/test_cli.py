@@ -70,3 +70,86 @@ def test_learned_models_selectable_by_name(tmp_path, capsys):
                  "-n", "4", "--nfe", "11"]) == 0
     assert "sliced W2 to the 1797 training digits" in capsys.readouterr().out
     assert (tmp_path / "d.png").exists()
+
+
+# ------------------------------------------------------------------ one-line errors, exit code 2
+def _err(capsys, argv):
+    code = None
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (argv, err)
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("cmd", [["sample"], ["compare"], ["generate", "--seeds", "0-3"], ["fid", "x", "--ref", "y"],
+                                 ["sweep"], ["train"]])
+def test_device_cuda_without_cuda_is_one_line(capsys, cmd):
+    err = _err(capsys, cmd + ["--device", "cuda"])
+    assert "CUDA is not available" in err and "--device cpu" in err
+
+
+def _bad_checkpoints(tmp_path):
+    import torch
+
+    good = (__import__("psld_fast").learned.learned_path("ring2d")).read_bytes()
+    files = {"empty": b"", "truncated": good[:3000], "random": bytes(range(256)) * 8, "json": b'{"a": 1}\n'}
+    for name, data in files.items():
+        (tmp_path / f"{name}.ckpt").write_bytes(data)
+    (tmp_path / "dir.ckpt").mkdir()
+    torch.save({"x": object()}, tmp_path / "objects.ckpt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "nosd.ckpt")
+    return [*files, "dir", "objects", "tensor", "nosd", "missing"]
+
+
+def test_bad_checkpoints_are_one_line_naming_the_file(tmp_path, capsys):
+    for name in _bad_checkpoints(tmp_path):
+        path = tmp_path / f"{name}.ckpt"
+        err = _err(capsys, ["sample", "--checkpoint", str(path), "--no-progress", "--out", str(tmp_path / "o.npz")])
+        assert str(path) in err, err
+        assert "weights_only" not in err and "add_safe_globals" not in err, err
+    assert not (tmp_path / "o.npz").exists()
+
+
+def test_seed_parsing_bounds_and_negative_ranges(capsys):
+    import time
+
+    assert parse_seeds("-5--2") == [-5, -4, -3, -2]
+    assert parse_seeds(" 3 , 7-8") == [3, 7, 8]
+    t0 = time.perf_counter()
+    err = _err(capsys, ["sample", "--seeds", "0-9223372036854775806"])  # never expanded into a list
+    assert time.perf_counter() - t0 < 5 and "at most 10,000,000" in err
+    err = _err(capsys, ["sample", "--seeds", "9223372036854775808"])
+    assert "outside the int64 range" in err
+    err = _err(capsys, ["sample", "--seeds", "1-x"])
+    assert "bad seed list" in err
+
+
+def test_negative_seed_range_on_the_command_line(tmp_path, capsys):
+    out = tmp_path / "neg.npz"
+    assert main(["sample", "--model", "gaussian", "--seeds", "-5--2", "--nfe", "11", "--no-progress",
+                 "--out", str(out)]) == 0
+    import numpy as np
+
+    assert np.load(out)["seeds"].tolist() == [-5, -4, -3, -2]
+
+
+def test_sample_out_and_n_checked_before_sampling(tmp_path, capsys):
+    err = _err(capsys, ["sample", "--out", str(tmp_path / "x.jpg"), "--no-progress"])
+    assert "unsupported suffix '.jpg'" in err and ".png, .npz" in err
+    err = _err(capsys, ["sample", "--out", str(tmp_path), "--no-progress"])
+    assert "is an existing folder" in err
+    assert not list(tmp_path.iterdir())
+    err = _err(capsys, ["sample", "-n", "8", "--seeds", "0-3", "--no-progress", "--out", str(tmp_path / "a.png")])
+    assert "-n 8 and --seeds (4 seeds) disagree" in err
+    err = _err(capsys, ["sample", "--model", "ring2d", "--out", str(tmp_path / "r.png"), "--no-progress"])
+    assert "not images" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = _err(capsys, ["sample", "--out", str(blocker / "a.png"), "--no-progress"])
+    assert "is an existing file, not a folder" in err
