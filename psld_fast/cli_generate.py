@@ -41,7 +41,8 @@ def register(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="seed values per npz shard (default 1000)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per sampler call (does not change the files)")
     p.add_argument("--force", action="store_true",
-                   help="take over a folder that holds another configuration (existing files are kept and skipped)")
+                   help="take over a folder that holds another configuration: its sample files are deleted "
+                        "(the old manifest is kept as manifest.replaced-<time>.json)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
     p.set_defaults(func=cmd_generate)
@@ -124,9 +125,16 @@ def cmd_generate(args) -> int:
     from .cli_common import DTYPES as _DTYPES, sampler_kwargs as _sampler_kwargs
     from .generate import generate
 
+    from .cli_common import check_writable_dir, check_writable_file
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.json:
+        check_writable_file(args.json, what="--json")
+    if args.out is not None:
+        check_writable_dir(args.out, "--out")
     model, source, name = _model_and_source(args)
     out = args.out or Path("out") / f"{name}_{args.sampler}_nfe{args.nfe}"
+    check_writable_dir(out, "--out")
     source["command"] = "psld-fast " + " ".join(sys.argv[1:]) if sys.argv else None
     summary = generate(model, out, args.seeds, fmt=args.fmt, batch_size=args.batch_size,
                        shard_size=args.shard_size, force=args.force, progress=not args.no_progress,
@@ -162,8 +170,12 @@ def _rank() -> int:
 
 
 def cmd_fid(args) -> int:
+    from .cli_common import check_writable_file
     from .fid import fid
 
+    for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):  # before the expensive work
+        if path is not None:
+            check_writable_file(path, what=flag)
     res = fid(args.samples, args.ref, inception_weights=args.inception_weights, extractor=args.extractor,
               device=args.device, batch_size=args.batch_size, kid=not args.no_kid,
               kid_max_features=args.kid_max_features, kid_subsets=args.kid_subsets,
@@ -179,7 +191,7 @@ def cmd_fid(args) -> int:
                   f"{res['kid_subset_size']} from {res['kid_n']} / {res['kid_n_ref']} features)")
         else:
             print(f"KID        n/a ({res.get('kid_note', 'not computed')})")
-        if res.get("reference_cache_file"):
+        if res.get("reference_cache_file"):  # only a cache that exists is reported
             print(f"reference  statistics {'read from' if res['reference_cached'] else 'cached in'} "
                   f"{res['reference_cache_file']} (usable as --ref)")
         if args.json:
@@ -195,8 +207,13 @@ def cmd_sweep(args) -> int:
     from .sweep import sweep
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .cli_common import check_writable_dir
+
+    if args.out is not None:
+        check_writable_dir(args.out, "--out")
     model, source, name = _model_and_source(args)
     out = args.out or Path("out") / f"sweep_{name}"
+    check_writable_dir(out, "--out")
     lambdas = [None if v in ("default", "none") else float(v) for v in _csv(args.lambdas)]
     net_times = [None if v in ("default", "none") else v for v in _csv(args.net_times)]
     rows = sweep(model, out, _csv(args.samplers), [int(v) for v in _csv(args.nfes)], lambdas,

@@ -282,7 +282,12 @@ def list_samples(path) -> SampleSource:
     manifest = path / "manifest.json" if path.is_dir() else None
     if manifest is not None and manifest.is_file():
         try:
-            want = json.loads(manifest.read_text())["config"]["seeds"]["count"]
+            man = json.loads(manifest.read_text())
+            seeds = man.get("seeds") or man["config"].get("seeds") or {}
+            want = seeds.get("count", 0)
+            last = (man.get("runs") or [{}])[-1]
+            if last.get("seeds") and "finished" not in last:  # a run was killed: it asked for these too
+                want = max(want, last["seeds"]["count"])
             if len(src.items) < want:
                 src.warnings.append(f"{path} is an incomplete generate run: {len(src.items)} of {want} samples "
                                     "(rerun the generate command to finish it)")
@@ -561,13 +566,15 @@ def reference_statistics(reference, extractor: Extractor, ctx=None, *, cache_dir
             pass
     st = compute_statistics(src, extractor, ctx, batch_size=batch_size, kid_max_features=kid_max_features,
                             seed=seed, progress=progress)
+    info = {"source": "images", "cached": False, "cache_file": str(cache_file)}
     if ctx is None or ctx.is_main:
         try:
             save_statistics(cache_file, st, {"key": key_obj, "extractor": extractor.identity})
         except OSError as exc:
-            print(f"psld-fast fid: warning: could not cache the reference statistics in {cache_file}: {exc}",
-                  file=sys.stderr)
-    return st, {"source": "images", "cached": False, "cache_file": str(cache_file)}
+            info["cache_file"] = None  # never report a cache that was not written
+            info["warning"] = (f"the reference statistics were not cached ({cache_file.parent} is not writable: "
+                               f"{exc.strerror or exc}); use --cache-dir to pick a writable folder")
+    return st, info
 
 
 # --------------------------------------------------------------------------------------- fid

@@ -217,3 +217,27 @@ def test_inception_is_built_from_the_local_file_and_never_downloads(tmp_path, mo
     monkeypatch.setenv(F.ENV_WEIGHTS, str(weights))
     ex = F.make_extractor(F.INCEPTION, device="cpu")
     assert ex.dim == 2048 and ex.feature == "2048" and ex.identity["weights"]["file"] == F.INCEPTION_FILE
+
+
+def test_unwritable_cache_is_not_reported_as_cached(data, tmp_path, capsys):
+    from psld_fast.cli import main
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder would go")  # unwritable even for root
+    assert main(["fid", str(data / "A"), "--ref", str(data / "B"), "--extractor", F.RANDOM_CONV, "--device", "cpu",
+                 "--no-kid", "--cache-dir", str(blocker / "cache"), "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "FID " in cap.out and "cached in" not in cap.out and "were not cached" in cap.err
+
+
+def test_unwritable_json_is_refused_before_the_work(data, tmp_path, capsys, monkeypatch):
+    from psld_fast.cli import main
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    monkeypatch.setattr(F, "fid", lambda *a, **k: pytest.fail("fid ran although --json cannot be written"))
+    for flag in ("--json", "--save-stats"):
+        assert main(["fid", str(data / "A"), "--ref", str(data / "B"), "--extractor", F.RANDOM_CONV,
+                     flag, str(blocker / "r.json"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err and "is an existing file, not a folder" in err
