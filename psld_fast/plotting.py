@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["PlotUnavailable", "require_matplotlib", "save_figure", "INSTALL_HINT"]
+__all__ = ["PlotUnavailable", "require_matplotlib", "save_figure", "plain_log_labels", "INSTALL_HINT"]
 
 INSTALL_HINT = "pip install 'psld-fast[plot]' (or: pip install matplotlib)"
 
@@ -49,3 +49,12 @@ def save_figure(fig, path) -> Path:
 
         plt.close(fig)
 
+
+
+def plain_log_labels(ax) -> None:
+    """A log y axis labelled at 1, 2, 5 x 10^k as plain numbers (0.05, 0.1, 20), not 5x10^-2."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())

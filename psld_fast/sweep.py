@@ -371,7 +371,7 @@ def plot_sweep(path, rows, ylabel: str = "metric", title: str | None = None) -> 
     through the best lambda_s of each NFE (with the 95% interval as error bars when the rows have
     one); the other lambda_s values as small dots.  Format from the suffix (.png, .svg, .pdf).
     Raises :class:`psld_fast.plotting.PlotUnavailable` without matplotlib."""
-    from .plotting import require_matplotlib, save_figure
+    from .plotting import plain_log_labels, require_matplotlib, save_figure
 
     plt = require_matplotlib()
     series = _series(rows)
@@ -412,6 +412,7 @@ def plot_sweep(path, rows, ylabel: str = "metric", title: str | None = None) -> 
         ax.minorticks_off()
     if finite and min(finite) > 0 and max(finite) / min(finite) > 20:
         ax.set_yscale("log")
+        plain_log_labels(ax)
     if not finite:
         ax.text(0.5, 0.5, "no finite values (every cell diverged or was invalid)", transform=ax.transAxes,
                 ha="center", va="center")
