@@ -82,7 +82,7 @@ def register(sub) -> None:
     p = sub.add_parser(
         "sweep", help="sampler x NFE x lambda_s grid with a quality metric per cell (CSV, Markdown, PNG plot)",
         description="Quality per cell of a sampler x NFE x lambda_s (x net_time x schedule) grid: sliced W2 to the "
-                    "exact data law (95%% CI) for the analytic presets, FID for checkpoints (needs --ref and "
+                    "exact data law (95% CI) for the analytic presets, FID for checkpoints (needs --ref and "
                     "Inception weights). Writes sweep.csv (a row per finished cell; rerun to resume or to extend "
                     "the grid), sweep.md and sweep.png into --out.")
     _add_model_args(p)

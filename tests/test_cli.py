@@ -153,3 +153,46 @@ def test_sample_out_and_n_checked_before_sampling(tmp_path, capsys):
     blocker.write_text("")
     err = _err(capsys, ["sample", "--out", str(blocker / "a.png"), "--no-progress"])
     assert "is an existing file, not a folder" in err
+
+
+def test_help_texts_have_no_doubled_percent(capsys):
+    for cmd in ("compare", "sweep"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        text = capsys.readouterr().out
+        assert "95% CI" in text and "%%" not in text, text
+
+
+def test_compare_on_learned_digits_names_its_reference(capsys):
+    assert main(["compare", "--model", "learned-digits", "--samplers", "em", "--nfes", "11", "-n", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "sliced W2 to the 1797 training digits" in out and "exact data law" not in out
+
+
+def test_every_subcommand_takes_threads(capsys):
+    import torch
+
+    for cmd in ("sample", "compare", "info", "generate", "fid", "sweep", "train"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert "--threads" in capsys.readouterr().out, cmd
+    before = torch.get_num_threads()
+    try:
+        assert main(["info", "--threads", "1"]) == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "--threads 0: give an integer >= 1" in _err(capsys, ["info", "--threads", "0"])
+
+
+def test_default_threads_do_not_oversubscribe(monkeypatch):
+    import os
+
+    from psld_fast import cli_common
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.6, 1.0, 1.0))
+    assert cli_common.default_threads() == 1  # 2 cores, one busy with another job
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 1.0, 1.0))
+    assert cli_common.default_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert cli_common.default_threads() == min(2, __import__("torch").get_num_threads())

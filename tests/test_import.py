@@ -94,3 +94,13 @@ def test_cli_modules_import_alone():
     for mod in ("psld_fast.cli_common", "psld_fast.cli_generate", "psld_fast.cli_train", "psld_fast.cli"):
         out = _fresh(f"import {mod}")
         assert out.returncode == 0, (mod, out.stderr[-1500:])
+
+
+def test_the_suite_writes_no_user_cache():
+    import os
+
+    from psld_fast import fid
+
+    home_cache = os.path.join(os.path.expanduser("~"), ".cache")
+    assert not str(fid._cache_dir()).startswith(home_cache), fid._cache_dir()
+    assert not os.environ["TRITON_CACHE_DIR"].startswith(os.path.expanduser("~"))
