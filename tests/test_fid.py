@@ -99,7 +99,27 @@ def test_kid_matches_torch_fidelity_and_the_textbook_estimator(ex, data):
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
-    assert F._mmd2_poly(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+    one = F.kernel_inception_distance(x, y, subsets=1, subset_size=m)  # a permutation of the whole sets
+    assert one["kid_mean"] == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+
+
+def test_fid_is_torch_fidelitys_formula_on_our_streamed_statistics(ex, data):
+    """The metric arithmetic is torch-fidelity's (called, not re-implemented); the streamed float64
+    moments equal numpy's mean/cov of the same features."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    fa, fb = _direct_features(ex, data / "A"), _direct_features(ex, data / "B")
+    acc = F.FeatureAccumulator(fa.shape[1], torch.device("cpu"))
+    for i in range(0, len(fa), 7):
+        acc.add(torch.from_numpy(fa[i:i + 7]))
+    st = acc.result()
+    np.testing.assert_allclose(st["mu"], fa.astype(np.float64).mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(st["sigma"], np.cov(fa.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-12)
+    mb, sb = fb.astype(np.float64).mean(0), np.cov(fb.astype(np.float64), rowvar=False)
+    theirs = fid_statistics_to_metric({"mu": st["mu"], "sigma": st["sigma"]}, {"mu": mb, "sigma": sb}, False)
+    assert F.frechet_distance(st["mu"], st["sigma"], mb, sb) == theirs["frechet_inception_distance"]
+    with pytest.raises(ValueError, match="different dimensions"):
+        F.frechet_distance(st["mu"], st["sigma"], mb[:3], sb[:3, :3])
 
 
 def test_png_tree_and_npz_shards_give_the_same_statistics(data, ex):
