@@ -220,6 +220,12 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    import warnings
+
+    def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"psld-fast {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    previous, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
         apply_threads(args)
         if getattr(args, "device", None):  # every subcommand: checked before anything is loaded
@@ -233,6 +239,8 @@ def main(argv=None) -> int:
             text += f": {exc.filename}"
         print(f"psld-fast {args.command}: error: {text}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

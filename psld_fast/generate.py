@@ -440,6 +440,11 @@ def generate(model, out_dir, seeds, *, fmt: str = "png", batch_size: int | None 
     batch_size = batch_size or 256
     sample_kwargs.setdefault("sampler", "reduced_oba")
     sample_kwargs.setdefault("nfe", 50)
+    from .guards import MAX_NFE, as_count
+
+    sample_kwargs["nfe"] = as_count(sample_kwargs["nfe"], "nfe")
+    if sample_kwargs["nfe"] > MAX_NFE:  # checked before the program is compiled below
+        raise ValueError(f"nfe={sample_kwargs['nfe']} is above the limit of {MAX_NFE} network evaluations per sample")
 
     if device is None:  # the model's device; under torchrun a CUDA model goes to cuda:LOCAL_RANK
         device = _model_device(model)

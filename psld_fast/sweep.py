@@ -114,7 +114,11 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
     from .generate import model_identity
     from .models import GaussianMixture
 
-    samplers, nfes = list(samplers), [int(v) for v in nfes]
+    from .guards import MAX_NFE, as_count
+
+    samplers, nfes = list(samplers), [as_count(v, "nfe") for v in nfes]
+    if max(nfes, default=0) > MAX_NFE:
+        raise ValueError(f"nfe={max(nfes)} is above the limit of {MAX_NFE} network evaluations per sample")
     lambdas, net_times, schedules = list(lambdas), list(net_times), list(schedules)
     if not (samplers and nfes and lambdas and net_times and schedules):
         raise ValueError("sweep: every grid axis needs at least one value")

@@ -196,3 +196,21 @@ def test_default_threads_do_not_oversubscribe(monkeypatch):
     assert cli_common.default_threads() == 1
     monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.0, 0.0))
     assert cli_common.default_threads() == min(2, __import__("torch").get_num_threads())
+
+
+def test_budget_and_divergence_on_the_command_line(tmp_path, capsys):
+    import warnings
+
+    for cmd in (["sample", "--out", str(tmp_path / "a.png")], ["generate", "--seeds", "0-1", "--out", str(tmp_path / "g")],
+                ["sweep", "--model", "ring2d", "--nfes", "4", "--out", str(tmp_path / "s")]):
+        err = _err(capsys, cmd + ["--nfe" if cmd[0] != "sweep" else "--nfes", "1000000000", "--no-progress"])
+        assert "above the limit of 100000" in err, err
+    err = _err(capsys, ["sample", "-n", "1000000000000", "--batch-size", "4", "--no-progress",
+                        "--out", str(tmp_path / "b.png")])
+    assert "GiB are available" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["sample", "--nfe", "5", "-n", "8", "--no-progress", "--no-quality",
+                     "--out", str(tmp_path / "c.png")]) == 0
+    err = capsys.readouterr().err
+    assert "psld-fast sample: warning: sampling left the data range" in err and "Traceback" not in err
