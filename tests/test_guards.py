@@ -84,3 +84,11 @@ def test_caller_stacklevel_helper():
         warnings.simplefilter("always")
         guards.warn_at_caller("x")
     assert caught[0].filename == __file__
+
+
+def test_callback_payload_matches_the_docstring(gauss):
+    seen = []
+    pf.sample(gauss, 5, nfe=11, batch_size=2, progress=False, callback=lambda d: seen.append(d))
+    assert {"stage", "nfe", "tau", "u", "batch_start"} <= set(seen[0])
+    assert sorted({d["batch_start"] for d in seen}) == [0, 2, 4]
+    assert "batch_start" in pf.sample.__doc__
