@@ -399,7 +399,8 @@ def generate(model, out_dir, seeds, *, fmt: str = "png", batch_size: int | None 
         seeds: iterable of int seeds (duplicates are dropped, order kept).
         fmt: ``"png"`` (image models) or ``"npz"`` (shards of ``shard_size`` seed values).
         batch_size: samples per :func:`psld_fast.sample` call (default 256); does not change the files.
-        force: take over a folder whose manifest holds another configuration.
+        force: take over a folder whose manifest holds another configuration (its sample files are
+            deleted: a folder never mixes two configurations).
         progress: progress bar with ETA on rank 0 (tqdm if importable).
         device: where to sample (default: the model's device; ``cuda:LOCAL_RANK`` under torchrun).
         source: free-form description recorded in the manifest (e.g. ``{"checkpoint": path}``).

@@ -103,6 +103,8 @@ def check_memory(num_samples: int, batch_size: int, shape, dtype: torch.dtype, d
     result = num_samples * (per_sample + 8)                 # x, m and the int64 seed of every sample
     working = 4 * batch_size * per_sample                   # state u, eps, a copy for the result, slack
     need = result + working
+    if need < 2 ** 28:  # under 256 MiB: not worth a look at the device's memory on every call
+        return
     avail = _available_bytes(device)
     if avail is not None and need > avail:
         gib = 2.0 ** 30
