@@ -13,6 +13,11 @@ import json
 import sys
 from pathlib import Path
 
+from ._io import write_atomic
+from .cli_common import DTYPES as _DTYPES
+from .cli_common import (add_model_args, add_sampler_args, add_threads_arg, check_writable_dir, check_writable_file,
+                         load_model, parse_seeds, sampler_kwargs)
+
 __all__ = ["register"]
 
 
@@ -21,8 +26,6 @@ def _csv(text: str) -> list[str]:
 
 
 def register(sub) -> None:
-    from .cli_common import add_threads_arg
-    from .cli_common import add_model_args as _add_model_args, add_sampler_args as _add_sampler_args, parse_seeds
     from .samplers import LAMBDA_READINGS, SPLITS
 
     # ----------------------------------------------------------------------------- generate
@@ -32,8 +35,8 @@ def register(sub) -> None:
                     "or npz shards of --shard-size seeds. Rerun the same command to resume a killed run. "
                     "Under torchrun (e.g. torchrun --nproc-per-node 8 -m psld_fast generate ...) the seeds are "
                     "split across ranks; the files are the same for any number of processes and any batch size.")
-    _add_model_args(p)
-    _add_sampler_args(p)
+    add_model_args(p)
+    add_sampler_args(p)
     p.add_argument("--seeds", type=parse_seeds, required=True, help="seed range, e.g. 0-49999 (inclusive)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default out/<model>_<sampler>_nfe<nfe>)")
     p.add_argument("--format", dest="fmt", choices=["png", "npz"], default="png",
@@ -85,7 +88,7 @@ def register(sub) -> None:
                     "exact data law (95% CI) for the analytic presets, FID for checkpoints (needs --ref and "
                     "Inception weights). Writes sweep.csv (a row per finished cell; rerun to resume or to extend "
                     "the grid), sweep.md and sweep.png into --out.")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--samplers", default="em,reduced_oba,reduced_obab", help="comma-separated sampler names")
     p.add_argument("--nfes", default="10,20,50,100", help="comma-separated NFE budgets")
     p.add_argument("--lambdas", default="default",
@@ -111,9 +114,7 @@ def register(sub) -> None:
 
 # --------------------------------------------------------------------------------------- handlers
 def _model_and_source(args):
-    from .cli_common import load_model as _load_model
-
-    model = _load_model(args)
+    model = load_model(args)
     if args.checkpoint is not None:
         return model, {"checkpoint": str(Path(args.checkpoint).resolve())}, Path(args.checkpoint).stem
     return model, {"preset": args.model}, args.model
@@ -122,10 +123,7 @@ def _model_and_source(args):
 def cmd_generate(args) -> int:
     import torch
 
-    from .cli_common import DTYPES as _DTYPES, sampler_kwargs as _sampler_kwargs
     from .generate import generate
-
-    from .cli_common import check_writable_dir, check_writable_file
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.json:
@@ -139,7 +137,7 @@ def cmd_generate(args) -> int:
     summary = generate(model, out, args.seeds, fmt=args.fmt, batch_size=args.batch_size,
                        shard_size=args.shard_size, force=args.force, progress=not args.no_progress,
                        device=device, source=source, sampler=args.sampler, nfe=args.nfe,
-                       backend=args.backend, dtype=_DTYPES[args.dtype], **_sampler_kwargs(args))
+                       backend=args.backend, dtype=_DTYPES[args.dtype], **sampler_kwargs(args))
     if _rank() == 0:
         s = summary
         print(f"generate   {name} {tuple(model.shape)}  {args.sampler}  NFE {s['nfe']}  {s['format']}  "
@@ -151,8 +149,7 @@ def cmd_generate(args) -> int:
         print(f"time       {s['seconds']:.2f} s ({rate}{per_k})")
         print(f"wrote      {s['out_dir']}")
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(s, indent=2) + "\n")
+            write_atomic(args.json, (json.dumps(s, indent=2) + "\n").encode())
     return 0
 
 
@@ -170,7 +167,6 @@ def _rank() -> int:
 
 
 def cmd_fid(args) -> int:
-    from .cli_common import check_writable_file
     from .fid import fid
 
     for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):  # before the expensive work
@@ -195,20 +191,16 @@ def cmd_fid(args) -> int:
             print(f"reference  statistics {'read from' if res['reference_cached'] else 'cached in'} "
                   f"{res['reference_cache_file']} (usable as --ref)")
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(res, indent=2) + "\n")
+            write_atomic(args.json, (json.dumps(res, indent=2) + "\n").encode())
     return 0
 
 
 def cmd_sweep(args) -> int:
     import torch
 
-    from .cli_common import DTYPES as _DTYPES
     from .sweep import sweep
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    from .cli_common import check_writable_dir
-
     if args.out is not None:
         check_writable_dir(args.out, "--out")
     model, source, name = _model_and_source(args)

@@ -7,7 +7,6 @@ tables (``psld-fast sweep``, ``bench/compare_learned.py``) catch it and keep the
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 __all__ = ["PlotUnavailable", "require_matplotlib", "save_figure", "plain_log_labels", "INSTALL_HINT"]

@@ -33,7 +33,6 @@ import time
 from itertools import product
 from pathlib import Path
 
-import numpy as np
 import torch
 
 __all__ = ["sweep", "plot_sweep", "write_markdown", "read_rows", "FIELDS"]
