@@ -554,9 +554,22 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
     written, batch_no = 0, 0
     t0 = time.perf_counter()
 
+    warned: set[str] = set()
+
     def run(batch_seeds):
-        res = sample(model, len(batch_seeds), seeds=batch_seeds, device=dev, batch_size=len(batch_seeds),
-                     progress=False, **kwargs)
+        import warnings
+
+        from .guards import warn_at_caller
+
+        with warnings.catch_warnings(record=True) as caught:  # a run warns once, not once per batch
+            warnings.simplefilter("always")
+            res = sample(model, len(batch_seeds), seeds=batch_seeds, device=dev, batch_size=len(batch_seeds),
+                         progress=False, **kwargs)
+        for w in caught:
+            key = f"{w.category.__name__}:{str(w.message)[:40]}"
+            if key not in warned:
+                warned.add(key)
+                warn_at_caller(w.message, w.category)
         return res.x
 
     def done_batch(batch_seeds, files):

@@ -255,3 +255,13 @@ def test_sigkill_then_rerun_completes_identically(tmp_path, reference_png):
     assert _tree(out) == reference_png and not list(out.rglob("*.tmp"))
     runs = json.loads((out / "manifest.json").read_text())["runs"]
     assert runs[-1]["written"] == len(SEEDS) - n_before and runs[-1]["skipped"] == n_before
+
+
+def test_a_diverging_run_warns_once_not_per_batch(tmp_path, digits):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(digits, tmp_path / "w", list(range(12)), nfe=5, batch_size=3, progress=False)
+    data = [w for w in caught if "left the data range" in str(w.message)]
+    assert len(data) == 1 and data[0].filename == __file__
