@@ -231,18 +231,20 @@ def sampler_kwargs(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------- output paths
-def check_writable_dir(folder: Path, what: str = "output folder") -> None:
+def check_writable_dir(folder: Path, what: str = "output folder", _file: Path | None = None) -> None:
     """ValueError unless ``folder`` is (or can be created as) a writable folder."""
     folder = Path(folder)
+    head = f"{what} {_file if _file is not None else folder}"
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{what} {folder} is an existing file, not a folder; choose another path")
+        raise ValueError(f"{head}: {folder} is an existing file, not a folder; choose another path"
+                         if _file is not None else f"{head} is an existing file, not a folder; choose another path")
     probe = folder
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise ValueError(f"{what} {folder}: {probe} is a file, not a folder")
+        raise ValueError(f"{head}: {probe} is an existing file, not a folder; choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {folder}: {probe} is not writable; choose a writable location")
+        raise ValueError(f"{head}: {probe} is not writable; choose a writable location")
 
 
 def check_writable_file(path: Path, suffixes: tuple[str, ...] | None = None, what: str = "output file") -> None:
@@ -256,4 +258,4 @@ def check_writable_file(path: Path, suffixes: tuple[str, ...] | None = None, wha
                          f"{', '.join(suffixes)}")
     if path.exists() and not os.access(path, os.W_OK):
         raise ValueError(f"{what} {path} exists and is not writable")
-    check_writable_dir(path.parent if str(path.parent) else Path("."), what=f"folder of the {what}")
+    check_writable_dir(path.parent if str(path.parent) else Path("."), what=what, _file=path)
