@@ -214,3 +214,15 @@ def test_budget_and_divergence_on_the_command_line(tmp_path, capsys):
                      "--out", str(tmp_path / "c.png")]) == 0
     err = capsys.readouterr().err
     assert "psld-fast sample: warning: sampling left the data range" in err and "Traceback" not in err
+
+
+def test_unwritable_output_folder_is_refused_before_sampling(tmp_path, capsys, monkeypatch):
+    import os
+
+    from psld_fast import cli_common
+
+    monkeypatch.setattr(cli_common.os, "access", lambda path, mode: False)  # as a non-root user on a read-only dir
+    monkeypatch.setattr("psld_fast.cli.sample", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    err = _err(capsys, ["sample", "--out", str(tmp_path / "sub" / "a.png"), "--no-progress"])
+    assert f"{tmp_path} is not writable" in err
+    assert os.path.isdir(tmp_path)
