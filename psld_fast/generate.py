@@ -482,8 +482,24 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
 
     dtype = sample_kwargs.get("dtype", torch.float32)
     backend = resolve_backend(sample_kwargs.get("backend", "auto"), dev, dtype=dtype)
-    program = compile_sampler(sample_kwargs["sampler"], model.sde, sample_kwargs["nfe"],
-                              **{k: v for k, v in sample_kwargs.items() if k in _PROGRAM_KEYS})
+    import warnings as _warnings
+
+    from .guards import warn_at_caller
+
+    warned: set[str] = set()  # a run says each warning once, at the caller's line, not once per batch
+
+    def rewarn(caught):
+        for w in caught:
+            key = f"{w.category.__name__}:{str(w.message)[:40]}"
+            if key not in warned:
+                warned.add(key)
+                warn_at_caller(w.message, w.category)
+
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        program = compile_sampler(sample_kwargs["sampler"], model.sde, sample_kwargs["nfe"],
+                                  **{k: v for k, v in sample_kwargs.items() if k in _PROGRAM_KEYS})
+    rewarn(caught)
     # ---- rank 0: manifest and the list of work that is left; everyone else waits for it
     payload = None
     if ctx.is_main:
@@ -554,22 +570,12 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
     written, batch_no = 0, 0
     t0 = time.perf_counter()
 
-    warned: set[str] = set()
-
     def run(batch_seeds):
-        import warnings
-
-        from .guards import warn_at_caller
-
-        with warnings.catch_warnings(record=True) as caught:  # a run warns once, not once per batch
-            warnings.simplefilter("always")
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
             res = sample(model, len(batch_seeds), seeds=batch_seeds, device=dev, batch_size=len(batch_seeds),
                          progress=False, **kwargs)
-        for w in caught:
-            key = f"{w.category.__name__}:{str(w.message)[:40]}"
-            if key not in warned:
-                warned.add(key)
-                warn_at_caller(w.message, w.category)
+        rewarn(caught)
         return res.x
 
     def done_batch(batch_seeds, files):

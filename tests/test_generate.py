@@ -265,3 +265,8 @@ def test_a_diverging_run_warns_once_not_per_batch(tmp_path, digits):
         generate(digits, tmp_path / "w", list(range(12)), nfe=5, batch_size=3, progress=False)
     data = [w for w in caught if "left the data range" in str(w.message)]
     assert len(data) == 1 and data[0].filename == __file__
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(digits, tmp_path / "u", list(range(6)), nfe=5, split="additive", batch_size=3, progress=False)
+    unstable = [w for w in caught if "friction unstable" in str(w.message)]
+    assert len(unstable) == 1 and unstable[0].filename == __file__
