@@ -395,10 +395,10 @@ def plot_sweep(path, rows, ylabel: str = "metric", title: str | None = None) -> 
             if b is not None:
                 best.append((nfe, b[1], _f(b[2].get("lo", "")), _f(b[2].get("hi", "")), b[0]))
         label = _label(key, keys)
+        dodge = 1.0 + 0.025 * (k - (len(keys) - 1) / 2)  # series side by side around each NFE (log axis)
         if others_x:
-            ax.plot(others_x, others_y, "o", color=color, alpha=0.4, markersize=3.5)
-        if best:  # series side by side around each NFE (a few percent on the log axis) so bars stay apart
-            dodge = 1.0 + 0.025 * (k - (len(keys) - 1) / 2)
+            ax.plot([v * dodge for v in others_x], others_y, "o", color=color, alpha=0.4, markersize=3.5)
+        if best:
             x = [b[0] * dodge for b in best]
             y = [b[1] for b in best]
             if all(math.isfinite(b[2]) and math.isfinite(b[3]) for b in best):
