@@ -63,63 +63,49 @@ def _fmt(q):
 
 
 # ------------------------------------------------------------------------------------- plotting
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127)]
-
-
 def line_plot(series: dict, path: Path, title: str, ylabel: str, xs_all, logy=False, floor=None):
-    """Tiny PIL line plot: series = {label: [(x, y, lo, hi), ...]} with error bars; x on a log axis."""
-    from PIL import Image, ImageDraw
+    """matplotlib line plot: series = {label: [(x, y, lo, hi), ...]}, the 95% bootstrap interval
+    [lo, hi] as error bars where known; x (NFE) on a log axis; an optional data-floor line (the
+    metric between two independent draws of the data law itself).  Skipped with a note when
+    matplotlib is not installed (the CSV/Markdown results are complete without it)."""
+    from psld_fast.plotting import PlotUnavailable, plain_log_labels, require_matplotlib, save_figure
 
-    W, H, L, R, Tm, B = 760, 480, 70, 190, 40, 50
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    ys = [v for s in series.values() for p in s for v in p[1:] if v is not None and math.isfinite(v)]
-    if floor is not None:
-        ys.append(floor)
-    if not ys:
+    try:
+        plt = require_matplotlib()
+    except PlotUnavailable as exc:
+        print(f"compare_learned: {path.name} not drawn: {exc}", file=sys.stderr)
         return
-    ylo, yhi = min(ys), max(ys)
-    ylo, yhi = (math.log10(max(ylo, 1e-6)), math.log10(yhi)) if logy else (0.0, yhi * 1.05)
-    if yhi <= ylo:
-        yhi = ylo + 1
-    xl, xh = math.log10(min(xs_all)) - 0.05, math.log10(max(xs_all)) + 0.05
-
-    def X(x):
-        return L + (math.log10(x) - xl) / (xh - xl) * (W - L - R)
-
-    def Y(y):
-        v = math.log10(max(y, 1e-6)) if logy else y
-        return H - B - (v - ylo) / (yhi - ylo) * (H - Tm - B)
-
-    d.rectangle([L, Tm, W - R, H - B], outline="black")
-    for x in xs_all:
-        d.line([X(x), H - B, X(x), H - B + 5], fill="black")
-        d.text((X(x) - 8, H - B + 8), str(x), fill="black")
-    for k in range(6):
-        v = ylo + k * (yhi - ylo) / 5
-        y = H - B - k * (H - Tm - B) / 5
-        d.line([L - 5, y, L, y], fill="black")
-        d.text((5, y - 6), f"{10 ** v if logy else v:.3g}", fill="black")
-    d.text((L, 10), title, fill="black")
-    d.text((W // 2 - 40, H - 18), "NFE (log)", fill="black")
-    d.text((5, Tm - 20), ylabel, fill="black")
-    if floor is not None:
-        d.line([L, Y(floor), W - R, Y(floor)], fill=(160, 160, 160), width=1)
-        d.text((W - R - 80, Y(floor) - 12), "data floor", fill=(120, 120, 120))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    n = len(series)
     for i, (label, pts) in enumerate(series.items()):
-        c = _COLORS[i % len(_COLORS)]
-        pts = [p for p in pts if p[1] is not None]
-        for a, b in zip(pts, pts[1:]):
-            d.line([X(a[0]), Y(a[1]), X(b[0]), Y(b[1])], fill=c, width=2)
-        for x, y, lo, hi in pts:
-            d.ellipse([X(x) - 3, Y(y) - 3, X(x) + 3, Y(y) + 3], fill=c)
-            if lo is not None:
-                d.line([X(x), Y(lo), X(x), Y(hi)], fill=c, width=1)
-        d.line([W - R + 10, Tm + 15 + 18 * i, W - R + 30, Tm + 15 + 18 * i], fill=c, width=3)
-        d.text((W - R + 35, Tm + 9 + 18 * i), label, fill="black")
+        pts = [p for p in pts if p[1] is not None and math.isfinite(p[1])]
+        if not pts:
+            continue
+        dodge = 1.0 + 0.02 * (i - (n - 1) / 2)  # series side by side so the error bars stay apart
+        x = [p[0] * dodge for p in pts]
+        y = [p[1] for p in pts]
+        if all(p[2] is not None and p[3] is not None for p in pts):
+            err = [[max(p[1] - p[2], 0.0) for p in pts], [max(p[3] - p[1], 0.0) for p in pts]]
+            ax.errorbar(x, y, yerr=err, fmt="o-", color=f"C{i % 10}", capsize=3, markersize=4, linewidth=1.6,
+                        label=label)
+        else:
+            ax.plot(x, y, "o-", color=f"C{i % 10}", markersize=4, linewidth=1.6, label=label)
+    if floor is not None:
+        ax.axhline(floor, color="0.5", ls="--", lw=1, label="data floor (law vs itself)")
+    ax.set_xscale("log")
+    ax.set_xticks(list(xs_all))
+    ax.set_xticklabels([str(v) for v in xs_all])
+    ax.minorticks_off()
+    if logy:
+        ax.set_yscale("log")
+        plain_log_labels(ax)
+    ax.set_xlabel("NFE (network evaluations per sample, log scale)")
+    ax.set_ylabel(f"{ylabel} (lower is better)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=9, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    save_figure(fig, path)
 
 
 # -------------------------------------------------------------------------------------- ring2d
@@ -378,7 +364,7 @@ def compare_digits(args, out: Path):
     lines += [f"Grids (64 samples, NFE {args.grid_nfe}, lambda_s {lambdas[0]:g}): "
               + ", ".join(f"`learned_digits_{s}_nfe{args.grid_nfe}.png`" for s in samplers)]
     (out / "learned_digits.md").write_text("\n".join(lines) + "\n")
-    for metric, col, logy in (("SW", 0, False), ("FD-dig", 1, True)):
+    for metric, col, logy in (("SW", 0, True), ("FD-dig", 1, True)):
         series = {}
         for s in samplers:
             lam = 1.0 if s == "sscs" else lambdas[0]
@@ -449,7 +435,7 @@ def replot(args, out: Path):
         return
     lam = float(args.lambdas.split(",")[0])
     nfes = sorted({int(r["nfe"]) for r in rows})
-    for metric, key, logy in (("SW", "sw", False), ("FD-dig", "fd_dig", True)):
+    for metric, key, logy in (("SW", "sw", True), ("FD-dig", "fd_dig", True)):
         series = {}
         for r in rows:
             if float(r["lambda_s"]) == (1.0 if r["sampler"] == "sscs" else lam):

@@ -2,8 +2,11 @@
 
 Reduced splitting integrators (Pandey, Rudolph & Mandt, ICLR 2024) and their baselines, compiled to
 per-NFE affine stages and run by fused kernels.  Importing the package is cheap: it neither
-initialises CUDA nor needs Triton or the compiled extension (those are loaded on first use).
+initialises CUDA nor needs Triton or the compiled extension; it defines the op schemas
+``torch.ops.psld_fast.affine_step_`` (in place) and ``torch.ops.psld_fast.affine_step`` (functional)
+and registers the compiled CPU/CUDA kernels when they were built (Triton is loaded on first use).
 """
+from . import ops  # noqa: F401  defines torch.ops.psld_fast.affine_step_ / affine_step (cheap: no CUDA, no Triton)
 from .api import DEFAULT_SEED, SampleResult, make_seeds, sample
 from .grids import SCHEDULES, time_grid
 from .models import EpsModel, GaussianMixture, ScoreModelAdapter, get_preset

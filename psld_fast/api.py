@@ -6,12 +6,15 @@ is accumulated on the device and read once at the end of a batch.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from .guards import MAX_NFE, as_count, check_data_range, check_memory, seeds_int64, warn_at_caller
 from .models import EpsModel
 from .program import Program
 from .samplers import ALL_SAMPLERS, compile_sampler
@@ -47,13 +50,8 @@ class SampleResult:
 
 def make_seeds(num_samples: int, seeds=None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-sample int64 seeds: given ones (checked), drawn from ``generator``, or the default range."""
-    if seeds is not None:
-        seeds = torch.as_tensor(seeds)
-        if seeds.dim() != 1 or seeds.shape[0] != num_samples:
-            raise ValueError(f"seeds: expected {num_samples} seeds (one per sample), got shape {tuple(seeds.shape)}")
-        if seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
-            raise ValueError(f"seeds must be integers, got {seeds.dtype}")
-        return seeds.to(torch.int64).cpu()
+    if seeds is not None:  # any int64 value (negative ones included); out-of-range values are refused
+        return seeds_int64(seeds, num_samples)
     if generator is not None:
         return torch.randint(-(2**63), 2**63 - 1, (num_samples,), generator=generator, dtype=torch.int64)
     return DEFAULT_SEED + torch.arange(num_samples, dtype=torch.int64)
@@ -61,6 +59,12 @@ def make_seeds(num_samples: int, seeds=None, generator: torch.Generator | None =
 
 def _as_model(model, sde, shape) -> EpsModel:
     if isinstance(model, EpsModel):
+        if shape is not None or sde is not None:  # a shallow copy: the caller's model is never changed
+            model = copy.copy(model)
+            model.__dict__ = dict(model.__dict__)
+            for k in ("_modules", "_parameters", "_buffers"):
+                if isinstance(model.__dict__.get(k), dict):
+                    model.__dict__[k] = dict(model.__dict__[k])
         if shape is not None:
             model.shape = tuple(shape)
         if sde is not None:
@@ -92,7 +96,8 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         sampler: one of ``psld_fast.ALL_SAMPLERS``.
         nfe: network-evaluation budget ``N * evals_per_step + 1`` (the +1 is the denoising step);
             the result reports the NFE actually spent.
-        schedule: "quadratic", "uniform", "cubic", "logsnr", "power:<p>" or an array of N+1 times.
+        schedule: "quadratic", "uniform", "cubic", "logsnr", "power:<p>" or an array of the N+1
+            reverse times t_0 = 0 < t_1 < ... < t_N = T - eps_end (reverse time t = T - tau).
         lambda_s: x-noise scale (default 1: the reverse SDE); ``lambda_reading`` "marginal" | "noise".
         net_time: "start" | "end" (time conditioning of calls made after O; default per sampler).
         split: "additive" (spec 4.3 default reading: O adds noise) | "ou" (O is the exact OU friction
@@ -100,19 +105,24 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         coupling: "sequential" | "joint": how one call serves consecutive A and B sub-steps
             (reduced samplers; default per sampler, chosen by the protocol).
         lambda_form: "std" (lambda_s scales the x-noise std) | "var" (it scales the variance).
-        seeds: (num_samples,) int64, one per sample; else drawn from ``generator``; else 0..N-1.
+        seeds: (num_samples,) integers in the int64 range, one per sample (negative seeds are valid; a
+            repeated seed gives the same sample again); else drawn from ``generator``; else 0..N-1.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton" (env ``PSLD_FAST_BACKEND``).
         dtype: state dtype (float32 default; float16/bfloat16 on the kernels; float64 reference).
         batch_size: samples per batch (default: all at once, up to 1024).
-        callback: called after every stage with a dict (stage, nfe, tau, u, batch).
+        callback: called after every stage with a dict (stage, nfe, tau, u, batch_start: the index of
+            the batch's first sample).
         cuda_graph: "auto" (replay each batch from a CUDA graph on a GPU with a kernel backend),
             True, or False (eager); CPU runs are always eager (see :mod:`psld_fast.graphs`).
     Returns:
         :class:`SampleResult`.  Equivalent to :func:`psld_fast.reference.run_reference` with the
         Philox noise of :mod:`psld_fast.rng` (tested pathwise).
     """
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    num_samples = as_count(num_samples, "num_samples")
+    nfe = as_count(nfe, "nfe")
+    if nfe > MAX_NFE:
+        raise ValueError(f"nfe={nfe} is above the limit of {MAX_NFE} network evaluations per sample "
+                         "(psld_fast.guards.MAX_NFE); the samplers converge long before that")
     if sampler not in ALL_SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(ALL_SAMPLERS)}")
     if dtype not in _STATE_DTYPES:
@@ -121,10 +131,15 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     model = _as_model(model, sde, shape)
     device = _check_device(model, device)
+    check_memory(num_samples, min(batch_size or 1024, num_samples), model.shape, dtype, device)
     t0 = time.perf_counter()
-    program = compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lambda_s,
-                              lambda_reading=lambda_reading, net_time=net_time, denoise=denoise, split=split,
-                              coupling=coupling, lambda_form=lambda_form)
+    with warnings.catch_warnings(record=True) as caught:  # re-issued at the caller's line below
+        warnings.simplefilter("always")
+        program = compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lambda_s,
+                                  lambda_reading=lambda_reading, net_time=net_time, denoise=denoise, split=split,
+                                  coupling=coupling, lambda_form=lambda_form)
+    for w in caught:
+        warn_at_caller(w.message, w.category)
     if program.nfe != nfe:
         log.info("sampler %s: nfe=%d does not fit %s; spending %d", sampler, nfe,
                  "N * evals_per_step + 1", program.nfe)
@@ -158,7 +173,10 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     if bar is not None:
         bar.close()
     timings = {"compile": t_compile, "sampling": t_run, "total": time.perf_counter() - t0}
-    return SampleResult(x=torch.cat(xs), m=torch.cat(ms), nfe=program.nfe, seeds=all_seeds,
+    x = torch.cat(xs)
+    check_data_range(x, sampler=sampler, nfe=program.nfe, scale=float(getattr(model, "data_scale", 1.0)),
+                     split=program.info.get("split"))
+    return SampleResult(x=x, m=torch.cat(ms), nfe=program.nfe, seeds=all_seeds,
                         timings=timings, sampler=sampler, backend=backend, program_info=program.info)
 
 

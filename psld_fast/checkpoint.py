@@ -57,27 +57,46 @@ def _name(path: Any) -> str:
         return repr(path)
 
 
-def _read(path: Any, map_location: Any, weights_only: bool) -> Any:
+def _read(path: Any, map_location: Any, weights_only: bool, api_hint: bool = True) -> Any:
+    """torch.load with one-line errors naming the file (never torch's multi-line advice).  ``api_hint``:
+    a file with Python objects mentions this API's ``weights_only=False`` (not said on the command line)."""
     if isinstance(path, Mapping):  # already loaded
         return path
+    if isinstance(path, (str, os.PathLike)):
+        p = os.fspath(path)
+        if os.path.isdir(p):
+            raise CheckpointError(f"{p} is a directory; give the checkpoint file inside it (e.g. {p}/last.ckpt)")
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p}: no such checkpoint file")
+        if os.path.getsize(p) == 0:
+            raise CheckpointError(f"{p} is empty (0 bytes): not a PyTorch checkpoint")
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except OSError:
-        raise
     except pickle.UnpicklingError as e:
         if weights_only and "weights only load failed" in str(e).lower():
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            detail = [ln for ln in lines if "Unsupported global" in ln or "WeightsUnpickler error" in ln]
-            first = (detail or lines or [type(e).__name__])[0]
-            first = first.replace("\x1b[1m", "").replace("\x1b[0m", "")[:300]
-            raise CheckpointError(
-                f"{_name(path)}: the file holds non-tensor Python objects that torch.load refuses to "
-                f"unpickle with weights_only=True ({first}). Pass weights_only=False ONLY if you trust the "
-                "file: unpickling can run arbitrary code."
-            ) from e
-        raise CheckpointError(f"{_name(path)}: not a readable PyTorch checkpoint (UnpicklingError: {e})") from e
-    except Exception as e:  # corrupt / truncated / not a torch file
-        raise CheckpointError(f"{_name(path)}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+            detail = [ln for ln in lines if "Unsupported global" in ln]
+            if detail:
+                first = detail[0].replace("\x1b[1m", "").replace("\x1b[0m", "")
+                first = first[first.index("Unsupported global"):].split(" was not an allowed")[0][:120]
+                hint = (" Pass weights_only=False to load_psld_checkpoint ONLY if you trust the file: unpickling "
+                        "can run arbitrary code.") if api_hint else ""
+                raise CheckpointError(
+                    f"{_name(path)}: the file holds non-tensor Python objects ({first}); psld-fast reads "
+                    f"weights only and refuses it.{hint}") from None
+        raise CheckpointError(f"{_name(path)} is not a PyTorch checkpoint (neither a torch.save zip archive "
+                              "nor a tensor pickle)") from None
+    except (EOFError, RuntimeError) as e:
+        msg = str(e).lower()
+        if isinstance(e, EOFError) or "zip archive" in msg or "central directory" in msg:
+            raise CheckpointError(f"{_name(path)} is truncated or corrupt (not a complete torch.save archive)") from None
+        raise CheckpointError(f"{_name(path)} is not a readable PyTorch checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except OSError:
+        raise
+    except Exception as e:  # anything else a malformed file triggers inside torch.load
+        raise CheckpointError(f"{_name(path)} is not a readable PyTorch checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 
 def _prefix_counts(keys) -> dict[str, int]:

@@ -16,76 +16,20 @@ import torch
 
 from . import __version__
 from .api import sample
-from .learned import LEARNED
-from .models import PRESETS, GaussianMixture, get_preset
-from .samplers import ALL_SAMPLERS, COUPLINGS, LAMBDA_FORMS, LAMBDA_READINGS, NET_TIMES, SAMPLER_SPECS, SPLITS
+from .cli_common import DTYPES as _DTYPES
+from .cli_common import (OneLineParser, add_model_args, add_sampler_args, add_threads_arg, apply_threads, check_writable_file,
+                         join_negative_seeds, load_model, parse_seeds, resolve_device, sampler_kwargs)
+from .models import GaussianMixture, get_preset
+from .samplers import ALL_SAMPLERS, SAMPLER_SPECS
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+__all__ = ["main", "build_parser", "parse_seeds"]
 
-
-def parse_seeds(text: str) -> list[int]:
-    """'0-63', '5', '1,4,9' or '0-9,100-109' -> list of ints (ranges inclusive)."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-                lo_i, hi_i = int(lo), int(hi)
-                if hi_i < lo_i:
-                    raise ValueError
-                seeds.extend(range(lo_i, hi_i + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad seed list {text!r}: use e.g. 0-63 or 1,5,9") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError("empty seed list")
-    return seeds
-
-
-def _add_model_args(p: argparse.ArgumentParser):
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="digits", choices=sorted(PRESETS) + [f"learned-{k}" for k in LEARNED],
-                   help="embedded model (default: digits). Analytic: " +
-                        "; ".join(f"{k}: {v[1]}" for k, v in PRESETS.items()) +
-                        ". Learned (small networks trained with psld-fast train): " +
-                        ", ".join(f"learned-{k}" for k in LEARNED))
-    g.add_argument("--checkpoint", type=Path, default=None,
-                   help="a PSLD checkpoint to sample from instead: an official PSLD Lightning .ckpt "
-                        "(NCSN++) or one written by psld-fast train")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="state dtype")
-    g.add_argument("--backend", default=None, choices=["auto", "reference", "cpu", "cuda", "triton"],
-                   help="fused-step implementation (default: $PSLD_FAST_BACKEND, else auto)")
-
-
-def _add_sampler_args(p: argparse.ArgumentParser, single=True):
-    g = p.add_argument_group("sampler")
-    if single:
-        g.add_argument("--sampler", default="reduced_oba", choices=ALL_SAMPLERS)
-        g.add_argument("--nfe", type=int, default=50, help="network evaluations per sample, incl. the final denoising step")
-    g.add_argument("--lambda-s", type=float, default=None, help="x-noise scale lambda_s (default 1)")
-    g.add_argument("--lambda-reading", default="marginal", choices=LAMBDA_READINGS,
-                   help="marginal: x-score factor 1 + lx^2 (marginal-preserving); noise: only the noise is scaled")
-    g.add_argument("--lambda-form", default="std", choices=LAMBDA_FORMS,
-                   help="lambda_s scales the x-noise std (std) or its variance (var)")
-    g.add_argument("--net-time", default=None, choices=NET_TIMES,
-                   help="time conditioning of calls after O (default: per sampler)")
-    g.add_argument("--schedule", default="quadratic", help="uniform | quadratic | cubic | logsnr | power:<p>")
-    g.add_argument("--split", default=None, choices=SPLITS,
-                   help="additive: O only adds noise (spec's reading); ou: O is the exact friction+noise step "
-                        "(default: per sampler, see docs/readings_protocol.md)")
-    g.add_argument("--coupling", default=None, choices=COUPLINGS,
-                   help="reduced samplers: one call serves B then A with the updated state (sequential) or "
-                        "both from the call's state (joint) (default: per sampler)")
-    g.add_argument("--no-denoise", action="store_true", help="skip the final denoising step")
+#: what ``sample --out`` can write
+SAMPLE_SUFFIXES = (".png", ".npz")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="psld-fast",
         description="Fast stochastic sampling of PSLD diffusion models (reduced splitting integrators on fused kernels).",
         epilog="Run 'psld-fast sample' with no arguments for the embedded default: 64 digits, Reduced OBA, 50 NFE.")
@@ -95,25 +39,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw samples, write a PNG grid, print speed and quality",
                        description="Draw samples and write a PNG grid (image models) or an .npz.")
-    _add_model_args(p)
-    _add_sampler_args(p)
-    p.add_argument("-n", "--num-samples", type=int, default=64)
-    p.add_argument("--seeds", type=parse_seeds, default=None, help="per-sample seeds, e.g. 0-63 (default 0..n-1)")
+    add_model_args(p)
+    add_sampler_args(p)
+    p.add_argument("-n", "--num-samples", type=int, default=None, help="number of samples (default 64)")
+    p.add_argument("--seeds", type=parse_seeds, default=None,
+                   help="per-sample seeds, e.g. 0-63 or -5--2 (default 0..n-1); any int64, negative ones included; "
+                        "a seed named twice gives the same sample twice")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None, help="output file (.png grid or .npz; default samples/<model>_<sampler>.png)")
+    p.add_argument("--out", type=Path, default=None, help="output file: .png (a grid, image models) or .npz (x, seeds); default samples/<model>_<sampler>.png")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-quality", action="store_true", help="skip the quality figure")
 
     p = sub.add_parser("compare", help="sampler x NFE table of the quality figure (analytic or shipped learned model)",
-                       description="Quality (sliced Wasserstein to the exact data law, 95%% CI) per sampler and NFE.")
-    _add_model_args(p)
-    _add_sampler_args(p, single=False)
+                       description="Quality (sliced Wasserstein to the exact data law, or to the training digits for learned-digits; 95% CI) per sampler and NFE.")
+    add_model_args(p)
+    add_sampler_args(p, single=False)
     p.add_argument("--samplers", default="em,sscs,naive_oba,reduced_oba,reduced_obab,reduced_baoab",
                    help="comma-separated sampler names")
     p.add_argument("--nfes", default="20,50,100", help="comma-separated NFE budgets")
     p.add_argument("-n", "--num-samples", type=int, default=512)
 
-    sub.add_parser("info", help="versions, devices and available backends")
+    add_threads_arg(sub.add_parser("info", help="versions, devices and available backends"))
     try:  # training of small models lives in its own module
         from .cli_train import register as register_train
     except ImportError:
@@ -127,30 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     if register is not None:
         register(sub)
     return parser
-
-
-def _load_model(args):
-    if args.checkpoint is not None:
-        from .learned import load_checkpoint_any
-
-        return load_checkpoint_any(args.checkpoint)
-    if args.model.startswith("learned-"):
-        from .learned import load_learned
-
-        return load_learned(args.model[len("learned-"):])
-    return get_preset(args.model)
-
-
-def _device(args) -> torch.device:
-    if args.device:
-        return torch.device(args.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _sampler_kwargs(args) -> dict:
-    return dict(lambda_s=args.lambda_s, lambda_reading=args.lambda_reading, net_time=args.net_time,
-                schedule=args.schedule, denoise=not args.no_denoise, split=args.split, coupling=args.coupling,
-                lambda_form=args.lambda_form)
 
 
 def _reference_law(model, name: str | None):
@@ -188,27 +110,46 @@ def _quality(model, x: torch.Tensor, seed: int = 0, name: str | None = None) -> 
     return q
 
 
+def _sample_out(args, model, name: str) -> Path:
+    """The file ``sample`` writes, checked before any sampling: a known suffix, a writable place."""
+    is_image = len(model.shape) == 3 and model.shape[0] in (1, 3)
+    out = args.out or Path("samples") / f"{name}_{args.sampler}.{'png' if is_image else 'npz'}"
+    check_writable_file(out, SAMPLE_SUFFIXES, what="--out")
+    if out.suffix.lower() == ".png" and not is_image:
+        raise ValueError(f"--out {out}: this model's samples have shape {tuple(model.shape)}, not images; "
+                         "write them to a .npz file")
+    return out
+
+
 def cmd_sample(args) -> int:
-    device = _device(args)
-    model = _load_model(args).to(device)
-    n = len(args.seeds) if args.seeds is not None else args.num_samples
-    t0 = time.perf_counter()
-    res = sample(model, n, sampler=args.sampler, nfe=args.nfe, seeds=args.seeds, backend=args.backend,
-                 dtype=_DTYPES[args.dtype], device=device, batch_size=args.batch_size,
-                 progress=not args.no_progress, **_sampler_kwargs(args))
-    wall = time.perf_counter() - t0
+    device = resolve_device(args.device)
+    if args.seeds is not None and args.num_samples is not None and args.num_samples != len(args.seeds):
+        raise ValueError(f"-n {args.num_samples} and --seeds ({len(args.seeds)} seeds) disagree; give one of them")
+    n = len(args.seeds) if args.seeds is not None else (args.num_samples if args.num_samples is not None else 64)
+    model = load_model(args).to(device)
     name = args.checkpoint.stem if args.checkpoint else args.model
-    out = args.out or Path("samples") / f"{name}_{args.sampler}.png"
+    out = _sample_out(args, model, name)
+    t0 = time.perf_counter()
+    res = sample(model, n, sampler=args.sampler, nfe=args.nfe,
+                 seeds=None if args.seeds is None else args.seeds.tolist(), backend=args.backend,
+                 dtype=_DTYPES[args.dtype], device=device, batch_size=args.batch_size,
+                 progress=not args.no_progress, **sampler_kwargs(args))
+    wall = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".png" and res.x.dim() == 4:
+    if out.suffix.lower() == ".png":
         from .images import save_grid
 
         save_grid(res.x.float().cpu(), out)
     else:
+        import io
+
         import numpy as np
 
-        out = out.with_suffix(".npz")
-        np.savez(out, x=res.x.float().cpu().numpy(), seeds=res.seeds.numpy())
+        from ._io import write_atomic
+
+        buf = io.BytesIO()
+        np.savez(buf, x=res.x.float().cpu().numpy(), seeds=res.seeds.numpy())
+        write_atomic(out, buf.getvalue())
     print(f"model      {name} {tuple(model.shape)}  device {device}  backend {res.backend}  dtype {args.dtype}")
     info = res.program_info
     print(f"sampler    {args.sampler}  NFE {res.nfe}  schedule {args.schedule}  lambda_s {info['lambda_s']:g}"
@@ -227,8 +168,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    device = _device(args)
-    model = _load_model(args).to(device)
+    device = resolve_device(args.device)
+    model = load_model(args).to(device)
     name = None if args.checkpoint else args.model
     if _reference_law(model, name) is None and name != "learned-digits":
         print("compare needs a model with a known data law (an analytic preset or a shipped learned model)",
@@ -240,15 +181,16 @@ def cmd_compare(args) -> int:
         if s not in SAMPLER_SPECS:
             print(f"unknown sampler {s!r}; choose from {', '.join(ALL_SAMPLERS)}", file=sys.stderr)
             return 2
+    reference = "the 1797 training digits" if name == "learned-digits" else "the exact data law"
     print(f"model {args.model} {tuple(model.shape)}, {args.num_samples} samples per cell, "
-          f"sliced W2 to the exact data law (95% CI)")
+          f"sliced W2 to {reference} (95% CI)")
     print(f"{'sampler':14s} " + " ".join(f"{'NFE ' + str(v):>24s}" for v in nfes))
     for s in samplers:
         cells = []
         for nfe in nfes:
             try:
                 res = sample(model, args.num_samples, sampler=s, nfe=nfe, backend=args.backend,
-                             dtype=_DTYPES[args.dtype], device=device, progress=False, **_sampler_kwargs(args))
+                             dtype=_DTYPES[args.dtype], device=device, progress=False, **sampler_kwargs(args))
                 q = _quality(model, res.x, name=name)
                 cells.append(f"{q['value']:.4f} [{q['lo']:.4f},{q['hi']:.4f}]")
             except (ValueError, FloatingPointError) as exc:
@@ -270,19 +212,35 @@ def cmd_info(args) -> int:
 
 
 def main(argv=None) -> int:
+    """Run a subcommand; a mistake the user can fix is one line on stderr and exit code 2."""
     parser = build_parser()
+    argv = join_negative_seeds(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if args.command is None:
         parser.print_help()
         return 0
+    import warnings
+
+    def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"psld-fast {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    previous, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
+        apply_threads(args)
+        if getattr(args, "device", None):  # every subcommand: checked before anything is loaded
+            resolve_device(args.device)
         handler = getattr(args, "func", None) or {"sample": cmd_sample, "compare": cmd_compare,
                                                   "info": cmd_info}[args.command]
         return handler(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"psld-fast {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, FloatingPointError, MemoryError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+            text += f": {exc.filename}"
+        print(f"psld-fast {args.command}: error: {text}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -13,6 +13,11 @@ import json
 import sys
 from pathlib import Path
 
+from ._io import write_atomic
+from .cli_common import DTYPES as _DTYPES
+from .cli_common import (add_model_args, add_sampler_args, add_threads_arg, check_writable_dir, check_writable_file,
+                         load_model, parse_seeds, sampler_kwargs)
+
 __all__ = ["register"]
 
 
@@ -21,7 +26,6 @@ def _csv(text: str) -> list[str]:
 
 
 def register(sub) -> None:
-    from .cli import _add_model_args, _add_sampler_args, parse_seeds
     from .samplers import LAMBDA_READINGS, SPLITS
 
     # ----------------------------------------------------------------------------- generate
@@ -31,8 +35,8 @@ def register(sub) -> None:
                     "or npz shards of --shard-size seeds. Rerun the same command to resume a killed run. "
                     "Under torchrun (e.g. torchrun --nproc-per-node 8 -m psld_fast generate ...) the seeds are "
                     "split across ranks; the files are the same for any number of processes and any batch size.")
-    _add_model_args(p)
-    _add_sampler_args(p)
+    add_model_args(p)
+    add_sampler_args(p)
     p.add_argument("--seeds", type=parse_seeds, required=True, help="seed range, e.g. 0-49999 (inclusive)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default out/<model>_<sampler>_nfe<nfe>)")
     p.add_argument("--format", dest="fmt", choices=["png", "npz"], default="png",
@@ -40,7 +44,8 @@ def register(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="seed values per npz shard (default 1000)")
     p.add_argument("--batch-size", type=int, default=256, help="samples per sampler call (does not change the files)")
     p.add_argument("--force", action="store_true",
-                   help="take over a folder that holds another configuration (existing files are kept and skipped)")
+                   help="take over a folder that holds another configuration: its sample files are deleted "
+                        "(the old manifest is kept as manifest.replaced-<time>.json)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
     p.set_defaults(func=cmd_generate)
@@ -73,16 +78,17 @@ def register(sub) -> None:
                    help="also save the samples' statistics (mu, sigma, n, KID features) to this .npz")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--no-progress", action="store_true")
+    add_threads_arg(p)
     p.set_defaults(func=cmd_fid)
 
     # -------------------------------------------------------------------------------- sweep
     p = sub.add_parser(
         "sweep", help="sampler x NFE x lambda_s grid with a quality metric per cell (CSV, Markdown, PNG plot)",
         description="Quality per cell of a sampler x NFE x lambda_s (x net_time x schedule) grid: sliced W2 to the "
-                    "exact data law (95%% CI) for the analytic presets, FID for checkpoints (needs --ref and "
+                    "exact data law (95% CI) for the analytic presets, FID for checkpoints (needs --ref and "
                     "Inception weights). Writes sweep.csv (a row per finished cell; rerun to resume or to extend "
                     "the grid), sweep.md and sweep.png into --out.")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--samplers", default="em,reduced_oba,reduced_obab", help="comma-separated sampler names")
     p.add_argument("--nfes", default="10,20,50,100", help="comma-separated NFE budgets")
     p.add_argument("--lambdas", default="default",
@@ -108,9 +114,7 @@ def register(sub) -> None:
 
 # --------------------------------------------------------------------------------------- handlers
 def _model_and_source(args):
-    from .cli import _load_model
-
-    model = _load_model(args)
+    model = load_model(args)
     if args.checkpoint is not None:
         return model, {"checkpoint": str(Path(args.checkpoint).resolve())}, Path(args.checkpoint).stem
     return model, {"preset": args.model}, args.model
@@ -119,17 +123,21 @@ def _model_and_source(args):
 def cmd_generate(args) -> int:
     import torch
 
-    from .cli import _DTYPES, _sampler_kwargs
     from .generate import generate
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.json:
+        check_writable_file(args.json, what="--json")
+    if args.out is not None:
+        check_writable_dir(args.out, "--out")
     model, source, name = _model_and_source(args)
     out = args.out or Path("out") / f"{name}_{args.sampler}_nfe{args.nfe}"
+    check_writable_dir(out, "--out")
     source["command"] = "psld-fast " + " ".join(sys.argv[1:]) if sys.argv else None
     summary = generate(model, out, args.seeds, fmt=args.fmt, batch_size=args.batch_size,
                        shard_size=args.shard_size, force=args.force, progress=not args.no_progress,
                        device=device, source=source, sampler=args.sampler, nfe=args.nfe,
-                       backend=args.backend, dtype=_DTYPES[args.dtype], **_sampler_kwargs(args))
+                       backend=args.backend, dtype=_DTYPES[args.dtype], **sampler_kwargs(args))
     if _rank() == 0:
         s = summary
         print(f"generate   {name} {tuple(model.shape)}  {args.sampler}  NFE {s['nfe']}  {s['format']}  "
@@ -141,8 +149,7 @@ def cmd_generate(args) -> int:
         print(f"time       {s['seconds']:.2f} s ({rate}{per_k})")
         print(f"wrote      {s['out_dir']}")
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(s, indent=2) + "\n")
+            write_atomic(args.json, (json.dumps(s, indent=2) + "\n").encode())
     return 0
 
 
@@ -162,6 +169,9 @@ def _rank() -> int:
 def cmd_fid(args) -> int:
     from .fid import fid
 
+    for flag, path in (("--json", args.json), ("--save-stats", args.save_stats)):  # before the expensive work
+        if path is not None:
+            check_writable_file(path, what=flag)
     res = fid(args.samples, args.ref, inception_weights=args.inception_weights, extractor=args.extractor,
               device=args.device, batch_size=args.batch_size, kid=not args.no_kid,
               kid_max_features=args.kid_max_features, kid_subsets=args.kid_subsets,
@@ -177,24 +187,25 @@ def cmd_fid(args) -> int:
                   f"{res['kid_subset_size']} from {res['kid_n']} / {res['kid_n_ref']} features)")
         else:
             print(f"KID        n/a ({res.get('kid_note', 'not computed')})")
-        if res.get("reference_cache_file"):
+        if res.get("reference_cache_file"):  # only a cache that exists is reported
             print(f"reference  statistics {'read from' if res['reference_cached'] else 'cached in'} "
                   f"{res['reference_cache_file']} (usable as --ref)")
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(res, indent=2) + "\n")
+            write_atomic(args.json, (json.dumps(res, indent=2) + "\n").encode())
     return 0
 
 
 def cmd_sweep(args) -> int:
     import torch
 
-    from .cli import _DTYPES
     from .sweep import sweep
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.out is not None:
+        check_writable_dir(args.out, "--out")
     model, source, name = _model_and_source(args)
     out = args.out or Path("out") / f"sweep_{name}"
+    check_writable_dir(out, "--out")
     lambdas = [None if v in ("default", "none") else float(v) for v in _csv(args.lambdas)]
     net_times = [None if v in ("default", "none") else v for v in _csv(args.net_times)]
     rows = sweep(model, out, _csv(args.samplers), [int(v) for v in _csv(args.nfes)], lambdas,

@@ -10,14 +10,16 @@ Statistics are streamed: each batch of features is added to float64 moments on t
 sum of outer products, count); under ``torchrun`` every rank reads its own contiguous block of the
 sorted file list and the moments are all-reduced, so no rank ever holds all features.  Then
 ``mu = S / n`` and ``sigma = (Q - n mu mu^T) / (n - 1)`` (the unbiased covariance, as ``np.cov``)
-and ``FID = |mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr sqrtm(s1 s2)`` (``scipy.linalg.sqrtm``, real
-part; an ``eps * I`` offset if the product is singular, as pytorch-fid does).
+and FID is torch-fidelity's formula applied to these float64 statistics
+(``fid_statistics_to_metric``: ``|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 sum sqrt(eig(s1 s2))``).  The
+moments, their all-reduce and the offline weights handling are ours; the metric arithmetic
+(FID and KID) is torch-fidelity's own functions, called on our statistics and features.
 
 KID needs features, not moments.  Each set keeps a fixed random subset of at most
 ``kid_max_features`` (default 10 000) features, chosen up front by global index
 (``numpy.random.default_rng(seed).choice``), so the subset is the same for any world size; under
 torchrun the kept rows are assembled by one all-reduce of a (k, d) buffer.  KID is then
-torch-fidelity's estimator: ``kid_subsets`` (100) subsets of ``kid_subset_size`` (1000, capped at
+torch-fidelity's ``kid_features_to_metric`` on those features: ``kid_subsets`` (100) subsets of ``kid_subset_size`` (1000, capped at
 the set sizes) drawn with ``numpy.random.RandomState(seed)``, polynomial kernel
 ``(x.y / d + 1)^3``, unbiased MMD^2; mean and standard deviation over subsets.  With more samples
 than ``kid_max_features``, KID is that of the subset (an unbiased estimate of the same quantity).
@@ -282,7 +284,12 @@ def list_samples(path) -> SampleSource:
     manifest = path / "manifest.json" if path.is_dir() else None
     if manifest is not None and manifest.is_file():
         try:
-            want = json.loads(manifest.read_text())["config"]["seeds"]["count"]
+            man = json.loads(manifest.read_text())
+            seeds = man.get("seeds") or man["config"].get("seeds") or {}
+            want = seeds.get("count", 0)
+            last = (man.get("runs") or [{}])[-1]
+            if last.get("seeds") and "finished" not in last:  # a run was killed: it asked for these too
+                want = max(want, last["seeds"]["count"])
             if len(src.items) < want:
                 src.warnings.append(f"{path} is an incomplete generate run: {len(src.items)} of {want} samples "
                                     "(rerun the generate command to finish it)")
@@ -445,50 +452,36 @@ def compute_statistics(source, extractor: Extractor, ctx=None, *, batch_size: in
 
 
 # ------------------------------------------------------------------------------ the distances
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """``|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr sqrtm(s1 s2)`` in float64 (pytorch-fid's recipe)."""
-    from scipy import linalg
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """FID of two sets of statistics, computed by torch-fidelity's own formula
+    (``torch_fidelity.metric_fid.fid_statistics_to_metric``: ``|mu1 - mu2|^2 + tr(s1) + tr(s2) -
+    2 sum sqrt(eig(s1 s2))``) on float64 statistics; ours only checks the shapes first."""
+    _import_torch_fidelity()
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
 
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {s1.shape} vs {s2.shape}")
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(s1.dot(s2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + offset).dot(s2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm(sigma1 sigma2) has a large imaginary part ({np.max(np.abs(covmean.imag)):.3g})")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
-
-
-def _mmd2_poly(x: np.ndarray, y: np.ndarray) -> float:
-    d = x.shape[1]
-    kxx = (x @ x.T / d + 1.0) ** 3
-    kyy = (y @ y.T / d + 1.0) ** 3
-    kxy = (x @ y.T / d + 1.0) ** 3
-    m = x.shape[0]
-    return float((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2.0 * kxy.sum() / (m * m))
+    return float(fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)[KEY_METRIC_FID])
 
 
 def kernel_inception_distance(f1, f2, *, subsets: int = 100, subset_size: int = 1000, seed: int = 2020) -> dict:
-    """torch-fidelity's KID: mean/std over ``subsets`` of unbiased poly-kernel MMD^2 (subset size capped)."""
+    """KID by torch-fidelity's estimator (``torch_fidelity.metric_kid.kid_features_to_metric``: mean and
+    std over ``subsets`` subsets drawn with ``RandomState(seed)`` of the unbiased MMD^2 with the kernel
+    ``(x.y / d + 1)^3``), in float64; the subset size is capped at the set sizes."""
+    _import_torch_fidelity()
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
     m = min(subset_size, len(f1), len(f2))
     if m < 2:
         raise ValueError(f"KID needs at least 2 features per set, got {len(f1)} and {len(f2)}")
-    rng = np.random.RandomState(seed)
-    mmds = np.zeros(subsets)
-    for i in range(subsets):
-        a = f1[rng.choice(len(f1), m, replace=False)]
-        b = f2[rng.choice(len(f2), m, replace=False)]
-        mmds[i] = _mmd2_poly(a, b)
-    return {"kid_mean": float(mmds.mean()), "kid_std": float(mmds.std()), "kid_subsets": int(subsets),
-            "kid_subset_size": int(m)}
+    out = kid_features_to_metric(torch.from_numpy(f1), torch.from_numpy(f2), kid_subsets=int(subsets),
+                                 kid_subset_size=int(m), rng_seed=int(seed), verbose=False)
+    return {"kid_mean": float(out[KEY_METRIC_KID_MEAN]), "kid_std": float(out[KEY_METRIC_KID_STD]),
+            "kid_subsets": int(subsets), "kid_subset_size": int(m)}
 
 
 # ----------------------------------------------------------------------------- stats on disk
@@ -561,13 +554,15 @@ def reference_statistics(reference, extractor: Extractor, ctx=None, *, cache_dir
             pass
     st = compute_statistics(src, extractor, ctx, batch_size=batch_size, kid_max_features=kid_max_features,
                             seed=seed, progress=progress)
+    info = {"source": "images", "cached": False, "cache_file": str(cache_file)}
     if ctx is None or ctx.is_main:
         try:
             save_statistics(cache_file, st, {"key": key_obj, "extractor": extractor.identity})
         except OSError as exc:
-            print(f"psld-fast fid: warning: could not cache the reference statistics in {cache_file}: {exc}",
-                  file=sys.stderr)
-    return st, {"source": "images", "cached": False, "cache_file": str(cache_file)}
+            info["cache_file"] = None  # never report a cache that was not written
+            info["warning"] = (f"the reference statistics were not cached ({cache_file.parent} is not writable: "
+                               f"{exc.strerror or exc}); use --cache-dir to pick a writable folder")
+    return st, info
 
 
 # --------------------------------------------------------------------------------------- fid

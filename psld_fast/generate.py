@@ -20,8 +20,16 @@ of the machine can leave behind, count as missing) and deletes the temporary fil
 samples (model identity incl. a SHA-256 of its weights, sampler settings, dtype, format, seeds),
 the environment (versions, device, backend, world size) and one entry per run.  A folder holding a
 different configuration is refused unless ``force=True``, which takes the folder over: the manifest
-is replaced (the old one kept as ``manifest.replaced-<time>.json``) and existing sample files are
-kept and skipped -- delete them first if they came from the other configuration.
+is replaced (the old one kept as ``manifest.replaced-<time>.json``) and the sample files of the
+other configuration are deleted, so a folder never mixes two configurations.  Sample files in a
+folder without a manifest (unknown provenance) are refused the same way.
+
+The seeds are not part of the configuration: rerunning with a larger or another seed set and the
+same configuration writes only what is missing (an npz shard that lacks some of the requested seeds
+of its block is rewritten with the old rows kept and the new ones appended), and the manifest's
+``seeds`` records the union of the seeds of all finished runs.  A run holds an exclusive lock
+(``fcntl``) on ``{out}/.psld_fast.lock``: a second run into the same folder stops at once with a
+message naming the running one's pid.
 """
 from __future__ import annotations
 
@@ -40,7 +48,7 @@ import numpy as np
 import torch
 
 __all__ = ["generate", "png_path", "shard_path", "seeds_to_spec", "model_identity", "ManifestMismatch",
-           "MANIFEST"]
+           "FolderBusy", "FolderLock", "sample_files", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _FORMATS = ("png", "npz")
@@ -52,6 +60,56 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
 
 class ManifestMismatch(ValueError):
     """The output folder holds a run with another configuration."""
+
+
+class FolderBusy(RuntimeError):
+    """Another run holds the output folder's lock."""
+
+
+LOCK = ".psld_fast.lock"
+
+
+class FolderLock:
+    """Exclusive, non-blocking ``fcntl`` lock on ``{folder}/.psld_fast.lock`` (released by the
+    kernel when the process dies, so a killed run never leaves a stale lock)."""
+
+    def __init__(self, folder: Path, what: str = "psld-fast run"):
+        self.path, self.what, self.fd = Path(folder) / LOCK, what, None
+
+    def acquire(self) -> "FolderLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover  (Windows: no lock)
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise FolderBusy(f"{self.path.parent} is in use by another run ({holder}); wait for it to "
+                             "finish or write to another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{self.what}, pid {os.getpid()} on {platform.node()} since {_now()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:  # the (empty) file stays: unlinking a lock file races with a waiting opener
+            try:
+                os.ftruncate(self.fd, 0)
+            finally:
+                os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 # --------------------------------------------------------------------------------------- naming
@@ -163,11 +221,48 @@ def _diff(old: dict, new: dict, prefix="") -> list[str]:
     return out
 
 
+def sample_files(out_dir: Path) -> list[Path]:
+    """The files of ``out_dir`` named like generate's samples (``NNNNNN/NNNNNN.png``, ``NNNNNN.npz``)."""
+    out_dir = Path(out_dir)
+    found = [p for p in out_dir.glob("*.npz") if p.stem.isdigit()]
+    for d in out_dir.iterdir() if out_dir.is_dir() else ():
+        if d.is_dir() and d.name.isdigit():
+            found += [p for p in d.glob("*.png") if p.stem.isdigit()]
+    return sorted(found)
+
+
+def _delete_samples(out_dir: Path) -> int:
+    files = sample_files(out_dir)
+    for f in files:
+        f.unlink()
+    for d in out_dir.iterdir():
+        if d.is_dir() and d.name.isdigit():
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+    return len(files)
+
+
+def _config_without_seeds(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "seeds"}
+
+
 def _check_manifest(out_dir: Path, manifest: dict, force: bool) -> tuple[dict, list[str]]:
-    """Rank 0: create or validate the manifest.  Returns (manifest to keep, warnings)."""
+    """Rank 0: create or validate the manifest.  Returns (manifest to keep, warnings).
+
+    Never leaves a folder whose sample files came from another configuration than the manifest's:
+    ``force`` deletes them, otherwise the run is refused."""
     path = out_dir / MANIFEST
     warnings: list[str] = []
     if not path.exists():
+        orphans = sample_files(out_dir)
+        if orphans and not force:
+            raise ManifestMismatch(
+                f"{out_dir} holds {len(orphans)} sample files but no {MANIFEST}, so their configuration is "
+                "unknown. Use another output folder, or --force to delete them and start afresh.")
+        if orphans:
+            warnings.append(f"--force: deleted {_delete_samples(out_dir)} sample files of unknown configuration")
         _write_json_atomic(path, manifest)
         return manifest, warnings
     try:
@@ -175,22 +270,23 @@ def _check_manifest(out_dir: Path, manifest: dict, force: bool) -> tuple[dict, l
         old_config = old["config"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         if not force:
-            raise ManifestMismatch(f"{path} is unreadable ({exc}); use another output folder or --force") from None
+            raise ManifestMismatch(f"{path} is unreadable ({exc}); use another output folder or --force "
+                                   "(which deletes the sample files in it)") from None
         old, old_config = {}, None
-    if old_config is not None and old_config != manifest["config"]:
-        diffs = _diff(old_config, manifest["config"])
+    if old_config is not None and isinstance(old_config.get("seeds"), dict) and "seeds" not in old:
+        old["seeds"] = old_config["seeds"]  # manifests before the seeds left the configuration
+    if old_config is None or _config_without_seeds(old_config) != manifest["config"]:
+        diffs = _diff(_config_without_seeds(old_config), manifest["config"]) if old_config else ["unreadable manifest"]
         if not force:
             raise ManifestMismatch(
                 f"{out_dir} holds samples of another configuration ({'; '.join(diffs)}). Use another output "
-                "folder, or force=True / --force to take it over (existing sample files are then kept and "
-                "skipped, so delete them first if they came from the other configuration).")
+                "folder, or --force (force=True) to take it over: the other configuration's sample files are "
+                "then deleted.")
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         os.replace(path, out_dir / f"manifest.replaced-{stamp}.json")
-        warnings.append(f"--force: replaced the manifest of another configuration ({'; '.join(diffs)}); "
-                        f"the old one is manifest.replaced-{stamp}.json")
-        _write_json_atomic(path, manifest)
-        return manifest, warnings
-    if old_config is None:
+        removed = _delete_samples(out_dir)
+        warnings.append(f"--force: replaced the manifest of another configuration ({'; '.join(diffs)}) and deleted "
+                        f"its {removed} sample files; the old manifest is manifest.replaced-{stamp}.json")
         _write_json_atomic(path, manifest)
         return manifest, warnings
     env_old, env_new = old.get("environment", {}), manifest["environment"]
@@ -204,6 +300,31 @@ def _check_manifest(out_dir: Path, manifest: dict, force: bool) -> tuple[dict, l
                             "samples agree to float rounding, not bit for bit")
     old.setdefault("runs", [])
     return old, warnings
+
+
+def _seeds_record(seeds) -> dict:
+    return {"count": len(seeds), "spec": seeds_to_spec(seeds),
+            "sha256": hashlib.sha256(np.asarray(seeds, dtype=np.int64).tobytes()).hexdigest()}
+
+
+def _spec_seeds(spec: str) -> list[int]:
+    """Inverse of :func:`seeds_to_spec`."""
+    out: list[int] = []
+    for part in filter(None, spec.split(",")):
+        k = part.find("-", 1)
+        out += [int(part)] if k < 0 else list(range(int(part[:k]), int(part[k + 1:]) + 1))
+    return out
+
+
+def _shard_seeds(path: Path) -> set[int]:
+    """Seeds held by an existing npz shard (empty when there is none)."""
+    if not _exists(path):
+        return set()
+    try:
+        with np.load(path) as z:
+            return set(int(v) for v in z["seeds"])
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable shard ({type(exc).__name__}); delete it and rerun") from None
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -278,7 +399,8 @@ def generate(model, out_dir, seeds, *, fmt: str = "png", batch_size: int | None 
         seeds: iterable of int seeds (duplicates are dropped, order kept).
         fmt: ``"png"`` (image models) or ``"npz"`` (shards of ``shard_size`` seed values).
         batch_size: samples per :func:`psld_fast.sample` call (default 256); does not change the files.
-        force: take over a folder whose manifest holds another configuration.
+        force: take over a folder whose manifest holds another configuration (its sample files are
+            deleted: a folder never mixes two configurations).
         progress: progress bar with ETA on rank 0 (tqdm if importable).
         device: where to sample (default: the model's device; ``cuda:LOCAL_RANK`` under torchrun).
         source: free-form description recorded in the manifest (e.g. ``{"checkpoint": path}``).
@@ -319,6 +441,11 @@ def generate(model, out_dir, seeds, *, fmt: str = "png", batch_size: int | None 
     batch_size = batch_size or 256
     sample_kwargs.setdefault("sampler", "reduced_oba")
     sample_kwargs.setdefault("nfe", 50)
+    from .guards import MAX_NFE, as_count
+
+    sample_kwargs["nfe"] = as_count(sample_kwargs["nfe"], "nfe")
+    if sample_kwargs["nfe"] > MAX_NFE:  # checked before the program is compiled below
+        raise ValueError(f"nfe={sample_kwargs['nfe']} is above the limit of {MAX_NFE} network evaluations per sample")
 
     if device is None:  # the model's device; under torchrun a CUDA model goes to cuda:LOCAL_RANK
         device = _model_device(model)
@@ -328,10 +455,13 @@ def generate(model, out_dir, seeds, *, fmt: str = "png", batch_size: int | None 
     dev = ctx.device
     model = model.to(dev)
     out_dir = Path(out_dir)
+    locks: list[FolderLock] = []
     try:
         return _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, progress, ctx, dev,
-                         source, after_batch, sample_kwargs, sample)
+                         source, after_batch, sample_kwargs, sample, locks)
     finally:
+        for lock in locks:
+            lock.release()
         ctx.close()
 
 
@@ -343,7 +473,7 @@ def _model_device(model) -> torch.device:
 
 
 def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, progress, ctx, dev, source,
-              after_batch, sample_kwargs, sample):
+              after_batch, sample_kwargs, sample, locks):
     from ._io import write_atomic
     from .images import save_png
     from .ops import resolve_backend
@@ -352,27 +482,47 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
 
     dtype = sample_kwargs.get("dtype", torch.float32)
     backend = resolve_backend(sample_kwargs.get("backend", "auto"), dev, dtype=dtype)
-    program = compile_sampler(sample_kwargs["sampler"], model.sde, sample_kwargs["nfe"],
-                              **{k: v for k, v in sample_kwargs.items() if k in _PROGRAM_KEYS})
+    import warnings as _warnings
+
+    from .guards import warn_at_caller
+
+    warned: set[str] = set()  # a run says each warning once, at the caller's line, not once per batch
+
+    def rewarn(caught):
+        for w in caught:
+            key = f"{w.category.__name__}:{str(w.message)[:40]}"
+            if key not in warned:
+                warned.add(key)
+                warn_at_caller(w.message, w.category)
+
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always")
+        program = compile_sampler(sample_kwargs["sampler"], model.sde, sample_kwargs["nfe"],
+                                  **{k: v for k, v in sample_kwargs.items() if k in _PROGRAM_KEYS})
+    rewarn(caught)
     # ---- rank 0: manifest and the list of work that is left; everyone else waits for it
     payload = None
     if ctx.is_main:
         try:
+            if out_dir.exists() and not out_dir.is_dir():
+                raise ValueError(f"output folder {out_dir} is an existing file; choose a folder")
             out_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(out_dir, os.W_OK | os.X_OK):
+                raise PermissionError(f"output folder {out_dir} is not writable")
+            locks.append(FolderLock(out_dir, "psld-fast generate").acquire())
             config = {
                 "model": model_identity(model),
                 "sampler": {k: _jsonable(v) for k, v in program.info.items() if k != "sde"},
                 "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
                 "format": fmt,
                 "shard_size": shard_size if fmt == "npz" else None,
-                "seeds": {"count": len(seed_list), "spec": seeds_to_spec(seed_list),
-                          "sha256": hashlib.sha256(np.asarray(seed_list, dtype=np.int64).tobytes()).hexdigest()},
             }
             config = json.loads(json.dumps(config))  # what a reload gives back
             manifest = {
                 "psld_fast_generate": 1,
                 "created": _now(),
                 "config": config,
+                "seeds": None,
                 "source": source or {},
                 "environment": {"versions": _versions(), "device": _device_text(dev), "backend": backend,
                                 "world_size": ctx.world_size, "host": platform.node()},
@@ -387,8 +537,13 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
                 blocks: dict[int, list[int]] = {}
                 for s in seed_list:
                     blocks.setdefault(s // shard_size * shard_size, []).append(s)
-                units = [(b, ss) for b, ss in blocks.items() if not _exists(shard_path(out_dir, b))]
-                todo = [s for _b, ss in units for s in ss]
+                units = []
+                for b, ss in blocks.items():
+                    have = _shard_seeds(shard_path(out_dir, b))
+                    missing = [s for s in ss if s not in have]
+                    if missing:
+                        units.append((b, missing, bool(have)))
+                todo = [s for u in units for s in u[1]]
             payload = {"units": units, "todo": len(todo), "warnings": warnings, "removed": removed, "error": None}
         except Exception as exc:  # tell the other ranks, then raise here
             payload = {"error": exc}
@@ -398,7 +553,8 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
     if ctx.is_main:
         for w in payload["warnings"]:
             print(f"psld-fast generate: warning: {w}", file=sys.stderr)
-        manifest["runs"].append({"started": _now(), "world_size": ctx.world_size, "device": _device_text(dev),
+        manifest["runs"].append({"started": _now(), "seeds": _seeds_record(seed_list),
+                                 "world_size": ctx.world_size, "device": _device_text(dev),
                                  "backend": backend, "batch_size": batch_size, "versions": _versions(),
                                  "options": {k: _jsonable(v) for k, v in sample_kwargs.items()
                                              if k not in _PROGRAM_KEYS and k not in ("sampler", "nfe", "dtype")}})
@@ -415,8 +571,11 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
     t0 = time.perf_counter()
 
     def run(batch_seeds):
-        res = sample(model, len(batch_seeds), seeds=batch_seeds, device=dev, batch_size=len(batch_seeds),
-                     progress=False, **kwargs)
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            res = sample(model, len(batch_seeds), seeds=batch_seeds, device=dev, batch_size=len(batch_seeds),
+                         progress=False, **kwargs)
+        rewarn(caught)
         return res.x
 
     def done_batch(batch_seeds, files):
@@ -438,15 +597,19 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
                 written += len(batch_seeds)
                 done_batch(batch_seeds, files)
         else:
-            for block, shard_seeds in mine:
+            for block, shard_seeds, extend in mine:
                 xs = []
                 for i in range(0, len(shard_seeds), batch_size):
                     batch_seeds = shard_seeds[i:i + batch_size]
                     xs.append(run(batch_seeds).float().cpu())
                     last = i + batch_size >= len(shard_seeds)
                     if last:
-                        p = write_atomic(shard_path(out_dir, block),
-                                          _npz_bytes(torch.cat(xs).numpy(), np.asarray(shard_seeds, dtype=np.int64)))
+                        x_new, s_new = torch.cat(xs).numpy(), np.asarray(shard_seeds, dtype=np.int64)
+                        if extend:  # the shard holds other seeds of this block: keep them, append the new
+                            with np.load(shard_path(out_dir, block)) as z:
+                                x_new = np.concatenate([z["x"], x_new])
+                                s_new = np.concatenate([z["seeds"].astype(np.int64), s_new])
+                        p = write_atomic(shard_path(out_dir, block), _npz_bytes(x_new, s_new))
                         written += len(shard_seeds)
                     done_batch(batch_seeds, [p] if last else [])
     finally:
@@ -464,5 +627,7 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
     if ctx.is_main:
         manifest["runs"][-1].update({"finished": _now(), "written": written_all, "skipped": skipped,
                                      "seconds": round(seconds, 3)})
+        old = manifest.get("seeds") or {}
+        manifest["seeds"] = _seeds_record(sorted(set(_spec_seeds(old.get("spec", ""))) | set(seed_list)))
         _write_json_atomic(out_dir / MANIFEST, manifest)
     return summary

@@ -76,7 +76,18 @@ def time_grid(schedule, N: int, sde: PSLD) -> np.ndarray:
         t = np.asarray(schedule, dtype=np.float64)
         if t.ndim != 1 or len(t) != N + 1:
             raise ValueError(f"schedule array must have N + 1 = {N + 1} reverse times, got shape {t.shape}")
-        if not (abs(t[0]) < 1e-12 and abs(t[-1] - t_end) < 1e-9 and np.all(np.diff(t) > 0)):
-            raise ValueError(f"schedule array must increase strictly from 0 to T - eps_end = {t_end}")
+        problems = []
+        if not abs(t[0]) < 1e-12:
+            problems.append(f"it starts at {t[0]:.6g}, not 0")
+        if not abs(t[-1] - t_end) < 1e-9:
+            problems.append(f"it ends at {t[-1]:.9g}, not T - eps_end = {t_end:.9g}")
+        bad = np.flatnonzero(~(np.diff(t) > 0))
+        if len(bad):
+            i = int(bad[0])
+            problems.append(f"t[{i}] = {t[i]:.6g} >= t[{i + 1}] = {t[i + 1]:.6g}"
+                            + (f" ({len(bad)} non-increasing steps)" if len(bad) > 1 else ""))
+        if problems:
+            raise ValueError("schedule array: the reverse times t_0..t_N (reverse time t = T - tau) must increase "
+                             f"strictly from 0 to T - eps_end = {t_end:.9g}; {'; '.join(problems)}")
     t[0], t[-1] = 0.0, t_end
     return t

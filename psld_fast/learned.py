@@ -55,12 +55,19 @@ def load_learned(name: str, *, device=None, use_ema: bool = True) -> EpsModel:
 def load_checkpoint_any(path, **kwargs) -> EpsModel:
     """Load either a :mod:`psld_fast.train` checkpoint (``hyper_parameters['model']['arch']``) or an
     official PSLD NCSN++ Lightning checkpoint (:func:`psld_fast.checkpoint.load_psld_checkpoint`)."""
-    from .checkpoint import load_psld_checkpoint
+    from .checkpoint import CheckpointError, _read, load_psld_checkpoint
     from .train import load_trained_checkpoint
 
-    ckpt = torch.load(Path(path), map_location=kwargs.pop("map_location", "cpu"),
-                      weights_only=kwargs.pop("weights_only", True))
-    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if isinstance(hp, dict) and isinstance(hp.get("model"), dict) and "arch" in hp["model"]:
-        return load_trained_checkpoint(ckpt, use_ema=kwargs.get("use_ema", True))
-    return load_psld_checkpoint(ckpt, **kwargs)
+    ckpt = _read(Path(path), kwargs.pop("map_location", "cpu"), kwargs.pop("weights_only", True),
+                 api_hint=kwargs.pop("api_hint", True))
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict (state_dict, "
+                              "hyper_parameters)")
+    hp = ckpt.get("hyper_parameters")
+    try:
+        if isinstance(hp, dict) and isinstance(hp.get("model"), dict) and "arch" in hp["model"]:
+            return load_trained_checkpoint(ckpt, use_ema=kwargs.get("use_ema", True))
+        return load_psld_checkpoint(ckpt, **kwargs)
+    except (CheckpointError, KeyError, TypeError) as exc:
+        text = str(exc)
+        raise CheckpointError(text if str(path) in text else f"{path}: {text}") from None

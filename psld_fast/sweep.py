@@ -13,14 +13,12 @@ it with one metric:
 
 Outputs in ``out_dir``: ``sweep.csv`` (one row per cell, appended and flushed as each cell
 finishes), ``sweep.md`` (the best lambda_s per sampler and NFE, then every cell), ``sweep.png``
-(metric vs NFE on a log axis, one line per sampler through the best lambda_s of each NFE, drawn as
-a square marker; the other lambda_s values as small dots; a text legend) and ``sweep.json`` (the
-configuration).  Rerunning resumes: cells already in the CSV are skipped, so a grid can also be
+(matplotlib: metric vs NFE on a log axis, one line per sampler through the best lambda_s of each
+NFE with its 95% interval as error bars, the other lambda_s values as small dots; skipped with a
+note saying what to install when matplotlib is missing) and ``sweep.json`` (the configuration).  Rerunning resumes: cells already in the CSV are skipped, so a grid can also be
 extended.  A folder whose ``sweep.json`` differs (model, metric, sample count, seed, ...) is refused
-unless ``force=True``, which starts over (old files renamed ``*.replaced-<time>``).
-
-The plot is drawn by a small rasteriser of this module (matplotlib is not a dependency) with a
-3x5 pixel font: upper-case labels, numbers as ``1.2E-3``.
+unless ``force=True``, which starts over (old files renamed ``*.replaced-<time>``).  A sweep holds
+an exclusive lock on ``{out}/.psld_fast.lock``: a second one into the same folder is refused.
 """
 from __future__ import annotations
 
@@ -35,7 +33,6 @@ import time
 from itertools import product
 from pathlib import Path
 
-import numpy as np
 import torch
 
 __all__ = ["sweep", "plot_sweep", "write_markdown", "read_rows", "FIELDS"]
@@ -116,7 +113,11 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
     from .generate import model_identity
     from .models import GaussianMixture
 
-    samplers, nfes = list(samplers), [int(v) for v in nfes]
+    from .guards import MAX_NFE, as_count
+
+    samplers, nfes = list(samplers), [as_count(v, "nfe") for v in nfes]
+    if max(nfes, default=0) > MAX_NFE:
+        raise ValueError(f"nfe={max(nfes)} is above the limit of {MAX_NFE} network evaluations per sample")
     lambdas, net_times, schedules = list(lambdas), list(net_times), list(schedules)
     if not (samplers and nfes and lambdas and net_times and schedules):
         raise ValueError("sweep: every grid axis needs at least one value")
@@ -144,87 +145,90 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
     model = model.to(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from .generate import FolderLock
 
-    # ---- the metric's fixed parts
-    ex = ref_stats = ref_samples = None
-    config = {"model": model_identity(model), "metric": metric, "num_samples": n, "seed": seed,
-              "lambda_reading": lambda_reading, "split": split or "default", "denoise": denoise, "dtype": str(dtype).replace("torch.", "")}
-    if metric == "sw2":
-        config["n_boot"] = n_boot
-        g = torch.Generator().manual_seed(seed + 12345)
-        ref_samples = model.sample_data(max(n, 1024), generator=g).double().cpu()
-    else:
-        from .fid import make_extractor, reference_statistics
+    with FolderLock(out_dir, "psld-fast sweep"):  # a second sweep into this folder stops at once
 
-        ex = make_extractor(extractor, weights=inception_weights, device=device)
-        ref_stats, _info = reference_statistics(reference, ex, None, progress=progress)
-        config["reference"] = str(Path(reference).resolve())
-        config["extractor"] = ex.identity
-    config = json.loads(json.dumps(config))
-    _check_config(out_dir, config, force, source)
+        # ---- the metric's fixed parts
+        ex = ref_stats = ref_samples = None
+        config = {"model": model_identity(model), "metric": metric, "num_samples": n, "seed": seed,
+                  "lambda_reading": lambda_reading, "split": split or "default", "denoise": denoise, "dtype": str(dtype).replace("torch.", "")}
+        if metric == "sw2":
+            config["n_boot"] = n_boot
+            g = torch.Generator().manual_seed(seed + 12345)
+            ref_samples = model.sample_data(max(n, 1024), generator=g).double().cpu()
+        else:
+            from .fid import make_extractor, reference_statistics
 
-    csv_path = out_dir / "sweep.csv"
-    rows = read_rows(csv_path)
-    done = {_key(r) for r in rows}
-    cells = [c for c in product(samplers, schedules, net_times, nfes, lambdas)
-             if (c[0], c[1], c[2] or "default", str(c[3]), _lam_key(c[4])) not in done]
-    seeds = seed * 10**9 + torch.arange(n, dtype=torch.int64)
-    bs = batch_size or (n if metric == "sw2" else 256)
-    bar = None
-    if progress and cells:
-        try:
-            from tqdm.auto import tqdm
+            ex = make_extractor(extractor, weights=inception_weights, device=device)
+            ref_stats, _info = reference_statistics(reference, ex, None, progress=progress)
+            config["reference"] = str(Path(reference).resolve())
+            config["extractor"] = ex.identity
+        config = json.loads(json.dumps(config))
+        _check_config(out_dir, config, force, source)
 
-            bar = tqdm(total=len(cells), desc="sweep", unit="cell", dynamic_ncols=True)
-        except ImportError:
-            pass
-    if verbose and len(done):
-        print(f"sweep: {len(done)} cells already in {csv_path}, {len(cells)} to go", file=sys.stderr)
-    try:
-        for sampler, schedule, net_time, nfe, lam in cells:
-            row = {"sampler": sampler, "schedule": schedule, "net_time": net_time or "default", "nfe": nfe,
-                   "lambda_s": _lam_key(lam), "metric": metric, "n": n}
-            kw = dict(sampler=sampler, nfe=nfe, schedule=schedule, lambda_s=lam, lambda_reading=lambda_reading,
-                      net_time=net_time, split=split, denoise=denoise, backend=backend, dtype=dtype, device=device,
-                      progress=False)
-            t0 = time.perf_counter()
+        csv_path = out_dir / "sweep.csv"
+        rows = read_rows(csv_path)
+        done = {_key(r) for r in rows}
+        cells = [c for c in product(samplers, schedules, net_times, nfes, lambdas)
+                 if (c[0], c[1], c[2] or "default", str(c[3]), _lam_key(c[4])) not in done]
+        seeds = seed * 10**9 + torch.arange(n, dtype=torch.int64)
+        bs = batch_size or (n if metric == "sw2" else 256)
+        bar = None
+        if progress and cells:
             try:
-                if metric == "sw2":
-                    from .metrics import sliced_wasserstein_ci
+                from tqdm.auto import tqdm
 
-                    res = sample(model, n, seeds=seeds, batch_size=bs, **kw)
-                    q = sliced_wasserstein_ci(res.x.double().cpu(), ref_samples, seed=seed, n_boot=n_boot)
-                    row.update(value=q["value"], lo=q["lo"], hi=q["hi"], std=q["std"])
-                else:
-                    row.update(value=_fid_cell(model, sample, kw, seeds, bs, ex, ref_stats), lo="", hi="", std="")
-                    res = None
-                row["nfe_spent"] = res.nfe if res is not None else ""
-                row["status"] = "ok"
-            except FloatingPointError:
-                row.update(value="nan", lo="", hi="", std="", status="diverged")
-            except ValueError as exc:
-                row.update(value="nan", lo="", hi="", std="", status="invalid: " + str(exc).replace("\n", " ")[:160])
-            if row.get("nfe_spent") in (None, ""):
-                row["nfe_spent"] = _spent(model, sampler, nfe, schedule, lam, lambda_reading, net_time, denoise, split)
-            row["seconds"] = round(time.perf_counter() - t0, 3)
-            row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-            _append_row(csv_path, row)
-            row = {k: str(row.get(k, "")) for k in FIELDS}
-            rows.append(row)
-            if verbose:
-                print(f"  {sampler:14s} {schedule:10s} {row['net_time']:8s} NFE {nfe:4d}  lambda_s {row['lambda_s']:8s}"
-                      f"  {metric} {row['value']}" + (f" [{row['lo']}, {row['hi']}]" if row["lo"] not in ("", None) else "")
-                      + ("" if row["status"] == "ok" else f"  ({row['status']})"), file=sys.stderr, flush=True)
-            if on_cell is not None:
-                on_cell(dict(row))
+                bar = tqdm(total=len(cells), desc="sweep", unit="cell", dynamic_ncols=True)
+            except ImportError:
+                pass
+        if verbose and len(done):
+            print(f"sweep: {len(done)} cells already in {csv_path}, {len(cells)} to go", file=sys.stderr)
+        try:
+            for sampler, schedule, net_time, nfe, lam in cells:
+                row = {"sampler": sampler, "schedule": schedule, "net_time": net_time or "default", "nfe": nfe,
+                       "lambda_s": _lam_key(lam), "metric": metric, "n": n}
+                kw = dict(sampler=sampler, nfe=nfe, schedule=schedule, lambda_s=lam, lambda_reading=lambda_reading,
+                          net_time=net_time, split=split, denoise=denoise, backend=backend, dtype=dtype, device=device,
+                          progress=False)
+                t0 = time.perf_counter()
+                try:
+                    if metric == "sw2":
+                        from .metrics import sliced_wasserstein_ci
+
+                        res = sample(model, n, seeds=seeds, batch_size=bs, **kw)
+                        q = sliced_wasserstein_ci(res.x.double().cpu(), ref_samples, seed=seed, n_boot=n_boot)
+                        row.update(value=q["value"], lo=q["lo"], hi=q["hi"], std=q["std"])
+                    else:
+                        row.update(value=_fid_cell(model, sample, kw, seeds, bs, ex, ref_stats), lo="", hi="", std="")
+                        res = None
+                    row["nfe_spent"] = res.nfe if res is not None else ""
+                    row["status"] = "ok"
+                except FloatingPointError:
+                    row.update(value="nan", lo="", hi="", std="", status="diverged")
+                except ValueError as exc:
+                    row.update(value="nan", lo="", hi="", std="", status="invalid: " + str(exc).replace("\n", " ")[:160])
+                if row.get("nfe_spent") in (None, ""):
+                    row["nfe_spent"] = _spent(model, sampler, nfe, schedule, lam, lambda_reading, net_time, denoise, split)
+                row["seconds"] = round(time.perf_counter() - t0, 3)
+                row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+                _append_row(csv_path, row)
+                row = {k: str(row.get(k, "")) for k in FIELDS}
+                rows.append(row)
+                if verbose:
+                    print(f"  {sampler:14s} {schedule:10s} {row['net_time']:8s} NFE {nfe:4d}  lambda_s {row['lambda_s']:8s}"
+                          f"  {metric} {row['value']}" + (f" [{row['lo']}, {row['hi']}]" if row["lo"] not in ("", None) else "")
+                          + ("" if row["status"] == "ok" else f"  ({row['status']})"), file=sys.stderr, flush=True)
+                if on_cell is not None:
+                    on_cell(dict(row))
+                if bar is not None:
+                    bar.update(1)
+                _write_outputs(out_dir, rows, config)
+        finally:
             if bar is not None:
-                bar.update(1)
-            _write_outputs(out_dir, rows, config)
-    finally:
-        if bar is not None:
-            bar.close()
-    _write_outputs(out_dir, rows, config)
-    return rows
+                bar.close()
+        _write_outputs(out_dir, rows, config)
+        return rows
 
 
 def _spent(model, sampler, nfe, schedule, lam, reading, net_time, denoise, split=None):
@@ -346,179 +350,83 @@ def _write_outputs(out_dir: Path, rows, config) -> None:
     if not rows:
         return
     write_markdown(out_dir / "sweep.md", rows, config)
-    plot_sweep(out_dir / "sweep.png", rows, ylabel={"sw2": "SLICED W2", "fid": "FID"}.get(config.get("metric"), "METRIC"))
+    from .plotting import PlotUnavailable
+
+    metric = config.get("metric")
+    try:
+        plot_sweep(out_dir / "sweep.png", rows,
+                   ylabel={"sw2": "sliced W2 to the data law", "fid": "FID"}.get(metric, "metric"),
+                   title=f"{config.get('model', {}).get('name') or 'model'}: "
+                         f"{ {'sw2': 'sliced W2 (95% CI)', 'fid': 'FID'}.get(metric, metric)} vs NFE, "
+                         f"{config.get('num_samples')} samples per cell")
+    except PlotUnavailable as exc:
+        if not _plot_note_said:
+            _plot_note_said.append(True)
+            print(f"psld-fast sweep: sweep.png not drawn: {exc} (sweep.csv and sweep.md are complete)", file=sys.stderr)
+
+
+_plot_note_said: list = []  # the missing-matplotlib note is said once per process
 
 
 # ----------------------------------------------------------------------------------- plotting
-_GLYPHS = {
-    "0": ("###", "#.#", "#.#", "#.#", "###"), "1": (".#.", "##.", ".#.", ".#.", "###"),
-    "2": ("###", "..#", "###", "#..", "###"), "3": ("###", "..#", "###", "..#", "###"),
-    "4": ("#.#", "#.#", "###", "..#", "..#"), "5": ("###", "#..", "###", "..#", "###"),
-    "6": ("###", "#..", "###", "#.#", "###"), "7": ("###", "..#", "..#", ".#.", ".#."),
-    "8": ("###", "#.#", "###", "#.#", "###"), "9": ("###", "#.#", "###", "..#", "###"),
-    "A": (".#.", "#.#", "###", "#.#", "#.#"), "B": ("##.", "#.#", "##.", "#.#", "##."),
-    "C": (".##", "#..", "#..", "#..", ".##"), "D": ("##.", "#.#", "#.#", "#.#", "##."),
-    "E": ("###", "#..", "##.", "#..", "###"), "F": ("###", "#..", "##.", "#..", "#.."),
-    "G": (".##", "#..", "#.#", "#.#", ".##"), "H": ("#.#", "#.#", "###", "#.#", "#.#"),
-    "I": ("###", ".#.", ".#.", ".#.", "###"), "J": ("..#", "..#", "..#", "#.#", ".#."),
-    "K": ("#.#", "#.#", "##.", "#.#", "#.#"), "L": ("#..", "#..", "#..", "#..", "###"),
-    "M": ("#.#", "###", "###", "#.#", "#.#"), "N": ("##.", "#.#", "#.#", "#.#", "#.#"),
-    "O": (".#.", "#.#", "#.#", "#.#", ".#."), "P": ("##.", "#.#", "##.", "#..", "#.."),
-    "Q": (".#.", "#.#", "#.#", "##.", ".##"), "R": ("##.", "#.#", "##.", "#.#", "#.#"),
-    "S": (".##", "#..", ".#.", "..#", "##."), "T": ("###", ".#.", ".#.", ".#.", ".#."),
-    "U": ("#.#", "#.#", "#.#", "#.#", "###"), "V": ("#.#", "#.#", "#.#", "#.#", ".#."),
-    "W": ("#.#", "#.#", "###", "###", "#.#"), "X": ("#.#", "#.#", ".#.", "#.#", "#.#"),
-    "Y": ("#.#", "#.#", ".#.", ".#.", ".#."), "Z": ("###", "..#", ".#.", "#..", "###"),
-    "_": ("...", "...", "...", "...", "###"), ".": ("...", "...", "...", "...", ".#."),
-    "-": ("...", "...", "###", "...", "..."), "+": ("...", ".#.", "###", ".#.", "..."),
-    "=": ("...", "###", "...", "###", "..."), ":": ("...", ".#.", "...", ".#.", "..."),
-    "(": (".#.", "#..", "#..", "#..", ".#."), ")": (".#.", "..#", "..#", "..#", ".#."),
-    "/": ("..#", "..#", ".#.", "#..", "#.."), " ": ("...", "...", "...", "...", "..."),
-}
-_PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+def plot_sweep(path, rows, ylabel: str = "metric", title: str | None = None) -> Path:
+    """Metric vs NFE (log x; log y when the values span more than a factor 20), one line per series
+    through the best lambda_s of each NFE (with the 95% interval as error bars when the rows have
+    one); the other lambda_s values as small dots.  Format from the suffix (.png, .svg, .pdf).
+    Raises :class:`psld_fast.plotting.PlotUnavailable` without matplotlib."""
+    from .plotting import plain_log_labels, require_matplotlib, save_figure
 
-
-class _Canvas:
-    def __init__(self, w: int, h: int):
-        self.a = np.full((h, w, 3), 255, dtype=np.uint8)
-        self.h, self.w = h, w
-
-    def rect(self, x0, y0, x1, y1, c):
-        x0, x1 = sorted((int(round(x0)), int(round(x1))))
-        y0, y1 = sorted((int(round(y0)), int(round(y1))))
-        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, self.w - 1), min(y1, self.h - 1)
-        if x0 <= x1 and y0 <= y1:
-            self.a[y0:y1 + 1, x0:x1 + 1] = c
-
-    def line(self, x0, y0, x1, y1, c, width=1):
-        steps = int(max(abs(x1 - x0), abs(y1 - y0))) + 2
-        t = np.linspace(0.0, 1.0, steps)
-        xs, ys = np.rint(x0 + t * (x1 - x0)).astype(int), np.rint(y0 + t * (y1 - y0)).astype(int)
-        lo = -((width - 1) // 2)
-        for dx in range(lo, lo + width):
-            for dy in range(lo, lo + width):
-                x, y = xs + dx, ys + dy
-                ok = (x >= 0) & (x < self.w) & (y >= 0) & (y < self.h)
-                self.a[y[ok], x[ok]] = c
-
-    def text(self, x, y, s, c=(0, 0, 0), scale=2, anchor="left"):
-        s = str(s).upper()
-        width = (4 * len(s) - 1) * scale
-        if anchor == "right":
-            x -= width
-        elif anchor == "center":
-            x -= width / 2
-        x, y = int(round(x)), int(round(y))
-        # the string as a 5-row bitmap, upscaled, then painted where set
-        bits = np.array([[ch == "#" for g in (_GLYPHS.get(k, _GLYPHS[" "]) for k in s) for ch in g[j] + "."]
-                         for j in range(5)], dtype=bool)[:, :-1]
-        bits = np.repeat(np.repeat(bits, scale, axis=0), scale, axis=1)
-        ys, xs = np.nonzero(bits)
-        xs, ys = xs + x, ys + y
-        ok = (xs >= 0) & (xs < self.w) & (ys >= 0) & (ys < self.h)
-        self.a[ys[ok], xs[ok]] = c
-        return width
-
-
-def _num(v: float) -> str:
-    if v == 0:
-        return "0"
-    if 1e-3 <= abs(v) < 1e4:
-        return f"{v:.4g}"
-    mant, exp = f"{v:.1e}".split("e")
-    return f"{mant.rstrip('0').rstrip('.')}E{int(exp)}"
-
-
-def _nice_ticks(lo, hi, n=5):
-    span = hi - lo
-    if span <= 0:
-        return [lo]
-    raw = span / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=10 * mag)
-    start = math.ceil(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
-
-
-def plot_sweep(path, rows, ylabel: str = "METRIC", width: int = 760, height: int = 460) -> Path:
-    """Metric vs NFE (log x) per series; the best lambda_s of each NFE joined and marked by squares."""
-    from ._io import write_atomic
-    from .images import encode_png
-
+    plt = require_matplotlib()
     series = _series(rows)
     keys = list(series)
-    pts = [(nfe, v) for s in series.values() for nfe, cells in s.items() for _l, v, _r in cells if math.isfinite(v)]
-    cv = _Canvas(width, height)
-    L, R, T, B = 78, width - 200, 34, height - 52
-    cv.text((L + R) / 2, 10, f"{ylabel} VS NFE", scale=2, anchor="center")
-    if pts:
-        xs = np.log([p[0] for p in pts])
-        ys = np.array([p[1] for p in pts])
-        xlo, xhi = float(xs.min()), float(xs.max())
-        if xhi - xlo < 1e-9:
-            xlo, xhi = xlo - 0.5, xhi + 0.5
-        pad = 0.05 * (xhi - xlo)
-        xlo, xhi = xlo - pad, xhi + pad
-        logy = bool(ys.min() > 0 and ys.max() / ys.min() > 20)
-        yv = np.log10(ys) if logy else ys
-        ylo, yhi = float(yv.min()), float(yv.max())
-        if not logy and ylo >= 0:
-            ylo = 0.0
-        if yhi - ylo < 1e-12:
-            ylo, yhi = ylo - 0.5, yhi + 0.5
-        pad = 0.06 * (yhi - ylo)
-        ylo, yhi = ylo - (pad if logy or ylo < 0 else 0), yhi + pad
-
-        def X(nfe):
-            return L + (math.log(nfe) - xlo) / (xhi - xlo) * (R - L)
-
-        def Y(v):
-            v = math.log10(v) if logy else v
-            return B - (v - ylo) / (yhi - ylo) * (B - T)
-
-        grid, axis = (228, 228, 228), (0, 0, 0)
-        yt = ([10.0 ** e for e in range(math.floor(ylo), math.ceil(yhi) + 1) if ylo <= e <= yhi] if logy
-              else _nice_ticks(ylo, yhi))
-        for v in yt:
-            y = Y(v)
-            cv.line(L, y, R, y, grid)
-            cv.line(L - 5, y, L, y, axis)
-            cv.text(L - 8, y - 5, _num(v), scale=2, anchor="right")
-        for nfe in sorted({p[0] for p in pts}):
-            x = X(nfe)
-            cv.line(x, T, x, B, grid)
-            cv.line(x, B, x, B + 5, axis)
-            cv.text(x, B + 9, str(nfe), scale=2, anchor="center")
-        cv.line(L, T, L, B, axis)
-        cv.line(L, B, R, B, axis)
-        cv.text((L + R) / 2, height - 18, "NFE (LOG SCALE)", scale=2, anchor="center")
-        for k, key in enumerate(keys):
-            c = _PALETTE[k % len(_PALETTE)]
-            light = tuple(int(255 - 0.45 * (255 - v)) for v in c)
-            best = []
-            for nfe in sorted(series[key]):
-                for _l, v, _r in series[key][nfe]:
-                    if math.isfinite(v):
-                        cv.rect(X(nfe) - 2, Y(v) - 2, X(nfe) + 2, Y(v) + 2, light)
-                b = _best(series[key][nfe])
-                if b is not None:
-                    best.append((X(nfe), Y(b[1])))
-            for (x0, y0), (x1, y1) in zip(best, best[1:]):
-                cv.line(x0, y0, x1, y1, c, width=2)
-            for x, y in best:
-                cv.rect(x - 5, y - 5, x + 5, y + 5, (0, 0, 0))
-                cv.rect(x - 4, y - 4, x + 4, y + 4, c)
-    else:
-        cv.text((L + R) / 2, (T + B) / 2, "NO FINITE VALUES", scale=2, anchor="center")
-    lx, ly = R + 16, T + 4
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    finite = []
     for k, key in enumerate(keys):
-        c = _PALETTE[k % len(_PALETTE)]
-        cv.rect(lx, ly, lx + 11, ly + 11, (0, 0, 0))
-        cv.rect(lx + 1, ly + 1, lx + 10, ly + 10, c)
-        label = _label(key, keys).replace("net_time=", "T=")
-        cv.text(lx + 17, ly + 1, label[:22], scale=2)
-        ly += 20
-    cv.text(lx, ly + 8, "SQUARES: BEST", scale=1)
-    cv.text(lx, ly + 16, "LAMBDA_S PER NFE", scale=1)
-    return write_atomic(Path(path), encode_png(cv.a))
+        color = f"C{k % 10}"
+        others_x, others_y, best = [], [], []
+        for nfe in sorted(series[key]):
+            b = _best(series[key][nfe])
+            for lam, v, _r in series[key][nfe]:
+                if math.isfinite(v):
+                    finite.append(v)
+                    if b is None or lam != b[0]:
+                        others_x.append(nfe)
+                        others_y.append(v)
+            if b is not None:
+                best.append((nfe, b[1], _f(b[2].get("lo", "")), _f(b[2].get("hi", "")), b[0]))
+        label = _label(key, keys)
+        dodge = 1.0 + 0.025 * (k - (len(keys) - 1) / 2)  # series side by side around each NFE (log axis)
+        if others_x:
+            ax.plot([v * dodge for v in others_x], others_y, "o", color=color, alpha=0.4, markersize=3.5)
+        if best:
+            x = [b[0] * dodge for b in best]
+            y = [b[1] for b in best]
+            if all(math.isfinite(b[2]) and math.isfinite(b[3]) for b in best):
+                err = [[max(b[1] - b[2], 0.0) for b in best], [max(b[3] - b[1], 0.0) for b in best]]
+                ax.errorbar(x, y, yerr=err, fmt="s-", color=color, capsize=3, markersize=5, linewidth=1.6,
+                            label=label)
+            else:
+                ax.plot(x, y, "s-", color=color, markersize=5, linewidth=1.6, label=label)
+    ax.set_xscale("log")
+    nfes = sorted({int(r["nfe"]) for r in rows})
+    if nfes:
+        ax.set_xticks(nfes)
+        ax.set_xticklabels([str(v) for v in nfes])
+        ax.minorticks_off()
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 20:
+        ax.set_yscale("log")
+        plain_log_labels(ax)
+    if not finite:
+        ax.text(0.5, 0.5, "no finite values (every cell diverged or was invalid)", transform=ax.transAxes,
+                ha="center", va="center")
+    ax.set_xlabel("NFE (network evaluations per sample, log scale)")
+    ax.set_ylabel(f"{ylabel} (lower is better)")
+    ax.set_title(title or f"{ylabel} vs NFE")
+    ax.grid(True, which="major", alpha=0.3)
+    if keys:
+        handles, labels = ax.get_legend_handles_labels()
+        handles.append(plt.Line2D([], [], ls="", marker="o", markersize=3.5, color="grey", alpha=0.5))
+        labels.append("other lambda_s values")
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=9,
+                  title="best lambda_s per NFE", title_fontsize=9, frameon=False)
+    return save_figure(fig, path)

@@ -120,11 +120,13 @@ def test_lean_import_and_sampling_without_compiled_module_or_triton():
 
     code = (
         "import sys\n"
+        "sys.modules['psld_fast._C'] = None  # as if the extension were not built (import psld_fast loads ops)\n"
         "import psld_fast\n"
         "assert 'triton' not in sys.modules, 'import psld_fast imported triton'\n"
         "import torch\n"
         "assert not torch.cuda.is_initialized()\n"
-        "sys.modules['psld_fast._C'] = None; sys.modules['triton'] = None\n"
+        "assert hasattr(torch.ops.psld_fast, 'affine_step_')\n"
+        "sys.modules['triton'] = None\n"
         "r = psld_fast.sample(psld_fast.get_preset('ring2d'), 4, nfe=11, progress=False)\n"
         "assert r.backend == 'reference' and r.x.shape == (4, 2), r.backend\n"
         "for b in ('cpu', 'triton'):\n"

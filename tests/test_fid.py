@@ -99,7 +99,27 @@ def test_kid_matches_torch_fidelity_and_the_textbook_estimator(ex, data):
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
-    assert F._mmd2_poly(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+    one = F.kernel_inception_distance(x, y, subsets=1, subset_size=m)  # a permutation of the whole sets
+    assert one["kid_mean"] == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+
+
+def test_fid_is_torch_fidelitys_formula_on_our_streamed_statistics(ex, data):
+    """The metric arithmetic is torch-fidelity's (called, not re-implemented); the streamed float64
+    moments equal numpy's mean/cov of the same features."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    fa, fb = _direct_features(ex, data / "A"), _direct_features(ex, data / "B")
+    acc = F.FeatureAccumulator(fa.shape[1], torch.device("cpu"))
+    for i in range(0, len(fa), 7):
+        acc.add(torch.from_numpy(fa[i:i + 7]))
+    st = acc.result()
+    np.testing.assert_allclose(st["mu"], fa.astype(np.float64).mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(st["sigma"], np.cov(fa.astype(np.float64), rowvar=False), rtol=1e-10, atol=1e-12)
+    mb, sb = fb.astype(np.float64).mean(0), np.cov(fb.astype(np.float64), rowvar=False)
+    theirs = fid_statistics_to_metric({"mu": st["mu"], "sigma": st["sigma"]}, {"mu": mb, "sigma": sb}, False)
+    assert F.frechet_distance(st["mu"], st["sigma"], mb, sb) == theirs["frechet_inception_distance"]
+    with pytest.raises(ValueError, match="different dimensions"):
+        F.frechet_distance(st["mu"], st["sigma"], mb[:3], sb[:3, :3])
 
 
 def test_png_tree_and_npz_shards_give_the_same_statistics(data, ex):
@@ -217,3 +237,27 @@ def test_inception_is_built_from_the_local_file_and_never_downloads(tmp_path, mo
     monkeypatch.setenv(F.ENV_WEIGHTS, str(weights))
     ex = F.make_extractor(F.INCEPTION, device="cpu")
     assert ex.dim == 2048 and ex.feature == "2048" and ex.identity["weights"]["file"] == F.INCEPTION_FILE
+
+
+def test_unwritable_cache_is_not_reported_as_cached(data, tmp_path, capsys):
+    from psld_fast.cli import main
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder would go")  # unwritable even for root
+    assert main(["fid", str(data / "A"), "--ref", str(data / "B"), "--extractor", F.RANDOM_CONV, "--device", "cpu",
+                 "--no-kid", "--cache-dir", str(blocker / "cache"), "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "FID " in cap.out and "cached in" not in cap.out and "were not cached" in cap.err
+
+
+def test_unwritable_json_is_refused_before_the_work(data, tmp_path, capsys, monkeypatch):
+    from psld_fast.cli import main
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    monkeypatch.setattr(F, "fid", lambda *a, **k: pytest.fail("fid ran although --json cannot be written"))
+    for flag in ("--json", "--save-stats"):
+        assert main(["fid", str(data / "A"), "--ref", str(data / "B"), "--extractor", F.RANDOM_CONV,
+                     flag, str(blocker / "r.json"), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err and "is an existing file, not a folder" in err

@@ -29,7 +29,7 @@ def _env():
 def _tree(root: Path) -> dict:
     """Every file under root (relative path -> bytes) except the manifests."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.name.startswith("manifest")}
+            if p.is_file() and not p.name.startswith("manifest") and p.name != ".psld_fast.lock"}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_png_layout_values_and_batch_size_invariance(tmp_path, digits, reference
     got = np.asarray(Image.open(io.BytesIO(t3["000000/000999.png"])))
     assert got.shape == (16, 16) and np.array_equal(got, want[0, 0].numpy())
     man = json.loads((tmp_path / "b3" / "manifest.json").read_text())
-    assert man["config"]["sampler"]["nfe"] == NFE and man["config"]["seeds"]["spec"] == "0-4,998-1002"
+    assert man["config"]["sampler"]["nfe"] == NFE and man["seeds"]["spec"] == "0-4,998-1002" and "seeds" not in man["config"]
     assert {"psld_fast", "torch", "python"} <= set(man["environment"]["versions"]) and man["environment"]["device"]
 
 
@@ -133,17 +133,81 @@ def test_other_configuration_refused_unless_forced(tmp_path, digits, capsys):
     generate(digits, out, SEEDS[:3], nfe=NFE, progress=False)
     with pytest.raises(ManifestMismatch, match=r"another configuration.*nfe.*--force"):
         generate(digits, out, SEEDS[:3], nfe=NFE + 2, progress=False)
-    with pytest.raises(ManifestMismatch, match="seeds"):
-        generate(digits, out, SEEDS[:4], nfe=NFE, progress=False)
     from psld_fast.cli import main
 
     rc = main(["generate", "--model", "digits", "--seeds", "0-2", "--nfe", str(NFE + 2), "--out", str(out),
                "--no-progress"])
     assert rc == 2 and "another configuration" in capsys.readouterr().err
-    s = generate(digits, out, SEEDS[:3], nfe=NFE + 2, progress=False, force=True)
-    assert s["skipped"] == 3  # --force keeps the existing files
+    s = generate(digits, out, SEEDS[:2], nfe=NFE + 2, progress=False, force=True)
+    # --force never leaves the other configuration's files under the new manifest
+    assert (s["written"], s["skipped"]) == (2, 0)
+    assert sorted(_tree(out)) == ["000000/000000.png", "000000/000001.png"]
     assert list(out.glob("manifest.replaced-*.json"))
-    assert json.loads((out / "manifest.json").read_text())["config"]["sampler"]["nfe"] == NFE + 2
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["sampler"]["nfe"] == NFE + 2 and man["seeds"]["spec"] == "0-1"
+    fresh = tmp_path / "fresh"
+    generate(digits, fresh, SEEDS[:2], nfe=NFE + 2, progress=False)
+    assert _tree(out) == _tree(fresh)
+
+
+def test_files_without_manifest_refused_unless_forced(tmp_path, digits):
+    out = tmp_path / "run"
+    generate(digits, out, SEEDS[:3], nfe=NFE, progress=False)
+    (out / "manifest.json").unlink()
+    with pytest.raises(ManifestMismatch, match="no manifest.json"):
+        generate(digits, out, SEEDS[:3], nfe=NFE, progress=False)
+    s = generate(digits, out, SEEDS[:3], nfe=NFE, progress=False, force=True)
+    assert s["written"] == 3
+
+
+def test_extending_or_subsetting_seeds_writes_only_what_is_missing(tmp_path, digits, reference_png):
+    out = tmp_path / "run"
+    assert generate(digits, out, SEEDS[:5], nfe=NFE, progress=False)["written"] == 5
+    s = generate(digits, out, SEEDS, nfe=NFE, progress=False)
+    assert (s["written"], s["skipped"]) == (5, 5)
+    assert generate(digits, out, SEEDS[2:4], nfe=NFE, progress=False)["written"] == 0
+    assert _tree(out) == reference_png
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["seeds"]["spec"] == seeds_to_spec(SEEDS) and man["seeds"]["count"] == len(SEEDS)
+    assert [r["seeds"]["spec"] for r in man["runs"]] == ["0-4", seeds_to_spec(SEEDS), "2-3"]
+
+
+def test_extending_npz_shards_appends_the_missing_seeds(tmp_path, ring):
+    ref = tmp_path / "ref"
+    generate(ring, ref, list(range(15)), fmt="npz", shard_size=10, nfe=NFE, progress=False)
+    out = tmp_path / "run"
+    generate(ring, out, list(range(5)), fmt="npz", shard_size=10, nfe=NFE, progress=False)
+    s = generate(ring, out, list(range(15)), fmt="npz", shard_size=10, nfe=NFE, progress=False)
+    assert (s["written"], s["skipped"]) == (10, 5)
+    for name in ("000000.npz", "000010.npz"):
+        a, b = np.load(out / name), np.load(ref / name)
+        assert a["seeds"].tolist() == b["seeds"].tolist() and np.array_equal(a["x"], b["x"])
+    assert json.loads((out / "manifest.json").read_text())["seeds"]["spec"] == "0-14"
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(tmp_path, digits, capsys):
+    from psld_fast.cli import main
+    from psld_fast.generate import FolderBusy, FolderLock
+
+    out = tmp_path / "run"
+    with FolderLock(out, "test run"):
+        with pytest.raises(FolderBusy, match=r"in use by another run \(test run, pid \d+"):
+            generate(digits, out, SEEDS[:2], nfe=NFE, progress=False)
+        assert main(["generate", "--model", "digits", "--seeds", "0-1", "--nfe", str(NFE), "--out", str(out),
+                     "--no-progress"]) == 2
+        assert "is in use by another run (test run" in capsys.readouterr().err
+        assert not (out / "manifest.json").exists()
+    assert generate(digits, out, SEEDS[:2], nfe=NFE, progress=False)["written"] == 2  # released
+
+
+def test_output_folder_that_is_a_file(tmp_path, digits, capsys):
+    from psld_fast.cli import main
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["generate", "--model", "digits", "--seeds", "0-1", "--nfe", str(NFE), "--out", str(f),
+                 "--no-progress"]) == 2
+    assert "is an existing file" in capsys.readouterr().err
 
 
 def test_seeds_to_spec():
@@ -191,3 +255,18 @@ def test_sigkill_then_rerun_completes_identically(tmp_path, reference_png):
     assert _tree(out) == reference_png and not list(out.rglob("*.tmp"))
     runs = json.loads((out / "manifest.json").read_text())["runs"]
     assert runs[-1]["written"] == len(SEEDS) - n_before and runs[-1]["skipped"] == n_before
+
+
+def test_a_diverging_run_warns_once_not_per_batch(tmp_path, digits):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(digits, tmp_path / "w", list(range(12)), nfe=5, batch_size=3, progress=False)
+    data = [w for w in caught if "left the data range" in str(w.message)]
+    assert len(data) == 1 and data[0].filename == __file__
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(digits, tmp_path / "u", list(range(6)), nfe=5, split="additive", batch_size=3, progress=False)
+    unstable = [w for w in caught if "friction unstable" in str(w.message)]
+    assert len(unstable) == 1 and unstable[0].filename == __file__

@@ -1,0 +1,268 @@
+"""Argument helpers shared by the command-line modules (:mod:`psld_fast.cli`,
+:mod:`psld_fast.cli_generate`, :mod:`psld_fast.cli_train`): seed lists, the model / sampler /
+device / threads options, and the checks that turn everyday mistakes into one-line errors before
+any expensive work starts.  It imports none of the CLI modules (the import graph is a DAG).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import torch
+
+__all__ = ["OneLineParser", "DTYPES", "SeedList", "parse_seeds", "MAX_SEEDS", "INT64_MIN", "INT64_MAX", "add_model_args",
+           "add_sampler_args", "add_threads_arg", "apply_threads", "default_threads", "load_model",
+           "resolve_device", "sampler_kwargs", "check_writable_file", "check_writable_dir", "join_negative_seeds"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+#: Most seeds one command line may name (a list of that many ints takes ~0.5 GB in Python).
+MAX_SEEDS = 10_000_000
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit code 2), not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class SeedList:
+    """Seeds given as inclusive ranges, kept as ranges (never expanded while parsing).
+
+    Behaves like the list of seeds: ``len``, iteration, indexing, ``==`` with a list; ``tolist()``
+    expands it."""
+
+    def __init__(self, ranges: list[tuple[int, int]]):
+        self.ranges = [(int(a), int(b)) for a, b in ranges]
+        self._len = sum(b - a + 1 for a, b in self.ranges)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        for a, b in self.ranges:
+            yield from range(a, b + 1)
+
+    def __getitem__(self, i):
+        return self.tolist()[i]
+
+    def tolist(self) -> list[int]:
+        return list(iter(self))
+
+    def __eq__(self, other):
+        if isinstance(other, SeedList):
+            return self.ranges == other.ranges
+        try:
+            return self.tolist() == list(other)
+        except TypeError:
+            return NotImplemented
+
+    def __repr__(self) -> str:
+        return "SeedList(" + ",".join(str(a) if a == b else f"{a}-{b}" for a, b in self.ranges) + ")"
+
+    def __array__(self, dtype=None, copy=None):
+        import numpy as np
+
+        return np.fromiter(iter(self), dtype=np.int64, count=len(self)).astype(dtype or np.int64, copy=False)
+
+
+_SEED_PART = re.compile(r"^\s*(-?\d+)\s*(?:-\s*(-?\d+)\s*)?$")
+
+
+def parse_seeds(text: str) -> SeedList:
+    """'0-63', '5', '1,4,9', '0-9,100-109' or '-5--2' -> :class:`SeedList` (ranges inclusive).
+
+    Every seed must lie in the int64 range; at most :data:`MAX_SEEDS` seeds.  Negative seeds are
+    valid seeds; a seed named twice gives the same sample twice."""
+    ranges: list[tuple[int, int]] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        m = _SEED_PART.match(part)
+        if m is None:
+            raise argparse.ArgumentTypeError(f"bad seed list {text!r}: use e.g. 0-63, 1,5,9 or -5--2")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        for v in (lo, hi):
+            if not INT64_MIN <= v <= INT64_MAX:
+                raise argparse.ArgumentTypeError(
+                    f"seed {v} is outside the int64 range [-2**63, 2**63-1] (= [{INT64_MIN}, {INT64_MAX}])")
+        if hi < lo:
+            raise argparse.ArgumentTypeError(f"bad seed list {text!r}: range {lo}-{hi} ends before it starts")
+        ranges.append((lo, hi))
+    if not ranges:
+        raise argparse.ArgumentTypeError("empty seed list")
+    seeds = SeedList(ranges)
+    if len(seeds) > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"--seeds {text}: {len(seeds)} seeds is more than one run takes "
+                                         f"(at most {MAX_SEEDS:,}); split the range over several runs")
+    return seeds
+
+
+def join_negative_seeds(argv: list[str]) -> list[str]:
+    """``--seeds -5--2`` -> ``--seeds=-5--2`` (argparse would take '-5--2' for an option)."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--seeds" and i + 1 < len(argv) and argv[i + 1].startswith("-") and \
+                re.fullmatch(r"[-\d,\s]+", argv[i + 1]):
+            out.append(f"--seeds={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+# --------------------------------------------------------------------------------------- threads
+def default_threads() -> int:
+    """CPU threads that do not oversubscribe a loaded machine: the cores not busy with other work
+    (cpu count minus the 1-minute load average, rounded), at least 1, at most torch's default."""
+    try:
+        ncpu = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        ncpu = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    free = int(ncpu - load + 0.5)
+    return max(1, min(torch.get_num_threads(), ncpu, free))
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores not busy with other work, from the load "
+                        "average; on a loaded machine more threads than free cores run many times slower)")
+
+
+def apply_threads(args) -> None:
+    """Set torch's CPU threads from ``--threads`` or :func:`default_threads` (env OMP_NUM_THREADS wins
+    over the default)."""
+    n = getattr(args, "threads", None)
+    if n is not None and n < 1:
+        raise ValueError(f"--threads {n}: give an integer >= 1")
+    if n is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return
+        n = default_threads()
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------- model/sampler
+def add_model_args(p: argparse.ArgumentParser):
+    from .learned import LEARNED
+    from .models import PRESETS
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="digits", choices=sorted(PRESETS) + [f"learned-{k}" for k in LEARNED],
+                   help="embedded model (default: digits). Analytic: " +
+                        "; ".join(f"{k}: {v[1]}" for k, v in PRESETS.items()) +
+                        ". Learned (small networks trained with psld-fast train): " +
+                        ", ".join(f"learned-{k}" for k in LEARNED))
+    g.add_argument("--checkpoint", type=Path, default=None,
+                   help="a PSLD checkpoint to sample from instead: an official PSLD Lightning .ckpt "
+                        "(NCSN++) or one written by psld-fast train")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="state dtype")
+    g.add_argument("--backend", default=None, choices=["auto", "reference", "cpu", "cuda", "triton"],
+                   help="fused-step implementation (default: $PSLD_FAST_BACKEND, else auto)")
+    add_threads_arg(p)
+
+
+def add_sampler_args(p: argparse.ArgumentParser, single=True):
+    from .samplers import ALL_SAMPLERS, COUPLINGS, LAMBDA_FORMS, LAMBDA_READINGS, NET_TIMES, SPLITS
+
+    g = p.add_argument_group("sampler")
+    if single:
+        g.add_argument("--sampler", default="reduced_oba", choices=ALL_SAMPLERS)
+        g.add_argument("--nfe", type=int, default=50, help="network evaluations per sample, incl. the final denoising step")
+    g.add_argument("--lambda-s", type=float, default=None, help="x-noise scale lambda_s (default 1)")
+    g.add_argument("--lambda-reading", default="marginal", choices=LAMBDA_READINGS,
+                   help="marginal: x-score factor 1 + lx^2 (marginal-preserving); noise: only the noise is scaled")
+    g.add_argument("--lambda-form", default="std", choices=LAMBDA_FORMS,
+                   help="lambda_s scales the x-noise std (std) or its variance (var)")
+    g.add_argument("--net-time", default=None, choices=NET_TIMES,
+                   help="time conditioning of calls after O (default: per sampler)")
+    g.add_argument("--schedule", default="quadratic", help="uniform | quadratic | cubic | logsnr | power:<p>")
+    g.add_argument("--split", default=None, choices=SPLITS,
+                   help="additive: O only adds noise (spec's reading); ou: O is the exact friction+noise step "
+                        "(default: per sampler, see docs/readings_protocol.md)")
+    g.add_argument("--coupling", default=None, choices=COUPLINGS,
+                   help="reduced samplers: one call serves B then A with the updated state (sequential) or "
+                        "both from the call's state (joint) (default: per sampler)")
+    g.add_argument("--no-denoise", action="store_true", help="skip the final denoising step")
+
+
+def load_model(args):
+    if args.checkpoint is not None:
+        from .learned import load_checkpoint_any
+
+        return load_checkpoint_any(args.checkpoint, api_hint=False)
+    if args.model.startswith("learned-"):
+        from .learned import load_learned
+
+        return load_learned(args.model[len("learned-"):])
+    from .models import get_preset
+
+    return get_preset(args.model)
+
+
+def resolve_device(text: str | None) -> torch.device:
+    """``--device`` (default: cuda if available, else cpu), checked: ValueError with the fix."""
+    if not text:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"--device {text}: not a device name; use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: CUDA is not available here (torch {torch.__version__}"
+                             f"{', a CPU-only build' if torch.version.cuda is None else ', no GPU visible'}); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {text}: unsupported device type; use cpu or cuda")
+    return device
+
+
+def sampler_kwargs(args) -> dict:
+    return dict(lambda_s=args.lambda_s, lambda_reading=args.lambda_reading, net_time=args.net_time,
+                schedule=args.schedule, denoise=not args.no_denoise, split=args.split, coupling=args.coupling,
+                lambda_form=args.lambda_form)
+
+
+# ------------------------------------------------------------------------------------- output paths
+def check_writable_dir(folder: Path, what: str = "output folder", _file: Path | None = None) -> None:
+    """ValueError unless ``folder`` is (or can be created as) a writable folder."""
+    folder = Path(folder)
+    head = f"{what} {_file if _file is not None else folder}"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{head}: {folder} is an existing file, not a folder; choose another path"
+                         if _file is not None else f"{head} is an existing file, not a folder; choose another path")
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{head}: {probe} is an existing file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{head}: {probe} is not writable; choose a writable location")
+
+
+def check_writable_file(path: Path, suffixes: tuple[str, ...] | None = None, what: str = "output file") -> None:
+    """ValueError unless ``path`` names a file that can be written (checked before any work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is an existing folder; give a file name"
+                         + (f" ending in {' or '.join(suffixes)}" if suffixes else ""))
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise ValueError(f"{what} {path}: unsupported suffix {path.suffix or '(none)'!r}; use one of "
+                         f"{', '.join(suffixes)}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path} exists and is not writable")
+    check_writable_dir(path.parent if str(path.parent) else Path("."), what=what, _file=path)
