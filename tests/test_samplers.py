@@ -29,7 +29,11 @@ _KNOBS = {"default": dict(), "start": dict(net_time="start"), "end": dict(net_ti
           "joint-additive-end": dict(coupling="joint", split="additive", net_time="end"),
           "joint-ou-start-var": dict(coupling="joint", split="ou", net_time="start", lambda_s=0.5, lambda_form="var"),
           "joint-ou-end-noise": dict(coupling="joint", split="ou", net_time="end", lambda_s=0.7,
-                                     lambda_reading="noise")}
+                                     lambda_reading="noise"),
+          "joint-start": dict(coupling="joint", net_time="start"),
+          "ci0.3": dict(ci_lambda=0.3), "ci0.2-end-uniform": dict(ci_lambda=0.2, net_time="end", schedule="uniform")}
+
+_CONJUGATE_LAMBDA = ("ci_ddim", "ci_ddim2", "csps_d")  # the samplers with a ci_lambda knob
 
 
 def _applies(sampler, knobs):
@@ -37,7 +41,9 @@ def _applies(sampler, knobs):
     # (test_bad_arguments checks that both raise), so those pairs are not generated
     if sampler == "sscs" and "lambda_s" in knobs:
         return False
-    return knobs.get("coupling") != "joint" or sampler.startswith("reduced_")
+    if "ci_lambda" in knobs and sampler not in _CONJUGATE_LAMBDA:
+        return False
+    return knobs.get("coupling") != "joint" or SAMPLER_SPECS[sampler].reduced
 
 
 _PATHWISE_CASES = [pytest.param(s, k, id=f"{s}-{name}") for s in pf.ALL_SAMPLERS for name, k in _KNOBS.items()
@@ -59,7 +65,8 @@ def test_compiled_program_equals_reference_loop_pathwise(sampler, knobs):
 
     z_ref = run_reference(sampler, eps_fn, sde, program.grid, noise, lambda_s=info["lambda_s"],
                           reading=info["lambda_reading"], net_time=info["net_time"], denoise=info["denoise"],
-                          split=info["split"], coupling=info["coupling"], lambda_form=info["lambda_form"])
+                          split=info["split"], coupling=info["coupling"], lambda_form=info["lambda_form"],
+                          ci_lambda=info["ci_lambda"])
     assert noise.exhausted, "the program and the reference loop consumed different numbers of draws"
     u = _run_program_f64(model, program, seeds)
     err = (u - z_ref).abs().max().item()
