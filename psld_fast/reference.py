@@ -309,29 +309,23 @@ def _conjugate(c, grid, net_time):
 
 
 def _csps_d(c, grid, net_time):
-    """Reduced velocity Verlet on the conjugate state of B = lambda I, in the step's frame
-    A_n^{-1} A(tau) (zhat = z at tau_n)."""
-    import numpy as np
-
-    from .conjugate import conjugate_A, conjugate_dphi, tau_of_b
+    """Reduced velocity Verlet with scalar conjugate sub-steps (psld_fast.conjugate.conjugate_substeps):
+    m <- gm m + bx x + be eps_m ;  x <- gx x + am m + ae . eps."""
+    from .conjugate import conjugate_substeps, tau_of_b
 
     lam, sde = c.ci_lambda, c.sde
     x, m = _prior(c)
     for n in range(len(grid) - 1):
         tau_n, tau_next, d, _ = c.step_times(grid, n)
         tau_mid = tau_of_b(sde, (sde.b(tau_n) + sde.b(tau_next)) / 2)
-        Cn = np.linalg.inv(conjugate_A(sde, "identity", lam, tau_n))
-        A_next = Cn @ conjugate_A(sde, "identity", lam, tau_next)
-        phi1 = Cn @ conjugate_dphi(sde, "identity", lam, tau_mid, tau_n)
-        phi2 = Cn @ conjugate_dphi(sde, "identity", lam, tau_next, tau_mid)
-        e_x, e_m = c.eps(x, m, tau_n)
-        xh, mh = x, m                                                              # zhat = z at tau_n
-        mh = (1 - lam * d / 2) * mh + phi1[1, 0] * e_x + phi1[1, 1] * e_m           # B(h/2)
-        xh = (1 - lam * d) * xh + (phi1 + phi2)[0, 0] * e_x + (phi1 + phi2)[0, 1] * e_m  # A(h), eps reused
-        x, m = _apply(np.linalg.inv(A_next), xh, mh)
-        e_x, e_m = c.eps(x, m, _after_o(net_time, tau_n, tau_next))               # call after A
-        mh = (1 - lam * d / 2) * mh + phi2[1, 0] * e_x + phi2[1, 1] * e_m           # B(h/2)
-        x, m = _apply(np.linalg.inv(A_next), xh, mh)
+        (B1z, B1e), _ = conjugate_substeps(sde, lam, tau_mid, tau_n)
+        (B2z, B2e), _ = conjugate_substeps(sde, lam, tau_next, tau_mid)
+        _, (Az, Ae) = conjugate_substeps(sde, lam, tau_next, tau_n)
+        e_x, e_m = c.eps(x, m, tau_n)                                     # one call serves
+        m = B1z[1, 1] * m + B1z[1, 0] * x + B1e[1, 1] * e_m                # B(h/2) and
+        x = Az[0, 0] * x + Az[0, 1] * m + Ae[0, 0] * e_x + Ae[0, 1] * e_m  # A(h), with the new m
+        e_x, e_m = c.eps(x, m, _after_o(net_time, tau_n, tau_next))
+        m = B2z[1, 1] * m + B2z[1, 0] * x + B2e[1, 1] * e_m                # closing B(h/2)
     return x, m
 
 
