@@ -82,7 +82,7 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
            generator: torch.Generator | None = None, backend: str | None = "auto",
            dtype: torch.dtype = torch.float32, device=None, batch_size: int | None = None,
            callback=None, progress: bool = True, sde=None, shape=None, stream: int = 0,
-           cuda_graph="auto") -> SampleResult:
+           cuda_graph="auto", ci_lambda: float | None = None) -> SampleResult:
     """Draw ``num_samples`` samples from a PSLD model with a (reduced) splitting sampler.
 
     Args:
@@ -96,6 +96,8 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         net_time: "start" | "end" (time conditioning of calls made after O; default per sampler).
         split: "additive" (spec 4.3 default reading: O adds noise) | "ou" (O is the exact OU friction
             step); default per sampler ("ou" for the reduced samplers, measured better).
+        ci_lambda: lambda of the conjugate samplers (``ci_ddim``, ``ci_ddim2``, ``csps_d``; default per
+            sampler; see :mod:`psld_fast.conjugate` for the stability bound).
         seeds: (num_samples,) int64, one per sample; else drawn from ``generator``; else 0..N-1.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton" (env ``PSLD_FAST_BACKEND``).
         dtype: state dtype (float32 default; float16/bfloat16 on the kernels; float64 reference).
@@ -119,7 +121,8 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     device = _check_device(model, device)
     t0 = time.perf_counter()
     program = compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lambda_s,
-                              lambda_reading=lambda_reading, net_time=net_time, denoise=denoise, split=split)
+                              lambda_reading=lambda_reading, net_time=net_time, denoise=denoise, split=split,
+                              ci_lambda=ci_lambda)
     if program.nfe != nfe:
         log.info("sampler %s: nfe=%d does not fit %s; spending %d", sampler, nfe,
                  "N * evals_per_step + 1", program.nfe)

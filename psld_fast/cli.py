@@ -75,6 +75,9 @@ def _add_sampler_args(p: argparse.ArgumentParser, single=True):
     g.add_argument("--split", default=None, choices=SPLITS,
                    help="additive: O only adds noise (spec's reading); ou: O is the exact friction+noise step "
                         "(default: ou for the reduced samplers, additive for the naive ones)")
+    g.add_argument("--ci-lambda", type=float, default=None,
+                   help="lambda of the conjugate samplers ci_ddim, ci_ddim2, csps_d (default: per sampler; "
+                        "stable for 0 <= lambda <= 2/d_max, 1/d_max for ci_ddim2)")
     g.add_argument("--no-denoise", action="store_true", help="skip the final denoising step")
 
 
@@ -142,8 +145,11 @@ def _device(args) -> torch.device:
 
 
 def _sampler_kwargs(args) -> dict:
-    return dict(lambda_s=args.lambda_s, lambda_reading=args.lambda_reading, net_time=args.net_time,
-                schedule=args.schedule, denoise=not args.no_denoise, split=args.split)
+    kw = dict(lambda_s=args.lambda_s, lambda_reading=args.lambda_reading, net_time=args.net_time,
+              schedule=args.schedule, denoise=not args.no_denoise, split=args.split)
+    if getattr(args, "ci_lambda", None) is not None:  # only the conjugate samplers take it
+        kw["ci_lambda"] = args.ci_lambda
+    return kw
 
 
 def _reference_law(model, name: str | None):
@@ -205,7 +211,8 @@ def cmd_sample(args) -> int:
     print(f"model      {name} {tuple(model.shape)}  device {device}  backend {res.backend}  dtype {args.dtype}")
     info = res.program_info
     print(f"sampler    {args.sampler}  NFE {res.nfe}  schedule {args.schedule}  lambda_s {info['lambda_s']:g}"
-          f"  net_time {info['net_time']}  split {info['split']}")
+          f"  net_time {info['net_time']}  split {info['split']}"
+          + (f"  ci_lambda {info['ci_lambda']:g}" if info.get("ci_lambda") is not None else ""))
     print(f"samples    {n}  wall {wall:.2f} s  ({res.samples_per_second:.1f} samples/s, "
           f"{1e3 * res.timings['sampling'] / max(res.nfe, 1):.2f} ms per NFE)")
     if not args.no_quality:
