@@ -32,6 +32,19 @@ Conventions (documented knobs):
   Same SDE, but the stiff friction is integrated exactly: stable at large steps.
 * EM and SSCS follow the PSLD code: drift and noise use ``h * beta(tau_n)`` and the score at tau_n.
 * The final denoising step is a noise-free Euler step of the full reverse SDE from ``eps_end``.
+
+Deterministic samplers (``DETERMINISTIC_SAMPLERS``; no noise after the prior draw):
+
+* ``ode_euler``: Euler on the PF ODE at ``h beta(tau_n)``.
+* ``nse``, ``nvv``, ``rse``, ``rvv`` (spec 4.6): the PF ODE split into
+  ``A(d, s): x += d/2 (Gamma x - Minv m + Gamma s_x)`` and ``B(d, s): m += d/2 (x + nu m + M nu s_m)``
+  (``_Steps(pf=True)``: the halved score terms).  NSE: A, then B with a fresh call (2 NFE); NVV:
+  B(h/2), A, B(h/2), fresh calls (3 NFE); RSE: one call serves A then B (1 NFE); RVV: one call serves
+  B(h/2) and A, the closing B(h/2) has its own call (2 NFE).  ``coupling`` (reduced ones) as above;
+  ``net_time`` sets the time of a call made after the step's position update (A).
+* ``ci_ei``, ``ci_ddim``, ``ci_ddim2``, ``csps_d``: conjugate integrators, knob ``ci_lambda``; formulas,
+  stability bound and the CSPS-D reading in :mod:`psld_fast.conjugate`.
+* ``lambda_s``, ``lambda_reading``, ``lambda_form`` and ``split`` do not apply to them and are ignored.
 """
 from __future__ import annotations
 
