@@ -87,7 +87,7 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
            generator: torch.Generator | None = None, backend: str | None = "auto",
            dtype: torch.dtype = torch.float32, device=None, batch_size: int | None = None,
            callback=None, progress: bool = True, sde=None, shape=None, stream: int = 0,
-           cuda_graph="auto") -> SampleResult:
+           cuda_graph="auto", ci_lambda: float | None = None) -> SampleResult:
     """Draw ``num_samples`` samples from a PSLD model with a (reduced) splitting sampler.
 
     Args:
@@ -105,6 +105,8 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         coupling: "sequential" | "joint": how one call serves consecutive A and B sub-steps
             (reduced samplers; default per sampler, chosen by the protocol).
         lambda_form: "std" (lambda_s scales the x-noise std) | "var" (it scales the variance).
+        ci_lambda: lambda of the conjugate samplers (``ci_ddim``, ``ci_ddim2``, ``csps_d``; default per
+            sampler; see :mod:`psld_fast.conjugate` for the stability bound).
         seeds: (num_samples,) integers in the int64 range, one per sample (negative seeds are valid; a
             repeated seed gives the same sample again); else drawn from ``generator``; else 0..N-1.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton" (env ``PSLD_FAST_BACKEND``).
@@ -137,7 +139,7 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         warnings.simplefilter("always")
         program = compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lambda_s,
                                   lambda_reading=lambda_reading, net_time=net_time, denoise=denoise, split=split,
-                                  coupling=coupling, lambda_form=lambda_form)
+                                  coupling=coupling, lambda_form=lambda_form, ci_lambda=ci_lambda)
     for w in caught:
         warn_at_caller(w.message, w.category)
     if program.nfe != nfe:

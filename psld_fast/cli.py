@@ -153,7 +153,8 @@ def cmd_sample(args) -> int:
     print(f"model      {name} {tuple(model.shape)}  device {device}  backend {res.backend}  dtype {args.dtype}")
     info = res.program_info
     print(f"sampler    {args.sampler}  NFE {res.nfe}  schedule {args.schedule}  lambda_s {info['lambda_s']:g}"
-          f"  net_time {info['net_time']}  split {info['split']}  coupling {info['coupling']}")
+          f"  net_time {info['net_time']}  split {info['split']}  coupling {info['coupling']}"
+          + (f"  ci_lambda {info['ci_lambda']:g}" if info.get("ci_lambda") is not None else ""))
     print(f"samples    {n}  wall {wall:.2f} s  ({res.samples_per_second:.1f} samples/s, "
           f"{1e3 * res.timings['sampling'] / max(res.nfe, 1):.2f} ms per NFE)")
     if not args.no_quality:

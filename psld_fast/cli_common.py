@@ -194,6 +194,9 @@ def add_sampler_args(p: argparse.ArgumentParser, single=True):
     g.add_argument("--coupling", default=None, choices=COUPLINGS,
                    help="reduced samplers: one call serves B then A with the updated state (sequential) or "
                         "both from the call's state (joint) (default: per sampler)")
+    g.add_argument("--ci-lambda", type=float, default=None,
+                   help="lambda of the conjugate samplers ci_ddim, ci_ddim2, csps_d (default: per sampler; "
+                        "stable for 0 <= lambda <= 2/d_max, 1/d_max for ci_ddim2)")
     g.add_argument("--no-denoise", action="store_true", help="skip the final denoising step")
 
 
@@ -232,9 +235,12 @@ def resolve_device(text: str | None) -> torch.device:
 
 
 def sampler_kwargs(args) -> dict:
-    return dict(lambda_s=args.lambda_s, lambda_reading=args.lambda_reading, net_time=args.net_time,
-                schedule=args.schedule, denoise=not args.no_denoise, split=args.split, coupling=args.coupling,
-                lambda_form=args.lambda_form)
+    kw = dict(lambda_s=args.lambda_s, lambda_reading=args.lambda_reading, net_time=args.net_time,
+              schedule=args.schedule, denoise=not args.no_denoise, split=args.split, coupling=args.coupling,
+              lambda_form=args.lambda_form)
+    if getattr(args, "ci_lambda", None) is not None:  # only the conjugate samplers take it
+        kw["ci_lambda"] = args.ci_lambda
+    return kw
 
 
 # ------------------------------------------------------------------------------------- output paths

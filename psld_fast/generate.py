@@ -53,7 +53,8 @@ __all__ = ["generate", "png_path", "shard_path", "seeds_to_spec", "model_identit
 MANIFEST = "manifest.json"
 _FORMATS = ("png", "npz")
 _RESERVED = {"num_samples", "seeds", "generator", "batch_size", "callback", "progress", "device"}
-_PROGRAM_KEYS = ("schedule", "lambda_s", "lambda_reading", "lambda_form", "net_time", "denoise", "split", "coupling")
+_PROGRAM_KEYS = ("schedule", "lambda_s", "lambda_reading", "lambda_form", "net_time", "denoise", "split", "coupling",
+                 "ci_lambda")
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                 torch.float64: "float64"}
 

@@ -43,11 +43,15 @@ class _Ctx:
         self.ou = split == "ou"
         self.joint = coupling == "joint"
 
-    def score(self, x, m, tau):
-        """s = -L^{-T} eps (spec 1.2)."""
+    def eps(self, x, m, tau):
+        """The network output split into its x and m halves."""
         eps = self.eps_fn(torch.cat([x, m], 1), tau).to(x.dtype)
         C = x.shape[1]
-        ex, em = eps[:, :C], eps[:, C:]
+        return eps[:, :C], eps[:, C:]
+
+    def score(self, x, m, tau):
+        """s = -L^{-T} eps (spec 1.2)."""
+        ex, em = self.eps(x, m, tau)
         l11, l21, l22 = self.sde.hsm_cholesky(tau)
         return -ex / l11 + l21 / (l11 * l22) * em, -em / l22
 
@@ -69,6 +73,13 @@ class _Ctx:
         if self.ou:
             return x + d / 2 * (-self.Minv * m + self.cx * self.G * (s_x + x))
         return x + d / 2 * (self.G * x - self.Minv * m + self.cx * self.G * s_x)
+
+    # PF ODE split (spec 4.6): the halved score terms, no noise
+    def A_pf(self, x, m, d, s_x):
+        return x + d / 2 * (self.G * x - self.Minv * m + self.G * s_x)
+
+    def B_pf(self, x, m, d, s_m):
+        return m + d / 2 * (x + self.nu * m + self.M * self.nu * s_m)
 
     def BA(self, x, m, dB, dA, s_x, s_m):
         """B(dB) then A(dA) from one score: A sees the new m (sequential) or the old one (joint)."""
@@ -228,19 +239,112 @@ def _reduced_baoab(c, grid, net_time):
     return x, m
 
 
+# ----------------------------------------------------- deterministic splitting of the PF ODE (spec 4.6)
+def _nse(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = c.step_times(grid, n)
+        x = c.A_pf(x, m, d, c.score(x, m, tau_n)[0])
+        m = c.B_pf(x, m, d, c.score(x, m, _after_o(net_time, tau_n, tau_next))[1])  # call after A
+    return x, m
+
+
+def _nvv(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = c.step_times(grid, n)
+        m = c.B_pf(x, m, d / 2, c.score(x, m, tau_n)[1])
+        x = c.A_pf(x, m, d, c.score(x, m, tau_n)[0])
+        m = c.B_pf(x, m, d / 2, c.score(x, m, _after_o(net_time, tau_n, tau_next))[1])
+    return x, m
+
+
+def _rse(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, _, d, _ = c.step_times(grid, n)
+        s_x, s_m = c.score(x, m, tau_n)                      # one call serves A and B
+        x_new = c.A_pf(x, m, d, s_x)
+        m = c.B_pf(x if c.joint else x_new, m, d, s_m)
+        x = x_new
+    return x, m
+
+
+def _rvv(c, grid, net_time):
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = c.step_times(grid, n)
+        s_x, s_m = c.score(x, m, tau_n)                      # one call serves B(h/2) and A(h)
+        m_new = c.B_pf(x, m, d / 2, s_m)
+        x = c.A_pf(x, m if c.joint else m_new, d, s_x)
+        m = c.B_pf(x, m_new, d / 2, c.score(x, m_new, _after_o(net_time, tau_n, tau_next))[1])
+    return x, m
+
+
+# ---------------------------------------------------------- conjugate integrators (psld_fast.conjugate)
+def _apply(Mat, x, m):
+    return Mat[0, 0] * x + Mat[0, 1] * m, Mat[1, 0] * x + Mat[1, 1] * m
+
+
+def _conjugate(c, grid, net_time):
+    """zhat = A(tau_n) z;  zhat += -d A_n B A_n^{-1} zhat + dPhi eps(z, tau_n);  z = A(tau_{n+1})^{-1} zhat."""
+    import numpy as np
+
+    from .conjugate import CI_KINDS, conjugate_A, conjugate_B, conjugate_dphi
+
+    kind, lam = CI_KINDS[c.sampler], c.ci_lambda
+    B = conjugate_B(kind, lam)
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = c.step_times(grid, n)
+        A_n, A_next = conjugate_A(c.sde, kind, lam, tau_n), conjugate_A(c.sde, kind, lam, tau_next)
+        dphi = conjugate_dphi(c.sde, kind, lam, tau_next, tau_n)
+        e_x, e_m = c.eps(x, m, tau_n)
+        xh, mh = _apply(A_n, x, m)
+        lin_x, lin_m = _apply(A_n @ B @ np.linalg.inv(A_n), xh, mh)
+        phi_x, phi_m = _apply(dphi, e_x, e_m)
+        xh, mh = xh - d * lin_x + phi_x, mh - d * lin_m + phi_m
+        x, m = _apply(np.linalg.inv(A_next), xh, mh)
+    return x, m
+
+
+def _csps_d(c, grid, net_time):
+    """Reduced velocity Verlet with scalar conjugate sub-steps (psld_fast.conjugate.conjugate_substeps):
+    m <- gm m + bx x + be eps_m ;  x <- gx x + am m + ae . eps."""
+    from .conjugate import conjugate_substeps, tau_of_b
+
+    lam, sde = c.ci_lambda, c.sde
+    x, m = _prior(c)
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = c.step_times(grid, n)
+        tau_mid = tau_of_b(sde, (sde.b(tau_n) + sde.b(tau_next)) / 2)
+        (B1z, B1e), _ = conjugate_substeps(sde, lam, tau_mid, tau_n)
+        (B2z, B2e), _ = conjugate_substeps(sde, lam, tau_next, tau_mid)
+        _, (Az, Ae) = conjugate_substeps(sde, lam, tau_next, tau_n)
+        e_x, e_m = c.eps(x, m, tau_n)                                     # one call serves
+        m = B1z[1, 1] * m + B1z[1, 0] * x + B1e[1, 1] * e_m                # B(h/2) and
+        x = Az[0, 0] * x + Az[0, 1] * m + Ae[0, 0] * e_x + Ae[0, 1] * e_m  # A(h), with the new m
+        e_x, e_m = c.eps(x, m, _after_o(net_time, tau_n, tau_next))
+        m = B2z[1, 1] * m + B2z[1, 0] * x + B2e[1, 1] * e_m                # closing B(h/2)
+    return x, m
+
+
 REFERENCE_SAMPLERS = {
     "em": _em, "sscs": _sscs, "ode_euler": _ode_euler,
     "naive_oba": _naive_oba, "naive_bao": _naive_bao, "naive_obab": _naive_obab, "naive_baoab": _naive_baoab,
     "reduced_oba": _reduced_oba, "reduced_bao": _reduced_bao, "reduced_obab": _reduced_obab,
     "reduced_baoab": _reduced_baoab,
+    "nse": _nse, "nvv": _nvv, "rse": _rse, "rvv": _rvv,
+    "ci_ei": _conjugate, "ci_ddim": _conjugate, "ci_ddim2": _conjugate, "csps_d": _csps_d,
 }
 
 
 def run_reference(sampler, eps_fn, sde, grid, noise, *, lambda_s=1.0, reading="marginal",
                   net_time="start", denoise=True, split="additive", coupling="sequential",
-                  lambda_form="std") -> torch.Tensor:
+                  lambda_form="std", ci_lambda=None) -> torch.Tensor:
     """Run the readable loop of ``sampler`` and the final denoising step; returns z = cat(x, m)."""
     c = _Ctx(eps_fn, sde, noise, lambda_s, reading, split, coupling, lambda_form)
+    c.sampler, c.ci_lambda = sampler, ci_lambda
     x, m = REFERENCE_SAMPLERS[sampler](c, grid, net_time)
     if denoise:  # one noise-free Euler step of the full reverse SDE from eps_end to 0
         tau, beta = sde.eps_end, sde.beta(sde.eps_end)
@@ -288,4 +392,4 @@ def run_reference_like(program, eps_fn, sde, seeds: torch.Tensor, shape, dtype=t
     return run_reference(program.sampler, eps_fn, sde, program.grid, noise, lambda_s=info["lambda_s"],
                          reading=info["lambda_reading"], net_time=info["net_time"],
                          denoise=info["denoise"], split=info["split"], coupling=info["coupling"],
-                         lambda_form=info["lambda_form"])
+                         lambda_form=info["lambda_form"], ci_lambda=info.get("ci_lambda"))

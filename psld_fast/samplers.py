@@ -32,6 +32,19 @@ Conventions (documented knobs):
   Same SDE, but the stiff friction is integrated exactly: stable at large steps.
 * EM and SSCS follow the PSLD code: drift and noise use ``h * beta(tau_n)`` and the score at tau_n.
 * The final denoising step is a noise-free Euler step of the full reverse SDE from ``eps_end``.
+
+Deterministic samplers (``DETERMINISTIC_SAMPLERS``; no noise after the prior draw):
+
+* ``ode_euler``: Euler on the PF ODE at ``h beta(tau_n)``.
+* ``nse``, ``nvv``, ``rse``, ``rvv`` (spec 4.6): the PF ODE split into
+  ``A(d, s): x += d/2 (Gamma x - Minv m + Gamma s_x)`` and ``B(d, s): m += d/2 (x + nu m + M nu s_m)``
+  (``_Steps(pf=True)``: the halved score terms).  NSE: A, then B with a fresh call (2 NFE); NVV:
+  B(h/2), A, B(h/2), fresh calls (3 NFE); RSE: one call serves A then B (1 NFE); RVV: one call serves
+  B(h/2) and A, the closing B(h/2) has its own call (2 NFE).  ``coupling`` (reduced ones) as above;
+  ``net_time`` sets the time of a call made after the step's position update (A).
+* ``ci_ei``, ``ci_ddim``, ``ci_ddim2``, ``csps_d``: conjugate integrators, knob ``ci_lambda``; formulas,
+  stability bound and the CSPS-D reading in :mod:`psld_fast.conjugate`.
+* ``lambda_s``, ``lambda_reading``, ``lambda_form`` and ``split`` do not apply to them and are ignored.
 """
 from __future__ import annotations
 
@@ -51,7 +64,7 @@ __all__ = ["SAMPLERS", "DETERMINISTIC_SAMPLERS", "ALL_SAMPLERS", "SamplerSpec", 
            "COUPLINGS", "READING_KNOBS"]
 
 #: Every reading knob a program records in ``program.info`` (and generate/sweep in their manifests).
-READING_KNOBS = ("lambda_reading", "lambda_form", "net_time", "split", "coupling")
+READING_KNOBS = ("lambda_reading", "lambda_form", "net_time", "split", "coupling", "ci_lambda")
 
 LAMBDA_READINGS = ("marginal", "noise")
 LAMBDA_FORMS = ("std", "var")
@@ -70,12 +83,21 @@ class SamplerSpec:
     description: str
     default_split: str = "additive"
     default_coupling: str = "sequential"
+    #: Conjugate samplers only: the default ``ci_lambda`` (None: the knob does not apply).
+    default_ci_lambda: float | None = None
 
     @property
     def reduced(self) -> bool:
         """A reduced sampler: one network call serves consecutive A and B sub-steps."""
-        return self.name.startswith("reduced_")
+        return self.name.startswith("reduced_") or self.name in ("rse", "rvv")
 
+
+#: Default ``ci_lambda`` of lambda-DDIM and lambda-DDIM-II (psld_fast.conjugate), picked on the exact
+#: 16-d Gaussian: best at NFE 20-50 of {0, 0.02, 0.05, 0.1, 0.2, 0.3} (lambda-DDIM NFE 20: 0.60 vs 2.01
+#: at lambda 0).  lambda reweights eps over a step (a first-order term), so at NFE >= 100 smaller
+#: lambda is better.  CSPS-D keeps 0 (lambda 0.2 was worse at every NFE).
+DEFAULT_CI_LAMBDA = 0.1
+DEFAULT_CI_LAMBDA2 = 0.05
 
 # Defaults of the reduced samplers, picked by measurement (README "What the measurements say"):
 # split="ou" and net_time="start" gave lower errors on the exact Gaussian law, on the learned digits
@@ -96,6 +118,21 @@ _SPECS = [
     SamplerSpec("reduced_baoab", 2, True, "start", 1.0,
                 "Reduced BAOAB: call 1 serves B(h/2)+A(h/2), O, call 2 serves A(h/2)+B(h/2)", "ou"),
     SamplerSpec("ode_euler", 1, False, "start", 0.0, "Euler on the probability-flow ODE (deterministic)"),
+    # Deterministic splitting integrators for the PF ODE (spec 4.6): A, B with the halved score terms.
+    SamplerSpec("nse", 2, False, "start", 0.0, "naive symplectic Euler on the PF ODE: A, B with a fresh call each"),
+    SamplerSpec("nvv", 3, False, "start", 0.0, "naive velocity Verlet on the PF ODE: B(h/2), A, B(h/2), fresh calls"),
+    SamplerSpec("rse", 1, False, "start", 0.0, "reduced symplectic Euler: one call serves A and B"),
+    SamplerSpec("rvv", 2, False, "start", 0.0,
+                "reduced velocity Verlet: call serves B(h/2)+A; closing B(h/2) call after the position update"),
+    # Conjugate integrators (Pandey, Rudolph & Mandt, ICLR 2024): Euler in zhat = A_tau z.
+    SamplerSpec("ci_ei", 1, False, "start", 0.0, "conjugate integrator with B = 0 (exponential integrator)",
+                default_ci_lambda=0.0),
+    SamplerSpec("ci_ddim", 1, False, "start", 0.0, "lambda-DDIM: conjugate integrator with B = lambda I",
+                default_ci_lambda=DEFAULT_CI_LAMBDA),
+    SamplerSpec("ci_ddim2", 1, False, "start", 0.0, "lambda-DDIM-II: conjugate integrator with B = lambda ones(2, 2)",
+                default_ci_lambda=DEFAULT_CI_LAMBDA2),
+    SamplerSpec("csps_d", 2, False, "end", 0.0,
+                "CSPS-D: reduced velocity Verlet with conjugate (exact-linear) B and A sub-steps", default_ci_lambda=0.0),
 ]
 SAMPLER_SPECS = {s.name: s for s in _SPECS}
 #: The stochastic samplers of the spec (the public contract).
@@ -129,12 +166,18 @@ class _Steps:
     """The 2x2 sub-step maps of one run (process, lambda_s, reading and split fixed)."""
 
     def __init__(self, sde: PSLD, lambda_s: float, reading: str, split: str = "additive",
-                 coupling: str = "sequential", lambda_form: str = "std"):
+                 coupling: str = "sequential", lambda_form: str = "std", pf: bool = False):
         self.sde = sde
         self.lx = lambda_s if lambda_form == "std" else math.sqrt(lambda_s)
         self.cx = 1.0 + self.lx ** 2 if reading == "marginal" else 2.0
         self.ou = split == "ou"
         self.joint = coupling == "joint"
+        # pf: the probability-flow ODE's A and B (spec 4.6), halved score terms, no O:
+        #   A: x += d/2 (Gamma x - Minv m + Gamma s_x);  B: m += d/2 (x + nu m + M nu s_m)
+        self.pf = pf
+        if pf:
+            self.cx, self.ou = 1.0, False
+        self.ci_lambda = self.sampler = None
 
     def O(self, d):
         """Noise-only O: returns R.  (The OU O is :meth:`O_ou`: returns (Mz, R).)"""
@@ -157,6 +200,8 @@ class _Steps:
             Mz = np.array([[1.0, 0.0], [d / 2, 1.0 + d * s.nu / 2]])
         Meps = np.zeros((2, 2))
         Meps[1] = d * s.M * s.nu * S[1]
+        if self.pf:
+            Meps[1] *= 0.5
         return Mz, Meps
 
     def A(self, d, S, cx=None):
@@ -195,17 +240,18 @@ class _Steps:
 def compile_sampler(sampler: str, sde: PSLD, nfe: int, *, schedule="quadratic", lambda_s=None,
                     lambda_reading: str = "marginal", net_time: str | None = None,
                     denoise: bool = True, split: str | None = None, coupling: str | None = None,
-                    lambda_form: str = "std") -> Program:
+                    lambda_form: str = "std", ci_lambda: float | None = None) -> Program:
     """Compile a sampler into a :class:`Program` of affine stages (all float64 host math).
 
     The reading knobs (``lambda_reading``, ``lambda_form``, ``net_time``, ``split``, ``coupling``;
-    None = the sampler's default) are described in the module docstring.
+    None = the sampler's default) are described in the module docstring; ``ci_lambda`` is the lambda
+    of the conjugate samplers (``ci_ddim``, ``ci_ddim2``, ``csps_d``; see :mod:`psld_fast.conjugate`).
     Raises ValueError naming the argument for an unknown sampler, schedule, reading or net_time,
     a negative lambda_s or an NFE budget too small for the sampler.  Programs for named schedules
     are cached (compiling costs milliseconds, ~50 us per NFE); treat them as read-only.
     """
     args = (sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, denoise, split, coupling,
-            lambda_form)
+            lambda_form, ci_lambda)
     if isinstance(schedule, str):
         try:
             return _compile_cached(*args)
@@ -220,7 +266,7 @@ def _compile_cached(*args) -> Program:
 
 
 def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, denoise, split, coupling,
-             lambda_form) -> Program:
+             lambda_form, ci_lambda=None) -> Program:
     spec = _spec(sampler)
     if lambda_s is None:
         lambda_s = spec.default_lambda_s
@@ -246,7 +292,15 @@ def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, de
         raise ValueError(f"unknown net_time {net_time!r}; choose one of {NET_TIMES}")
     N = steps_for_nfe(sampler, nfe, denoise)
     grid = time_grid(schedule, N, sde)
-    steps = _Steps(sde, float(lambda_s), lambda_reading, split, coupling, lambda_form)
+    if spec.default_ci_lambda is None:
+        if ci_lambda is not None:
+            raise ValueError(f"ci_lambda applies to the conjugate samplers only, not {sampler}")
+    else:
+        ci_lambda = spec.default_ci_lambda if ci_lambda is None else ci_lambda
+        _check_ci_lambda(sampler, sde, grid, ci_lambda)
+        ci_lambda = float(ci_lambda)
+    steps = _Steps(sde, float(lambda_s), lambda_reading, split, coupling, lambda_form, pf=sampler in _PF_SPLITTING)
+    steps.ci_lambda, steps.sampler = ci_lambda, sampler
     pb = ProgramBuilder()
     # Stage 0: the prior draw x ~ N(0, I), m ~ N(0, M I) overwrites the state.
     pb.reset_state()
@@ -258,11 +312,30 @@ def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, de
     info = dict(sampler=sampler, nfe=nfe, steps=N, schedule=schedule if isinstance(schedule, str) else "custom",
                 lambda_s=float(lambda_s), lambda_reading=lambda_reading, lambda_form=lambda_form,
                 net_time=net_time, denoise=denoise, split=split, coupling=coupling,
-                sde=sde.to_dict())
+                ci_lambda=ci_lambda, sde=sde.to_dict())
     program = Program(sampler=sampler, stages=pb.finish(), grid=grid, info=info)
     info["nfe"] = program.nfe
     _warn_if_amplifying(program, sde, spec)
     return program
+
+
+def _check_ci_lambda(sampler, sde, grid, lam):
+    from .conjugate import CI_KINDS, ci_lambda_max
+
+    kind = CI_KINDS[sampler]
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"ci_lambda must be a finite number >= 0, got {lam!r}")
+    if kind == "zero":
+        if lam != 0:
+            raise ValueError(f"{sampler} is the B = 0 conjugate integrator: ci_lambda must be 0")
+        return
+    taus = sde.T - np.asarray(grid)
+    d_max = max(sde.b(a) - sde.b(b) for a, b in zip(taus[:-1], taus[1:]))
+    lam_max = ci_lambda_max(kind, d_max)
+    if lam > lam_max:
+        raise ValueError(f"ci_lambda={lam} is unstable for {sampler} on this grid: the Euler factor on the B "
+                         f"term amplifies; need ci_lambda <= {lam_max:.4g} (largest step d = {d_max:.4g} "
+                         f"in integrated beta; see psld_fast.conjugate)")
 
 
 def _warn_if_unstable(sampler, sde, grid, split):
@@ -451,10 +524,83 @@ def _compile_reduced_baoab(pb, steps, grid, net_time):
         pb.linear(*steps.AB(d / 2, d / 2, S))
 
 
+# ------------------------------------------------------- deterministic splitting (PF ODE, spec 4.6)
+# steps.pf is set: A and B carry the PF ODE's halved score terms.  A call made after the step's
+# position update (A) is conditioned per net_time (tau_{n+1} for 'end', the shifted time).
+
+def _compile_nse(pb, steps, grid, net_time):
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
+        pb.linear(*steps.A(d, _call(pb, steps, tau_n)))
+        pb.linear(*steps.B(d, _call(pb, steps, _after_o(net_time, tau_n, tau_next))))
+
+
+def _compile_nvv(pb, steps, grid, net_time):
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
+        pb.linear(*steps.B(d / 2, _call(pb, steps, tau_n)))
+        pb.linear(*steps.A(d, _call(pb, steps, tau_n)))
+        pb.linear(*steps.B(d / 2, _call(pb, steps, _after_o(net_time, tau_n, tau_next))))
+
+
+def _compile_rse(pb, steps, grid, net_time):
+    for n in range(len(grid) - 1):
+        tau_n, _, d, _ = _step_times(steps.sde, grid, n)
+        pb.linear(*steps.AB(d, d, _call(pb, steps, tau_n)))
+
+
+def _compile_rvv(pb, steps, grid, net_time):
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = _step_times(steps.sde, grid, n)
+        pb.linear(*steps.BA(d / 2, d, _call(pb, steps, tau_n)))
+        pb.linear(*steps.B(d / 2, _call(pb, steps, _after_o(net_time, tau_n, tau_next))))
+
+
+_PF_SPLITTING = ("nse", "nvv", "rse", "rvv")
+
+
+# ------------------------------------------------------------ conjugate integrators (psld_fast.conjugate)
+def _compile_conjugate(pb, steps, grid, net_time):
+    """zhat = A z; one Euler step on zhat with eps frozen and dPhi exact; back to z."""
+    from .conjugate import CI_KINDS, conjugate_A, conjugate_B, conjugate_dphi
+
+    sde, lam = steps.sde, steps.ci_lambda
+    kind = CI_KINDS[steps.sampler]
+    Bm = conjugate_B(kind, lam)
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = _step_times(sde, grid, n)
+        _call(pb, steps, tau_n)
+        An = conjugate_A(sde, kind, lam, tau_n)
+        Ainv = np.linalg.inv(conjugate_A(sde, kind, lam, tau_next))
+        pb.linear(Ainv @ An @ (np.eye(2) - d * Bm), Ainv @ conjugate_dphi(sde, kind, lam, tau_next, tau_n))
+
+
+def _compile_csps_d(pb, steps, grid, net_time):
+    """Reduced velocity Verlet whose B and A sub-steps are scalar conjugate integrators
+    (psld_fast.conjugate.conjugate_substeps)."""
+    from .conjugate import conjugate_substeps, tau_of_b
+
+    sde, lam = steps.sde, steps.ci_lambda
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, d, _ = _step_times(sde, grid, n)
+        tau_mid = tau_of_b(sde, (sde.b(tau_n) + sde.b(tau_next)) / 2)
+        B1, _ = conjugate_substeps(sde, lam, tau_mid, tau_n)
+        B2, _ = conjugate_substeps(sde, lam, tau_next, tau_mid)
+        _, A = conjugate_substeps(sde, lam, tau_next, tau_n)
+        _call(pb, steps, tau_n)
+        pb.linear(*B1)                                       # B(h/2)
+        pb.linear(*A)                                        # A(h), same eps, new m
+        _call(pb, steps, _after_o(net_time, tau_n, tau_next))
+        pb.linear(*B2)                                       # closing B(h/2)
+
+
 _COMPILERS = {
     "em": _compile_em, "sscs": _compile_sscs, "ode_euler": _compile_ode_euler,
     "naive_oba": _compile_naive_oba, "naive_bao": _compile_naive_bao,
     "naive_obab": _compile_naive_obab, "naive_baoab": _compile_naive_baoab,
     "reduced_oba": _compile_reduced_oba, "reduced_bao": _compile_reduced_bao,
     "reduced_obab": _compile_reduced_obab, "reduced_baoab": _compile_reduced_baoab,
+    "nse": _compile_nse, "nvv": _compile_nvv, "rse": _compile_rse, "rvv": _compile_rvv,
+    "ci_ei": _compile_conjugate, "ci_ddim": _compile_conjugate, "ci_ddim2": _compile_conjugate,
+    "csps_d": _compile_csps_d,
 }
