@@ -96,7 +96,12 @@ def register(sub) -> None:
     p.add_argument("--net-times", default="default", help="comma-separated: default, start, end")
     p.add_argument("--schedules", default="quadratic", help="comma-separated: uniform, quadratic, cubic, logsnr, power:<p>")
     p.add_argument("--lambda-reading", default="marginal", choices=LAMBDA_READINGS)
-    p.add_argument("--split", default=None, choices=SPLITS, help="O step reading (default: per sampler)")
+    p.add_argument("--splits", default="default", help="comma-separated O step readings: default, additive, ou")
+    p.add_argument("--split", default=None, choices=SPLITS, help="one O step reading (same as --splits with one value)")
+    p.add_argument("--couplings", default="default",
+                   help="comma-separated: default, sequential, joint (joint: reduced samplers only)")
+    p.add_argument("--ci-lambdas", default="default",
+                   help="comma-separated lambda of the conjugate samplers (ci_ddim, ci_ddim2, csps_d)")
     p.add_argument("--no-denoise", action="store_true", help="skip the final denoising step")
     p.add_argument("-n", "--num-samples", type=int, default=None,
                    help="samples per cell (default 1024 for analytic models, 10000 for FID)")
@@ -208,8 +213,12 @@ def cmd_sweep(args) -> int:
     check_writable_dir(out, "--out")
     lambdas = [None if v in ("default", "none") else float(v) for v in _csv(args.lambdas)]
     net_times = [None if v in ("default", "none") else v for v in _csv(args.net_times)]
+    splits = [None if v in ("default", "none") else v for v in _csv(args.splits)]
+    couplings = [None if v in ("default", "none") else v for v in _csv(args.couplings)]
+    ci_lambdas = [None if v in ("default", "none") else float(v) for v in _csv(args.ci_lambdas)]
     rows = sweep(model, out, _csv(args.samplers), [int(v) for v in _csv(args.nfes)], lambdas,
-                 net_times=net_times, schedules=_csv(args.schedules), num_samples=args.num_samples,
+                 net_times=net_times, schedules=_csv(args.schedules), splits=splits, couplings=couplings,
+                 ci_lambdas=ci_lambdas, num_samples=args.num_samples,
                  seed=args.seed, reference=args.ref, inception_weights=args.inception_weights,
                  extractor=args.extractor, batch_size=args.batch_size, device=device, backend=args.backend,
                  dtype=_DTYPES[args.dtype], lambda_reading=args.lambda_reading, split=args.split,

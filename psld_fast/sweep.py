@@ -1,4 +1,8 @@
-"""Quality over a sampler x NFE x lambda_s (x net_time x schedule) grid: CSV, Markdown, PNG plot.
+"""Quality over a sampler x NFE x lambda_s (x schedule x reading) grid: CSV, Markdown, PNG plot.
+
+The reading axes are ``net_times``, ``splits``, ``couplings`` and ``ci_lambdas`` (None = the sampler's
+default); cells where a reading does not apply (``coupling='joint'`` for a sampler without shared
+calls, ``ci_lambda`` for a non-conjugate sampler) are left out of the grid.
 
 ``sweep(model, out_dir, samplers, nfes, lambdas, ...)`` (CLI: ``psld-fast sweep``) samples every cell
 with the same seeds (common random numbers: differences between cells are not seed noise) and scores
@@ -37,7 +41,8 @@ import torch
 
 __all__ = ["sweep", "plot_sweep", "write_markdown", "read_rows", "FIELDS"]
 
-FIELDS = ["sampler", "schedule", "net_time", "nfe", "lambda_s", "nfe_spent", "metric", "value", "lo", "hi",
+FIELDS = ["sampler", "schedule", "net_time", "split", "coupling", "ci_lambda", "nfe", "lambda_s", "nfe_spent",
+          "metric", "value", "lo", "hi",
           "std", "n", "status", "seconds"]
 _METRIC_TEXT = {"sw2": "sliced W2 to the exact data law (95% bootstrap CI)", "fid": "FID"}
 
@@ -46,8 +51,16 @@ def _lam_key(v) -> str:
     return "default" if v is None else repr(float(v))
 
 
+#: The reading columns of a row, in key order.
+_READING_COLS = ("net_time", "split", "coupling", "ci_lambda")
+
+
 def _key(row) -> tuple:
-    return (row["sampler"], row["schedule"], row["net_time"], str(int(row["nfe"])), row["lambda_s"])
+    return (row["sampler"], row["schedule"], *(row[c] for c in _READING_COLS), str(int(row["nfe"])), row["lambda_s"])
+
+
+def _text(v) -> str:
+    return "default" if v is None else str(v)
 
 
 # ----------------------------------------------------------------------------------------- csv
@@ -92,6 +105,7 @@ def _f(v) -> float:
 
 # --------------------------------------------------------------------------------------- sweep
 def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,), schedules=("quadratic",),
+          splits=(None,), couplings=(None,), ci_lambdas=(None,),
           num_samples: int | None = None, seed: int = 0, metric: str = "auto", reference=None,
           inception_weights=None, extractor: str = "inception-v3-compat", batch_size: int | None = None,
           device=None, backend="auto", dtype=torch.float32, lambda_reading: str = "marginal",
@@ -100,8 +114,8 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
     """Score every cell of the grid (see the module docstring); returns all rows of the CSV.
 
     Args:
-        samplers, nfes, lambdas, net_times, schedules: the grid (``None`` = the sampler's default
-            lambda_s / net_time).
+        samplers, nfes, lambdas, net_times, schedules, splits, couplings, ci_lambdas: the grid
+            (``None`` = the sampler's default); ``split`` is the one-value form of ``splits``.
         num_samples: samples per cell (default 1024 for sw2, 10000 for FID).
         seed: the cells' seeds are ``seed * 10**9 + arange(num_samples)``; also fixes the reference
             draw and the bootstrap.
@@ -119,9 +133,20 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
     if max(nfes, default=0) > MAX_NFE:
         raise ValueError(f"nfe={max(nfes)} is above the limit of {MAX_NFE} network evaluations per sample")
     lambdas, net_times, schedules = list(lambdas), list(net_times), list(schedules)
-    if not (samplers and nfes and lambdas and net_times and schedules):
+    if split is not None:
+        if list(splits) not in ([None], [split]):
+            raise ValueError(f"sweep: give split={split!r} or splits={list(splits)!r}, not both")
+        splits = (split,)
+    splits, couplings = list(splits), list(couplings)
+    ci_lambdas = [None if v is None else float(v) for v in ci_lambdas]
+    if not (samplers and nfes and lambdas and net_times and schedules and splits and couplings and ci_lambdas):
         raise ValueError("sweep: every grid axis needs at least one value")
-    from .samplers import ALL_SAMPLERS, NET_TIMES
+    from .samplers import ALL_SAMPLERS, COUPLINGS, NET_TIMES, SAMPLER_SPECS, SPLITS
+
+    for name, values, allowed in (("split", splits, SPLITS), ("coupling", couplings, COUPLINGS)):
+        for v in values:
+            if v is not None and v not in allowed:
+                raise ValueError(f"unknown {name} {v!r}; choose from default, {', '.join(allowed)}")
 
     for s in samplers:
         if s not in ALL_SAMPLERS:
@@ -152,7 +177,7 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
         # ---- the metric's fixed parts
         ex = ref_stats = ref_samples = None
         config = {"model": model_identity(model), "metric": metric, "num_samples": n, "seed": seed,
-                  "lambda_reading": lambda_reading, "split": split or "default", "denoise": denoise, "dtype": str(dtype).replace("torch.", "")}
+                  "lambda_reading": lambda_reading, "denoise": denoise, "dtype": str(dtype).replace("torch.", "")}
         if metric == "sw2":
             config["n_boot"] = n_boot
             g = torch.Generator().manual_seed(seed + 12345)
@@ -170,8 +195,15 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
         csv_path = out_dir / "sweep.csv"
         rows = read_rows(csv_path)
         done = {_key(r) for r in rows}
-        cells = [c for c in product(samplers, schedules, net_times, nfes, lambdas)
-                 if (c[0], c[1], c[2] or "default", str(c[3]), _lam_key(c[4])) not in done]
+        def applies(sampler, coupling, ci):
+            spec = SAMPLER_SPECS[sampler]
+            return ((coupling in (None, "sequential") or spec.reduced)
+                    and (ci is None or spec.default_ci_lambda is not None))
+
+        cells = [c for c in product(samplers, schedules, net_times, splits, couplings, ci_lambdas, nfes, lambdas)
+                 if applies(c[0], c[4], c[5])
+                 and (c[0], c[1], _text(c[2]), _text(c[3]), _text(c[4]), _lam_key(c[5]), str(c[6]), _lam_key(c[7]))
+                 not in done]
         seeds = seed * 10**9 + torch.arange(n, dtype=torch.int64)
         bs = batch_size or (n if metric == "sw2" else 256)
         bar = None
@@ -185,11 +217,14 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
         if verbose and len(done):
             print(f"sweep: {len(done)} cells already in {csv_path}, {len(cells)} to go", file=sys.stderr)
         try:
-            for sampler, schedule, net_time, nfe, lam in cells:
-                row = {"sampler": sampler, "schedule": schedule, "net_time": net_time or "default", "nfe": nfe,
+            for sampler, schedule, net_time, split, coupling, ci, nfe, lam in cells:
+                reading = dict(net_time=net_time, split=split, coupling=coupling,
+                               **({} if ci is None else {"ci_lambda": ci}))
+                row = {"sampler": sampler, "schedule": schedule, "net_time": _text(net_time), "split": _text(split),
+                       "coupling": _text(coupling), "ci_lambda": _lam_key(ci), "nfe": nfe,
                        "lambda_s": _lam_key(lam), "metric": metric, "n": n}
                 kw = dict(sampler=sampler, nfe=nfe, schedule=schedule, lambda_s=lam, lambda_reading=lambda_reading,
-                          net_time=net_time, split=split, denoise=denoise, backend=backend, dtype=dtype, device=device,
+                          denoise=denoise, backend=backend, dtype=dtype, device=device, **reading,
                           progress=False)
                 t0 = time.perf_counter()
                 try:
@@ -209,14 +244,15 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
                 except ValueError as exc:
                     row.update(value="nan", lo="", hi="", std="", status="invalid: " + str(exc).replace("\n", " ")[:160])
                 if row.get("nfe_spent") in (None, ""):
-                    row["nfe_spent"] = _spent(model, sampler, nfe, schedule, lam, lambda_reading, net_time, denoise, split)
+                    row["nfe_spent"] = _spent(model, sampler, nfe, schedule, lam, lambda_reading, denoise, reading)
                 row["seconds"] = round(time.perf_counter() - t0, 3)
                 row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
                 _append_row(csv_path, row)
                 row = {k: str(row.get(k, "")) for k in FIELDS}
                 rows.append(row)
                 if verbose:
-                    print(f"  {sampler:14s} {schedule:10s} {row['net_time']:8s} NFE {nfe:4d}  lambda_s {row['lambda_s']:8s}"
+                    print(f"  {sampler:14s} {schedule:10s} " + " ".join(f"{row[c]:8s}" for c in _READING_COLS)
+                          + f" NFE {nfe:4d}  lambda_s {row['lambda_s']:8s}"
                           f"  {metric} {row['value']}" + (f" [{row['lo']}, {row['hi']}]" if row["lo"] not in ("", None) else "")
                           + ("" if row["status"] == "ok" else f"  ({row['status']})"), file=sys.stderr, flush=True)
                 if on_cell is not None:
@@ -231,12 +267,12 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
         return rows
 
 
-def _spent(model, sampler, nfe, schedule, lam, reading, net_time, denoise, split=None):
+def _spent(model, sampler, nfe, schedule, lam, lambda_reading, denoise, reading):
     from .samplers import compile_sampler
 
     try:
-        return compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lam, lambda_reading=reading,
-                               net_time=net_time, denoise=denoise, split=split).nfe
+        return compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lam, lambda_reading=lambda_reading,
+                               denoise=denoise, **reading).nfe
     except (ValueError, TypeError):
         return ""
 
@@ -284,10 +320,11 @@ def _check_config(out_dir: Path, config: dict, force: bool, source) -> None:
 
 # ------------------------------------------------------------------------------------- reports
 def _series(rows) -> dict:
-    """{(sampler, schedule, net_time): {nfe: [(lambda_s, value, row)]}} of the finished cells."""
+    """{(sampler, schedule, net_time, split, coupling, ci_lambda): {nfe: [(lambda_s, value, row)]}} of the
+    finished cells."""
     out: dict = {}
     for r in rows:
-        key = (r["sampler"], r["schedule"], r["net_time"])
+        key = (r["sampler"], r["schedule"], *(r[c] for c in _READING_COLS))
         out.setdefault(key, {}).setdefault(int(r["nfe"]), []).append((r["lambda_s"], _f(r["value"]), r))
     return out
 
@@ -301,8 +338,9 @@ def _label(key, keys) -> str:
     parts = [key[0]]
     if len({k[1] for k in keys}) > 1:
         parts.append(key[1])
-    if len({k[2] for k in keys}) > 1:
-        parts.append(f"net_time={key[2]}")
+    for i, col in enumerate(_READING_COLS, start=2):
+        if len({k[i] for k in keys}) > 1:
+            parts.append(f"{col}={key[i]}")
     return " ".join(parts)
 
 
@@ -336,10 +374,12 @@ def write_markdown(path, rows, config) -> Path:
             cells.append("" if b is None else f"{_fmt_cell(b[2], metric)} (lambda_s {b[0]})")
         lines.append(f"| {_label(key, keys)} | " + " | ".join(cells) + " |")
     lines += ["", "## All cells", "",
-              "| sampler | schedule | net_time | NFE | NFE spent | lambda_s | value | seconds |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["sampler"], r["schedule"], r["net_time"], int(r["nfe"]), r["lambda_s"])):
-        lines.append(f"| {r['sampler']} | {r['schedule']} | {r['net_time']} | {r['nfe']} | {r['nfe_spent']} | "
+              "| sampler | schedule | net_time | split | coupling | ci_lambda | NFE | NFE spent | lambda_s | value | seconds |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["sampler"], r["schedule"], *(r[c] for c in _READING_COLS), int(r["nfe"]),
+                                         r["lambda_s"])):
+        lines.append(f"| {r['sampler']} | {r['schedule']} | "
+                     + " | ".join(r[c] for c in _READING_COLS) + f" | {r['nfe']} | {r['nfe_spent']} | "
                      f"{r['lambda_s']} | {_fmt_cell(r, metric)} | {r['seconds']} |")
     lines += ["", "Plot: `sweep.png`, metric vs NFE (log axis), one line per sampler through its best lambda_s per NFE "
               "(square markers); small dots are the other lambda_s values.", ""]

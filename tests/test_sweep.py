@@ -142,3 +142,27 @@ def test_a_second_sweep_into_a_busy_folder_is_refused(tmp_path):
         with pytest.raises(FolderBusy, match="in use by another run"):
             sweep(pf.get_preset("ring2d"), tmp_path, ["em"], [4], [None], **FAST)
     assert not (tmp_path / "sweep.csv").exists()
+
+
+def test_reading_axes_grid_every_knob_and_skip_cells_where_it_does_not_apply(tmp_path, ring):
+    """split, coupling and ci_lambda are grid axes; joint coupling only for reduced samplers and
+    ci_lambda only for the conjugate ones; the cells record their reading and equal a direct sample()."""
+    rows = sweep(ring, tmp_path, samplers=["em", "reduced_oba", "ci_ddim"], nfes=[6], lambdas=[None],
+                 splits=["additive", "ou"], couplings=["sequential", "joint"], ci_lambdas=[None, 0.05], **FAST)
+    got = {(r["sampler"], r["split"], r["coupling"], r["ci_lambda"]) for r in rows}
+    expected = {("em", s, "sequential", "default") for s in ("additive", "ou")}
+    expected |= {("reduced_oba", s, c, "default") for s in ("additive", "ou") for c in ("sequential", "joint")}
+    expected |= {("ci_ddim", s, "sequential", ci) for s in ("additive", "ou") for ci in ("default", "0.05")}
+    assert got == expected
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| split | coupling | ci_lambda |" in md and "coupling=joint" in md
+    cell = next(r for r in rows if r["sampler"] == "reduced_oba" and r["split"] == "additive" and r["coupling"] == "joint")
+    from psld_fast.metrics import sliced_wasserstein_ci
+
+    res = pf.sample(ring, 64, sampler="reduced_oba", nfe=6, split="additive", coupling="joint", seeds=np.arange(64),
+                    progress=False)
+    ref = ring.sample_data(1024, generator=__import__("torch").Generator().manual_seed(12345)).double()
+    assert float(cell["value"]) == pytest.approx(sliced_wasserstein_ci(res.x.double(), ref, seed=0, n_boot=10)["value"],
+                                                 rel=1e-4)
+    with pytest.raises(ValueError, match="unknown coupling 'both'"):
+        sweep(ring, tmp_path / "x", samplers=["reduced_oba"], nfes=[6], couplings=["both"], **FAST)
