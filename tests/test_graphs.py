@@ -152,6 +152,52 @@ def test_captured_body_matches_the_eager_loop(ring):
     assert torch.equal(runner._pad(seeds[:2]), torch.tensor([40, 41, 40, 40, 40, 40]))
 
 
+def test_runner_serialises_threads(ring, monkeypatch):
+    """run() holds the runner's lock: two threads never share its static buffers at once (the lock
+    is device-independent, so the body is replaced by a recorder here)."""
+    import threading
+    import time
+
+    program = compile_sampler("em", ring.sde, 11)
+    runner = graphs.GraphRunner(program, None, batch=4, shape=ring.shape, dtype=torch.float32, device="cpu")
+    active, peak, calls = [0], [0], []
+    guard = threading.Lock()
+
+    def body(model, seeds, batch_start, check):
+        with guard:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.01)
+        calls.append(int(seeds[0]))
+        with guard:
+            active[0] -= 1
+        return seeds
+
+    monkeypatch.setattr(runner, "_run_locked", body)
+    threads = [threading.Thread(target=lambda i=i: [runner.run(ring, torch.tensor([i, i])) for _ in range(5)])
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 1 and sorted(calls) == sorted(list(range(4)) * 5)
+
+
+def test_training_mode_network_is_warned_about_once(ring, caplog):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1))
+    model = pf.EpsModel(lambda u, tau: net(u), sde=ring.sde, shape=(2,))
+    model_net = pf.EpsModel(net, sde=ring.sde, shape=(2,))
+    program = compile_sampler("em", ring.sde, 11)
+    with caplog.at_level(logging.WARNING, logger="psld_fast"):
+        for _ in range(2):
+            graphs.get_runner(model_net, program, "cpu", None, batch=2, dtype=torch.float32, device="cpu")
+        graphs.get_runner(model, program, "cpu", None, batch=2, dtype=torch.float32, device="cpu")
+        net.eval()
+        graphs.get_runner(model_net, program, "cpu", None, batch=2, dtype=torch.float32, device="cpu")
+    warnings = [r for r in caplog.records if "training mode" in r.getMessage()]
+    assert len(warnings) == 1 and "Sequential" in warnings[0].getMessage()
+
+
 # ------------------------------------------------------------------------------------------ GPU
 @pytest.fixture
 def device():
