@@ -154,15 +154,23 @@ INTERPRETED = _is_interpreted(_affine_step_kernel)
 
 #: Halves with fewer elements than this run in the flattened (sample, element) layout on a GPU.
 FLAT_BELOW = 1024
+#: Register budget of the per-sample GPU layout (``.maxnreg``; 8 elements per thread).  Without it
+#: ptxas stops at 96 registers and spills 8-16 bytes in some variants; with it they take 103-127
+#: and none spills (tools/triton_aot_check.py, bench/results/triton_aot_sm80_sm90.md).  4 blocks of
+#: 128 threads per SM still fit.  Not applied when torch.compile traces the op (Inductor launches
+#: the kernel with its own options).
+PER_SAMPLE_MAXNREG = 128
 
 
 def launch_config(D: int, device_type: str, B: int = 1) -> tuple[int, int, bool]:
     """Hand-made ``(BLOCK, num_warps, flat)`` table (no autotune: the kernel is in place).
 
-    GPU: 1024 elements per program with 4 warps (8 elements of x and of m per thread: two 128-bit
-    fp32 vectors each).  A half of at least ``FLAT_BELOW`` elements is cut into blocks of one sample
-    (contiguous, vectorised loads); a smaller half runs ``flat``: each program takes 1024
-    consecutive (sample, element) pairs, so D = 1 fills a block as well as D = 1000 does.
+    GPU: a half of at least ``FLAT_BELOW`` elements is cut into blocks of 1024 elements of one
+    sample with 4 warps: 8 elements of x and of m per thread, contiguous, so every access is a
+    16-byte vector (two for fp32, one for fp16/bf16; register budget ``PER_SAMPLE_MAXNREG``).  A
+    smaller half runs ``flat``: each program takes up to 1024 consecutive (sample, element) pairs
+    with 4 per thread (8 warps; gathered, scalar accesses, no spill without a register budget), so
+    D = 1 fills a block as well as D = 1000 does.
     CPU interpreter: its cost is per program, so one big block (up to 65536 elements), flattened
     across samples whenever a half is smaller than that.
     Flat needs ``B * D < 2^31`` (32-bit index math); beyond that the per-sample layout is used.
@@ -177,7 +185,7 @@ def launch_config(D: int, device_type: str, B: int = 1) -> tuple[int, int, bool]
         return min(max(triton.next_power_of_2(B * D if flat else D), 16), block), warps, flat
     if flat:
         block = min(block, max(triton.next_power_of_2(B * D), 128))
-        warps = max(1, min(4, block // 256))
+        warps = block // 128  # 4 pairs per thread
     return block, warps, flat
 
 
@@ -187,7 +195,8 @@ def kernel_variants() -> list[dict]:
 
     ``BF16_RNE`` is interpreter-only and the flat layout's small blocks (fewer than 1024 pairs in
     the whole batch) differ from the 1024-wide one only in size, so the list holds BLOCK 1024 plus
-    one small flat block per dtype pair (what ``tools/triton_aot_check.py`` compiles).
+    one small flat block per dtype pair (what ``tools/triton_aot_check.py`` compiles).  ``maxnreg``:
+    the register budget the launcher gives (None: ptxas's choice).
     """
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     out = []
@@ -196,11 +205,12 @@ def kernel_variants() -> list[dict]:
             for noise in (0, 1, 2):  # no R, R1 only, R1 and R2
                 for read_state in (True, False):
                     for flat in (False, True):
-                        blocks = ((1024, 4), (128, 1)) if flat else ((1024, 4),)
+                        blocks = ((1024, 8), (128, 1)) if flat else ((1024, 4),)
                         for block, warps in blocks:
                             if block != 1024 and not (noise == 2 and read_state):
                                 continue
                             out.append(dict(state=state, eps=eps, BLOCK=block, num_warps=warps,
+                                            maxnreg=None if flat else PER_SAMPLE_MAXNREG,
                                             HAS_EPS=eps is not None, HAS_NOISE=noise > 0,
                                             SECOND_DRAW=noise == 2, READ_STATE=read_state,
                                             FLAT=flat, BF16_RNE=False))
@@ -254,6 +264,17 @@ def _check_args(u, eps, seeds, coef, step, stream):
     return B, D, eps
 
 
+def _traced() -> bool:
+    """Whether this launch is being traced into a graph (torch.compile / make_fx through
+    ``triton_op``): the kernel call then becomes a higher-order op that takes only Triton's standard
+    launch options, so ``maxnreg`` is left out."""
+    try:
+        from torch._library.triton import is_wrap_triton_enabled
+    except ImportError:  # pragma: no cover - other torch layouts: be conservative
+        return True
+    return is_wrap_triton_enabled()
+
+
 def _as_int32(v) -> int:
     """Low 32 bits of ``v`` as a signed int32 value (the kernel bitcasts it back to uint32).
 
@@ -279,6 +300,9 @@ def _affine_step_triton_impl(u: torch.Tensor, eps: torch.Tensor | None, seeds: t
     programs = triton.cdiv(B * D, BLOCK) if flat else B * NB
     if programs >= 2**31:
         raise ValueError(f"affine_step_triton_: {B} x {NB} programs exceed the grid limit")
+    launch = {"num_warps": num_warps}
+    if u.device.type == "cuda" and not flat and not _traced():
+        launch["maxnreg"] = PER_SAMPLE_MAXNREG
     # Triton launches on the current device: make it u's (a no-op in the usual single-device case).
     guard = (torch.cuda.device(u.device) if u.device.type == "cuda" and u.device.index is not None
              else contextlib.nullcontext())
@@ -289,7 +313,7 @@ def _affine_step_triton_impl(u: torch.Tensor, eps: torch.Tensor | None, seeds: t
             *c,
             BLOCK=BLOCK, HAS_EPS=has_eps, HAS_NOISE=has_noise, SECOND_DRAW=second_draw,
             READ_STATE=read_state, FLAT=flat, BF16_RNE=INTERPRETED and u.dtype == torch.bfloat16,
-            num_warps=num_warps,
+            **launch,
         )
 
 

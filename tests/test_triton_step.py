@@ -243,7 +243,7 @@ def test_launch_config_layouts():
     if triton_step is None:
         pytest.skip("triton is not installed")
     lc = triton_step.launch_config
-    assert lc(1, "cuda", 1000) == (1024, 4, True)        # 1000 one-element halves: one full block
+    assert lc(1, "cuda", 1000) == (1024, 8, True)        # 1000 one-element halves: one full block (4 per thread)
     assert lc(3, "cuda", 7) == (128, 1, True)            # 21 pairs: the smallest block
     assert lc(3072, "cuda", 64) == (1024, 4, False)      # large halves: per-sample vector blocks
     assert lc(1, "cuda", 2**31)[2] is False               # flat needs B * D < 2^31 (32-bit indices)
