@@ -150,6 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--all", action="store_true", help="every variant (default: the CI subset)")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     ap.add_argument("--out", help="write the markdown table to this file")
+    ap.add_argument("--first", type=int, default=None, help="only the first N selected variants (smoke test)")
     args = ap.parse_args(argv)
 
     import triton
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
     if triton_step.INTERPRETED:  # pragma: no cover - the env var is removed above
         print("triton_aot_check: TRITON_INTERPRET is on; cannot compile", file=sys.stderr)
         return 1
-    keys = select(triton_step.kernel_variants(), args.all)
+    keys = select(triton_step.kernel_variants(), args.all)[:args.first]
     ccs = [int(c) for c in args.archs.split(",")]
     jobs = [(k, cc) for cc in ccs for k in keys]
     t0 = time.perf_counter()
