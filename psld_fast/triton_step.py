@@ -154,12 +154,12 @@ INTERPRETED = _is_interpreted(_affine_step_kernel)
 
 #: Halves with fewer elements than this run in the flattened (sample, element) layout on a GPU.
 FLAT_BELOW = 1024
-#: Register budget of the per-sample GPU layout (``.maxnreg``; 8 elements per thread).  Without it
-#: ptxas stops at 96 registers and spills 8-16 bytes in some variants; with it they take 103-127
-#: and none spills (tools/triton_aot_check.py, bench/results/triton_aot_sm80_sm90.md).  4 blocks of
-#: 128 threads per SM still fit.  Not applied when torch.compile traces the op (Inductor launches
-#: the kernel with its own options).
-PER_SAMPLE_MAXNREG = 128
+#: Register budget of the GPU launches (``.maxnreg``).  Without it ptxas holds the per-sample layout
+#: (128 threads) to 96 registers and the flat one (256 threads) to 64-80, and spills 4-16 bytes in
+#: several variants; with it none spills (tools/triton_aot_check.py --all,
+#: bench/results/triton_aot_sm80_sm90.md).  Not applied when torch.compile traces the op (Inductor
+#: launches the kernel with its own options).
+MAXNREG = 128
 
 
 def launch_config(D: int, device_type: str, B: int = 1) -> tuple[int, int, bool]:
@@ -167,10 +167,10 @@ def launch_config(D: int, device_type: str, B: int = 1) -> tuple[int, int, bool]
 
     GPU: a half of at least ``FLAT_BELOW`` elements is cut into blocks of 1024 elements of one
     sample with 4 warps: 8 elements of x and of m per thread, contiguous, so every access is a
-    16-byte vector (two for fp32, one for fp16/bf16; register budget ``PER_SAMPLE_MAXNREG``).  A
-    smaller half runs ``flat``: each program takes up to 1024 consecutive (sample, element) pairs
-    with 4 per thread (8 warps; gathered, scalar accesses, no spill without a register budget), so
-    D = 1 fills a block as well as D = 1000 does.
+    16-byte vector (two for fp32, one for fp16/bf16).  A smaller half runs ``flat``: each program
+    takes up to 1024 consecutive (sample, element) pairs with 4 per thread (8 warps; gathered,
+    scalar accesses), so D = 1 fills a block as well as D = 1000 does.  Both are launched with the
+    register budget ``MAXNREG``.
     CPU interpreter: its cost is per program, so one big block (up to 65536 elements), flattened
     across samples whenever a half is smaller than that.
     Flat needs ``B * D < 2^31`` (32-bit index math); beyond that the per-sample layout is used.
@@ -210,7 +210,7 @@ def kernel_variants() -> list[dict]:
                             if block != 1024 and not (noise == 2 and read_state):
                                 continue
                             out.append(dict(state=state, eps=eps, BLOCK=block, num_warps=warps,
-                                            maxnreg=None if flat else PER_SAMPLE_MAXNREG,
+                                            maxnreg=MAXNREG,
                                             HAS_EPS=eps is not None, HAS_NOISE=noise > 0,
                                             SECOND_DRAW=noise == 2, READ_STATE=read_state,
                                             FLAT=flat, BF16_RNE=False))
@@ -301,8 +301,8 @@ def _affine_step_triton_impl(u: torch.Tensor, eps: torch.Tensor | None, seeds: t
     if programs >= 2**31:
         raise ValueError(f"affine_step_triton_: {B} x {NB} programs exceed the grid limit")
     launch = {"num_warps": num_warps}
-    if u.device.type == "cuda" and not flat and not _traced():
-        launch["maxnreg"] = PER_SAMPLE_MAXNREG
+    if u.device.type == "cuda" and not _traced():
+        launch["maxnreg"] = MAXNREG
     # Triton launches on the current device: make it u's (a no-op in the usual single-device case).
     guard = (torch.cuda.device(u.device) if u.device.type == "cuda" and u.device.index is not None
              else contextlib.nullcontext())
