@@ -290,7 +290,7 @@ class GraphRunner:
         cur = torch.cuda.current_stream(self.device)
         side = self._side()
         side.wait_stream(cur)
-        padded.record_stream(side)  # made on the caller's stream, read on the side stream
+        _record(padded, side)  # made on the caller's stream, read on the side stream
         try:
             with torch.cuda.stream(side), torch.no_grad():
                 u = run_program(model, self.program, padded, self.step_fn, dtype=self.dtype,
@@ -378,7 +378,7 @@ class GraphRunner:
         cur = torch.cuda.current_stream(self.device)
         side = self._side()
         side.wait_stream(cur)  # the caller's seeds (and earlier work) are ready
-        seeds.record_stream(side)
+        _record(seeds, side)
         with torch.cuda.stream(side):
             self.seeds_buf[:b].copy_(seeds)
             if b < self.batch:  # pad with copies of the first seed: their rows are discarded
@@ -394,6 +394,12 @@ class GraphRunner:
             bad_stage, state_bad = self.status.tolist()  # the batch's one host sync
             raise_if_nonfinite(bad_stage, bool(state_bad) and bad_stage < 0, self.program, batch_start)
         return u
+
+
+def _record(t: torch.Tensor, stream) -> None:
+    """``t.record_stream(stream)`` for a CUDA tensor from the caching allocator (a no-op otherwise)."""
+    if t.is_cuda:
+        t.record_stream(stream)
 
 
 def _end_failed_capture(graph) -> None:
