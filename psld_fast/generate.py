@@ -458,7 +458,12 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
     # Every rank, failed or not, meets here (this also is the end-of-work barrier): a failing rank
     # brings the others down at once with its error instead of leaving them in a collective until
     # the process group's timeout.
-    failed = ctx.failures(None if error is None else f"{type(error).__name__}: {error}")
+    try:
+        failed = ctx.failures(None if error is None else f"{type(error).__name__}: {error}")
+    except Exception as comm_error:  # e.g. a CUDA error that also broke the communicator
+        if error is not None:
+            raise error from comm_error  # this rank's own failure stays the one shown
+        raise
     if error is not None:
         raise error
     if failed:
