@@ -13,7 +13,8 @@ What gets built (printed as "psld_fast build: ..." at the start):
 Environment honoured: ``TORCH_CUDA_ARCH_LIST`` (default "8.0;9.0" when no GPU is visible, else
 torch's default: the visible GPUs' architectures), ``MAX_JOBS`` (parallel compile jobs, via
 torch's ninja build), ``CUDA_HOME`` (toolkit root; when unset, the parent of the folder holding nvcc
-is used if it has the CUDA headers, else /usr/local/cuda).  Nothing is downloaded; CUDA library
+is used if it has the CUDA headers, else /usr/local/cuda), ``PSLD_FAST_NVCC_FLAGS`` (extra nvcc flags,
+space separated, e.g. ``-Xptxas -v`` for the register/spill report of .ci/check_cuda_build.sh).  Nothing is downloaded; CUDA library
 headers a CUDA torch needs (cublas, cusparse, ...) are taken from the toolkit, or else from the
 installed ``nvidia-*`` wheels.
 """
@@ -111,7 +112,8 @@ def _extensions():
         kwargs["include_dirs"] += _wheel_cuda_includes(cpp_ext.CUDA_HOME)
         ext = cpp_ext.CUDAExtension(sources=CPU_SOURCES + CUDA_SOURCES,
                                     define_macros=[("PSLD_FAST_WITH_CUDA", "1")],
-                                    extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+                                    extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + os.environ.get(
+                                        "PSLD_FAST_NVCC_FLAGS", "").split()},
                                     **kwargs)
     else:
         ext = cpp_ext.CppExtension(sources=CPU_SOURCES, extra_compile_args={"cxx": CXX_FLAGS},

@@ -69,6 +69,19 @@ class DistContext:
         t = self.all_reduce_sum(torch.tensor(list(values), dtype=torch.int64))
         return [int(v) for v in t.tolist()]
 
+    def failures(self, error: str | None) -> list[tuple[int, str]]:
+        """Every rank's ``error`` (None: it succeeded), gathered on every rank: ``(rank, error)`` of
+        the ranks that failed.  A collective: a rank that failed calls it too (instead of raising
+        first), so the others learn of the failure at once instead of waiting in a later collective
+        until the process group's timeout."""
+        if not self.distributed:
+            return [] if error is None else [(self.rank, error)]
+        import torch.distributed as dist
+
+        errors: list = [None] * self.world_size
+        dist.all_gather_object(errors, error)
+        return [(r, e) for r, e in enumerate(errors) if e is not None]
+
     def broadcast_object(self, obj=None):
         """Rank 0's ``obj`` on every rank (pickled)."""
         if not self.distributed:

@@ -586,6 +586,7 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
             after_batch({"rank": ctx.rank, "batch": batch_no, "seeds": list(batch_seeds), "files": files})
         batch_no += 1
 
+    error = None
     try:
         if fmt == "png":
             for batch_seeds in mine:
@@ -613,10 +614,25 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
                         p = write_atomic(shard_path(out_dir, block), _npz_bytes(x_new, s_new))
                         written += len(shard_seeds)
                     done_batch(batch_seeds, [p] if last else [])
+    except Exception as exc:  # noqa: BLE001  (re-raised below, after the other ranks are told)
+        error = exc
     finally:
         bar.close()
     local_seconds = time.perf_counter() - t0
-    ctx.barrier()
+    # Every rank, failed or not, meets here (this also is the end-of-work barrier): a failing rank
+    # brings the others down at once with its error instead of leaving them in a collective until
+    # the process group's timeout.
+    try:
+        failed = ctx.failures(None if error is None else f"{type(error).__name__}: {error}")
+    except Exception as comm_error:  # e.g. a CUDA error that also broke the communicator
+        if error is not None:
+            raise error from comm_error  # this rank's own failure stays the one shown
+        raise
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError("generate: " + "; ".join(f"rank {r} failed: {e}" for r, e in failed)
+                           + " (files written so far are kept; rerun the same command to resume)")
     seconds = time.perf_counter() - t0
     (written_all,) = ctx.sum_ints(written)
     summary = {

@@ -19,7 +19,7 @@ sampler program (a hash of every stage's tau and coefficients) and network (its 
 a weak reference, plus the addresses of its parameters and buffers, which the graph reads in place).
 Graphs live in a small LRU cache (``PSLD_FAST_GRAPH_CACHE`` entries, default 4).
 
-Life of a signature: its first batch runs eagerly on a side stream.  That run is the warm-up (it
+Life of a signature: its first batch runs eagerly on the runner's own side stream.  That run is the warm-up (it
 JIT-compiles the Triton kernel, picks cuDNN/cuBLAS algorithms and creates the side stream's library
 workspaces) and its result is the batch's result, so a one-batch call costs no more than eager.  The
 second batch with the same signature captures the graph on that side stream and replays it; later
@@ -28,6 +28,19 @@ first seed and sliced: a sample depends only on its own seed, so padding changes
 capture fails (a network that syncs the host, e.g. ``.item()``, or branches on tensor values) the
 capture is ended, its memory released, the reason logged once per signature on the ``psld_fast``
 logger, and that signature runs eagerly from then on.
+
+Threads and streams: each runner has its own lock (``run`` is serialised per runner, so two threads
+sampling the same signature never share its static buffers or interleave a warm-up with a capture)
+and its own side stream (a runner's capture never records another runner's work).  Everything a
+runner does on the device (warm-up, static buffers, capture, replay, the copy handed back) happens
+on that side stream, ordered after the caller's current stream and before it again; tensors crossing
+streams are marked with ``record_stream``, so the caching allocator never reuses them early.
+
+Training mode: ``sample`` never changes the network's mode (it does not call ``.eval()``, which
+would mutate the caller's module).  The ``training`` flag is part of the signature, so switching
+modes captures another graph; a module in training mode that holds dropout or batch-norm layers is
+sampled as it is (random dropout masks, batch statistics and, for batch norm, running statistics
+updated on every call, inside a graph too) and a warning is logged once: call ``net.eval()`` first.
 """
 from __future__ import annotations
 
@@ -58,7 +71,7 @@ KERNEL_BACKENDS = ("cuda", "triton")
 _lock = threading.RLock()
 _cache: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
 _logged: set[tuple] = set()
-_side_streams: dict = {}
+_MODE_SENSITIVE = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)
 
 
 # ----------------------------------------------------------------------------------------- policy
@@ -170,6 +183,7 @@ def get_runner(model, program: Program, backend: str, step_fn, *, batch: int, dt
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     net, method = _net_object(model)
+    _warn_if_training(net)
     key = (id(net), method, _tensor_fingerprint(net), int(batch), tuple(model.shape), dtype, str(device),
            backend, int(stream), program_hash(program))
     with _lock:
@@ -185,6 +199,15 @@ def get_runner(model, program: Program, backend: str, step_fn, *, batch: int, dt
         while len(_cache) > capacity:
             _cache.popitem(last=False)
         return runner
+
+
+def _warn_if_training(net) -> None:
+    if isinstance(net, torch.nn.Module) and net.training and any(
+            isinstance(m, _MODE_SENSITIVE) for m in net.modules()):
+        _log_once(("training", id(net)),
+                  f"psld_fast: the network ({type(net).__name__}) is in training mode and has dropout or "
+                  "batch-norm layers: it is sampled as it is (random masks, batch statistics, running "
+                  "statistics updated); call net.eval() before sampling")
 
 
 # ----------------------------------------------------------------------------------------- runner
@@ -217,27 +240,38 @@ class GraphRunner:
         self.graph = None
         self.u = self.seeds_buf = self.status = None
         self.taus: list = []
+        self._lock = threading.Lock()  # one batch at a time per runner (see the module doc)
+        self._stream = None            # this runner's side stream, made on first use
 
     # -------------------------------------------------------------------------------- public
     def run(self, model, seeds: torch.Tensor, *, batch_start: int = 0, bar=None, check: bool = True):
         """Final packed state (b, 2C, ...) for ``seeds`` (b,) int64 on the device, b <= batch.
 
         Raises FloatingPointError like :func:`psld_fast.api.run_program` when ``check``; with
-        ``check=False`` nothing here syncs the host once the graph is captured.
+        ``check=False`` nothing here syncs the host once the graph is captured.  Thread-safe: calls
+        on one runner run one after another.
         """
         b = seeds.shape[0]
         if not 1 <= b <= self.batch:
             raise ValueError(f"GraphRunner: got {b} seeds for a graph of batch {self.batch}")
+        with self._lock:
+            u = self._run_locked(model, seeds, batch_start, check)
+        if bar is not None:
+            bar.update(b * self.program.nfe)
+        return u
+
+    def _run_locked(self, model, seeds, batch_start, check):
         with torch.cuda.device(self.device):
             if self.state == "warm":
                 self._try_capture(model)
             if self.state == "captured":
-                u = self._replay(seeds, batch_start, check)
-            else:
-                u = self._eager(model, seeds, batch_start, check, warm_up=self.state == "new")
-        if bar is not None:
-            bar.update(b * self.program.nfe)
-        return u
+                return self._replay(seeds, batch_start, check)
+            return self._eager(model, seeds, batch_start, check, warm_up=self.state == "new")
+
+    def _side(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self.device)
+        return self._stream
 
     # ------------------------------------------------------------------------------- eager
     def _eager(self, model, seeds, batch_start, check, warm_up):
@@ -254,8 +288,9 @@ class GraphRunner:
         b = seeds.shape[0]
         padded = self._pad(seeds)  # the warm-up runs the shapes the graph will be captured with
         cur = torch.cuda.current_stream(self.device)
-        side = _side_stream(self.device)
+        side = self._side()
         side.wait_stream(cur)
+        _record(padded, side)  # made on the caller's stream, read on the side stream
         try:
             with torch.cuda.stream(side), torch.no_grad():
                 u = run_program(model, self.program, padded, self.step_fn, dtype=self.dtype,
@@ -275,6 +310,8 @@ class GraphRunner:
 
     # ----------------------------------------------------------------------------- capture
     def _allocate(self):
+        """The static buffers, made on the side stream (called inside ``torch.cuda.stream(side)``):
+        every later use (capture, replay, the copy handed back) is on that stream too."""
         B, dev = self.batch, self.device
         tau_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         self.u = torch.empty((B, 2 * self.shape[0], *self.shape[1:]), dtype=self.dtype, device=dev)
@@ -298,10 +335,12 @@ class GraphRunner:
         state_bad.copy_(~torch.isfinite(u).all())
 
     def _try_capture(self, model):
-        self._allocate()
-        side = _side_stream(self.device)
+        side = self._side()
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._allocate()
+        side.synchronize()  # one-time setup: the static buffers are ready (this stream only)
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(self.device)  # one-time setup: the static buffers are ready
         try:
             with torch.cuda.stream(side), torch.no_grad():
                 # thread_local: a sync in this thread (e.g. .item() in the net) invalidates the
@@ -336,16 +375,31 @@ class GraphRunner:
         from .api import raise_if_nonfinite
 
         b = seeds.shape[0]
-        self.seeds_buf[:b].copy_(seeds)
-        if b < self.batch:  # pad with copies of the first seed: their rows are discarded
-            self.seeds_buf[b:].copy_(seeds[:1].expand(self.batch - b))
-        self.graph.replay()
+        cur = torch.cuda.current_stream(self.device)
+        side = self._side()
+        side.wait_stream(cur)  # the caller's seeds (and earlier work) are ready
+        _record(seeds, side)
+        with torch.cuda.stream(side):
+            self.seeds_buf[:b].copy_(seeds)
+            if b < self.batch:  # pad with copies of the first seed: their rows are discarded
+                self.seeds_buf[b:].copy_(seeds[:1].expand(self.batch - b))
+            self.graph.replay()
+            u = self.u[:b].clone()  # the static buffer is overwritten by the next replay
+        cur.wait_stream(side)
+        u.record_stream(cur)  # made on the side stream, handed to the caller's stream
         self.stats.replays += 1
-        u = self.u[:b].clone()  # the static buffer is overwritten by the next replay
         if check:
+            # read on the caller's stream, after the replay; the next replay waits for this
+            # call's return (the runner's lock), so the static status cannot change under it
             bad_stage, state_bad = self.status.tolist()  # the batch's one host sync
             raise_if_nonfinite(bad_stage, bool(state_bad) and bad_stage < 0, self.program, batch_start)
         return u
+
+
+def _record(t: torch.Tensor, stream) -> None:
+    """``t.record_stream(stream)`` for a CUDA tensor from the caching allocator (a no-op otherwise)."""
+    if t.is_cuda:
+        t.record_stream(stream)
 
 
 def _end_failed_capture(graph) -> None:
@@ -355,14 +409,6 @@ def _end_failed_capture(graph) -> None:
         graph.capture_end()
     except Exception:  # noqa: BLE001
         pass
-
-
-def _side_stream(device: torch.device):
-    with _lock:
-        s = _side_streams.get(device)
-        if s is None:
-            s = _side_streams[device] = torch.cuda.Stream(device=device)
-        return s
 
 
 def _log_once(key, msg: str) -> None:

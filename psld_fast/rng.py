@@ -14,7 +14,9 @@ Layout (the reproducibility contract):
   first noise draw of the stage for the coordinate pair ``(x_j, m_j)`` and ``(n2, n3)`` the second.
 
 Because the counter never contains the batch position, a sample depends only on its own seed.
-All integer arithmetic is done in int64 tensors holding uint32 values, so this runs on any device.
+All integer arithmetic is done in int64 tensors holding uint32 values, so this runs on any device:
+constants are Python numbers or made on the operands' device (never a host-to-device copy, so the
+functions are safe inside CUDA-graph capture and under ``torch.cuda.set_sync_debug_mode``).
 """
 from __future__ import annotations
 
@@ -45,13 +47,25 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
+def _operand_device(values) -> torch.device:
+    """The device of the tensor operands (Python ints are placed there); CPU when there are none."""
+    devices = {v.device for v in values if isinstance(v, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"philox4x32: operands on several devices: {sorted(map(str, devices))}")
+    return devices.pop() if devices else torch.device("cpu")
+
+
 def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = PHILOX_ROUNDS):
     """Philox4x32-``rounds`` on int64 tensors holding uint32 values (broadcasting).
 
+    Operands are tensors (all on one device) or Python ints, which are made on that device.
     Returns the four output words as int64 tensors in ``[0, 2^32)``.
     """
-    c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.int64)
-                                                       for v in (c0, c1, c2, c3, k0, k1)))
+    args = (c0, c1, c2, c3, k0, k1)
+    device = _operand_device(args)
+    c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(*(
+        v.to(torch.int64) if isinstance(v, torch.Tensor)
+        else torch.full((), int(v), dtype=torch.int64, device=device) for v in args))
     for _ in range(rounds):
         hi0, lo0 = _mulhilo(_M0, c0)
         hi1, lo1 = _mulhilo(_M1, c2)
@@ -65,13 +79,13 @@ def uint32_to_uniform(r: torch.Tensor) -> torch.Tensor:
     """Triton's ``uint_to_uniform_float`` for 32-bit words: a float32 in [0, 1)."""
     signed = torch.where(r >= 2**31, r - 2**32, r)  # bitcast to int32
     signed = torch.where(signed < 0, -signed - 1, signed)
-    return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+    return signed.to(torch.float32) * torch.full((), 4.6566127342e-10, dtype=torch.float32, device=r.device)
 
 
 def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton's ``pair_uniform_to_normal`` in float32."""
     u1 = torch.clamp_min(u1, 1.0e-7)
-    th = torch.tensor(6.283185307179586, dtype=torch.float32) * u2
+    th = torch.full((), 6.283185307179586, dtype=torch.float32, device=u2.device) * u2
     r = torch.sqrt(-2.0 * torch.log(u1))
     return r * torch.cos(th), r * torch.sin(th)
 

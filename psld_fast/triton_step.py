@@ -14,15 +14,20 @@ Why no ``triton.autotune``: the kernel mutates its input in place and autotuning
 by running it several times, which would apply the step several times.  Launch sizes come from the
 hand-made table in :func:`launch_config` instead.
 
-The coefficients are plain float kernel arguments, so a CUDA graph bakes them in per step; ``step``
-and ``stream`` are not specialised (no recompilation per step).  The three ``constexpr`` flags
-select the variant: ``HAS_EPS`` (an eps tensor was given), ``HAS_NOISE`` (any R != 0; otherwise no
-Philox at all) and ``READ_STATE`` (any P != 0; otherwise the old ``u`` is never loaded, it may hold
-NaN garbage, e.g. the prior draw writing into ``torch.empty``).
+The coefficients are plain float kernel arguments, so a CUDA graph bakes them in per step; ``step``,
+``stream`` and the batch size are not specialised (no recompilation per step).  The ``constexpr``
+flags select the variant: ``HAS_EPS`` (an eps tensor was given), ``HAS_NOISE`` (any R != 0;
+otherwise no Philox at all), ``SECOND_DRAW`` (any R2 != 0, only SSCS: otherwise the second
+Box-Muller pair, two more log and sincos per element, is not computed), ``READ_STATE`` (any P != 0;
+otherwise the old ``u`` is never loaded, it may hold NaN garbage, e.g. the prior draw writing into
+``torch.empty``) and ``FLAT`` (the grid layout, below).  :func:`kernel_variants` lists them all.
 
-Grid: one program per (sample b, block of BLOCK elements of one half), flattened to 1-D (B * NB
-programs, so the batch is not limited by the 65535 of grid axes 1/2).  The counter never contains
-b, so a sample's result does not depend on its batch position or the batch size.
+Grid, 1-D (so the batch is not limited by the 65535 of grid axes 1/2): halves of at least
+``FLAT_BELOW`` elements run one program per (sample b, block of BLOCK elements of one half), B * NB
+programs; smaller halves run ``FLAT``: one program per BLOCK consecutive (sample, element) pairs
+of the flattened (B, D) index space, each lane with its own sample's seed, so a 1-element half
+fills its blocks.  The counter never contains b in either layout, so a sample's result does not
+depend on its batch position, the batch size or the layout.
 
 This module needs Triton: import it only when ``import triton`` works (``psld_fast.ops`` imports it
 lazily and checks ``HAS_TRITON``).  On CPU tensors the kernel runs only under Triton's interpreter,
@@ -42,7 +47,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-__all__ = ["affine_step_triton_", "HAS_TRITON", "INTERPRETED", "launch_config"]
+__all__ = ["affine_step_triton_", "HAS_TRITON", "INTERPRETED", "launch_config", "kernel_variants",
+           "FLAT_BELOW"]
 
 #: Importing this module succeeded, so Triton is usable (``psld_fast.ops`` checks this).
 HAS_TRITON = True
@@ -60,23 +66,32 @@ def _to_bf16_rne(v):
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["NB", "step", "stream"])
+@triton.jit(do_not_specialize=["B", "NB", "step", "stream"])
 def _affine_step_kernel(
     u_ptr, eps_ptr, seed_ptr,
-    D, NB, step, stream,
+    B, D, NB, step, stream,
     p00, p01, p10, p11,
     q00, q01, q10, q11,
     r1_00, r1_01, r1_10, r1_11,
     r2_00, r2_01, r2_10, r2_11,
-    BLOCK: tl.constexpr, HAS_EPS: tl.constexpr, HAS_NOISE: tl.constexpr, READ_STATE: tl.constexpr,
-    BF16_RNE: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_EPS: tl.constexpr, HAS_NOISE: tl.constexpr,
+    SECOND_DRAW: tl.constexpr, READ_STATE: tl.constexpr, FLAT: tl.constexpr, BF16_RNE: tl.constexpr,
 ):
-    # 1-D grid of B * NB programs: program -> (sample b, block jb of the D elements of one half).
     pid = tl.program_id(0)
-    b = pid // NB
-    jb = pid - b * NB
-    j = jb.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # element index inside one half (< 2^32)
-    mask = j < D
+    if FLAT:
+        # Small halves: program -> BLOCK consecutive (sample, element) pairs of the flattened
+        # (B, D) index space, so a block is full even when D is 1 (the launcher guarantees
+        # B * D < 2^31, hence 32-bit index math).
+        t = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = t < B * D
+        b = t // D
+        j = t - b * D
+    else:
+        # 1-D grid of B * NB programs: program -> (sample b, block jb of the D elements of one half).
+        b = pid // NB
+        jb = pid - b * NB
+        j = jb.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # element index inside one half (< 2^32)
+        mask = j < D
     x_off = b.to(tl.int64) * D * 2 + j                  # u[b, j]      (x half)
     m_off = x_off + D                                   # u[b, D + j]  (m half)
 
@@ -97,17 +112,24 @@ def _affine_step_kernel(
 
     if HAS_NOISE:
         # Philox key = the sample's int64 seed: tl.philox casts it to uint64 and splits it into
-        # k0 = low 32 bits, k1 = high 32 bits (psld_fast.rng.seeds_to_key).
-        seed = tl.load(seed_ptr + b)
+        # k0 = low 32 bits, k1 = high 32 bits (psld_fast.rng.seeds_to_key).  FLAT: one seed per lane.
+        if FLAT:
+            seed = tl.load(seed_ptr + b, mask=mask, other=0)
+        else:
+            seed = tl.load(seed_ptr + b)
         j32 = j.to(tl.uint32)
         zero = j32 * 0
         c1 = zero + step.to(tl.uint32, bitcast=True)
         c2 = zero + stream.to(tl.uint32, bitcast=True)
         i0, i1, i2, i3 = tl.philox(seed, j32, c1, c2, zero)
         n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i0), tl.uint_to_uniform_float(i1))
-        n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i2), tl.uint_to_uniform_float(i3))
-        xn = xn + (r1_00 * n0 + r1_01 * n1 + r2_00 * n2 + r2_01 * n3)
-        mn = mn + (r1_10 * n0 + r1_11 * n1 + r2_10 * n2 + r2_11 * n3)
+        if SECOND_DRAW:  # R2 != 0 (SSCS): the second Box-Muller pair; else its log/sincos are skipped
+            n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i2), tl.uint_to_uniform_float(i3))
+            xn = xn + (r1_00 * n0 + r1_01 * n1 + r2_00 * n2 + r2_01 * n3)
+            mn = mn + (r1_10 * n0 + r1_11 * n1 + r2_10 * n2 + r2_11 * n3)
+        else:
+            xn = xn + (r1_00 * n0 + r1_01 * n1)
+            mn = mn + (r1_10 * n0 + r1_11 * n1)
 
     if BF16_RNE:
         # Interpreter only (bf16 state): its fp32 -> bf16 cast truncates, so round to nearest even by
@@ -130,20 +152,69 @@ def _is_interpreted(kernel) -> bool:
 INTERPRETED = _is_interpreted(_affine_step_kernel)
 
 
-def launch_config(D: int, device_type: str) -> tuple[int, int]:
-    """Hand-made ``(BLOCK, num_warps)`` table (no autotune: the kernel is in place).
+#: Halves with fewer elements than this run in the flattened (sample, element) layout on a GPU.
+FLAT_BELOW = 1024
+#: Register budget of the GPU launches (``.maxnreg``).  Without it ptxas holds the per-sample layout
+#: (128 threads) to 96 registers and the flat one (256 threads) to 64-80, and spills 4-16 bytes in
+#: several variants; with it none spills (tools/triton_aot_check.py --all,
+#: bench/results/triton_aot_sm80_sm90.md).  Not applied when torch.compile traces the op (Inductor
+#: launches the kernel with its own options).
+MAXNREG = 128
 
-    GPU: 1024 elements per half per program with 4 warps (8 elements of x and of m per thread:
-    two 128-bit fp32 vectors each), smaller blocks only when a half holds fewer elements.
-    CPU interpreter: its cost is per program, so one big block (up to 65536 elements).
+
+def launch_config(D: int, device_type: str, B: int = 1) -> tuple[int, int, bool]:
+    """Hand-made ``(BLOCK, num_warps, flat)`` table (no autotune: the kernel is in place).
+
+    GPU: a half of at least ``FLAT_BELOW`` elements is cut into blocks of 1024 elements of one
+    sample with 4 warps: 8 elements of x and of m per thread, contiguous, so every access is a
+    16-byte vector (two for fp32, one for fp16/bf16).  A smaller half runs ``flat``: each program
+    takes up to 1024 consecutive (sample, element) pairs with 4 per thread (8 warps; gathered,
+    scalar accesses), so D = 1 fills a block as well as D = 1000 does.  Both are launched with the
+    register budget ``MAXNREG``.
+    CPU interpreter: its cost is per program, so one big block (up to 65536 elements), flattened
+    across samples whenever a half is smaller than that.
+    Flat needs ``B * D < 2^31`` (32-bit index math); beyond that the per-sample layout is used.
     """
-    p2 = triton.next_power_of_2(max(int(D), 1))
+    D, B = max(int(D), 1), max(int(B), 1)
     if device_type == "cpu":
-        return min(max(p2, 16), 65536), 1
-    if p2 >= 1024:
-        return 1024, 4
-    block = max(p2, 128)
-    return block, max(1, min(4, block // 256))
+        block, warps, limit = 65536, 1, 65536
+    else:
+        block, warps, limit = 1024, 4, FLAT_BELOW
+    flat = D < limit and B * D < 2**31
+    if device_type == "cpu":
+        return min(max(triton.next_power_of_2(B * D if flat else D), 16), block), warps, flat
+    if flat:
+        block = min(block, max(triton.next_power_of_2(B * D), 128))
+        warps = block // 128  # 4 pairs per thread
+    return block, warps, flat
+
+
+def kernel_variants() -> list[dict]:
+    """Every compiled variant :func:`affine_step_triton_` can launch on a GPU: the state and eps
+    dtypes (eps None: no eps term) and the ``constexpr`` arguments with ``num_warps``.
+
+    ``BF16_RNE`` is interpreter-only and the flat layout's small blocks (fewer than 1024 pairs in
+    the whole batch) differ from the 1024-wide one only in size, so the list holds BLOCK 1024 plus
+    one small flat block per dtype pair (what ``tools/triton_aot_check.py`` compiles).  ``maxnreg``:
+    the register budget the launcher gives (None: ptxas's choice).
+    """
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    out = []
+    for state in dtypes:
+        for eps in (None, *dtypes):
+            for noise in (0, 1, 2):  # no R, R1 only, R1 and R2
+                for read_state in (True, False):
+                    for flat in (False, True):
+                        blocks = ((1024, 8), (128, 1)) if flat else ((1024, 4),)
+                        for block, warps in blocks:
+                            if block != 1024 and not (noise == 2 and read_state):
+                                continue
+                            out.append(dict(state=state, eps=eps, BLOCK=block, num_warps=warps,
+                                            maxnreg=MAXNREG,
+                                            HAS_EPS=eps is not None, HAS_NOISE=noise > 0,
+                                            SECOND_DRAW=noise == 2, READ_STATE=read_state,
+                                            FLAT=flat, BF16_RNE=False))
+    return out
 
 
 def _check_args(u, eps, seeds, coef, step, stream):
@@ -193,6 +264,17 @@ def _check_args(u, eps, seeds, coef, step, stream):
     return B, D, eps
 
 
+def _traced() -> bool:
+    """Whether this launch is being traced into a graph (torch.compile / make_fx through
+    ``triton_op``): the kernel call then becomes a higher-order op that takes only Triton's standard
+    launch options, so ``maxnreg`` is left out."""
+    try:
+        from torch._library.triton import is_wrap_triton_enabled
+    except ImportError:  # pragma: no cover - other torch layouts: be conservative
+        return True
+    return is_wrap_triton_enabled()
+
+
 def _as_int32(v) -> int:
     """Low 32 bits of ``v`` as a signed int32 value (the kernel bitcasts it back to uint32).
 
@@ -211,22 +293,27 @@ def _affine_step_triton_impl(u: torch.Tensor, eps: torch.Tensor | None, seeds: t
     c = [float(v) for v in coef]
     read_state = any(v != 0.0 for v in c[0:4])
     has_noise = any(v != 0.0 for v in c[8:16])
+    second_draw = any(v != 0.0 for v in c[12:16])
     has_eps = eps_c is not None
-    BLOCK, num_warps = launch_config(D, u.device.type)
+    BLOCK, num_warps, flat = launch_config(D, u.device.type, B)
     NB = triton.cdiv(D, BLOCK)
-    if B * NB >= 2**31:
+    programs = triton.cdiv(B * D, BLOCK) if flat else B * NB
+    if programs >= 2**31:
         raise ValueError(f"affine_step_triton_: {B} x {NB} programs exceed the grid limit")
+    launch = {"num_warps": num_warps}
+    if u.device.type == "cuda" and not _traced():
+        launch["maxnreg"] = MAXNREG
     # Triton launches on the current device: make it u's (a no-op in the usual single-device case).
     guard = (torch.cuda.device(u.device) if u.device.type == "cuda" and u.device.index is not None
              else contextlib.nullcontext())
     with guard:
-        wrap_triton(_affine_step_kernel)[(B * NB,)](
+        wrap_triton(_affine_step_kernel)[(programs,)](
             u, eps_c if has_eps else u, seeds.contiguous(),
-            D, NB, _as_int32(step), _as_int32(stream),
+            B, D, NB, _as_int32(step), _as_int32(stream),
             *c,
-            BLOCK=BLOCK, HAS_EPS=has_eps, HAS_NOISE=has_noise, READ_STATE=read_state,
-            BF16_RNE=INTERPRETED and u.dtype == torch.bfloat16,
-            num_warps=num_warps,
+            BLOCK=BLOCK, HAS_EPS=has_eps, HAS_NOISE=has_noise, SECOND_DRAW=second_draw,
+            READ_STATE=read_state, FLAT=flat, BF16_RNE=INTERPRETED and u.dtype == torch.bfloat16,
+            **launch,
         )
 
 

@@ -270,3 +270,37 @@ def test_a_diverging_run_warns_once_not_per_batch(tmp_path, digits):
         generate(digits, tmp_path / "u", list(range(6)), nfe=5, split="additive", batch_size=3, progress=False)
     unstable = [w for w in caught if "friction unstable" in str(w.message)]
     assert len(unstable) == 1 and unstable[0].filename == __file__
+
+
+def test_a_failing_rank_brings_the_others_down(tmp_path):
+    """Two gloo processes (no torchrun to kill the survivor): rank 1 fails after its first batch;
+    rank 0 must stop promptly with rank 1's error, not wait for the process group's timeout."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "fail"
+    script = (
+        "import os, psld_fast as pf\n"
+        "from psld_fast.generate import generate\n"
+        "def hook(info):\n"
+        "    if info['rank'] == 1:\n"
+        "        raise ValueError('simulated failure on rank 1')\n"
+        f"generate(pf.get_preset('ring2d'), {str(out)!r}, list(range(40)), fmt='npz', shard_size=4, nfe={NFE},\n"
+        "         batch_size=4, progress=False, device='cpu', after_batch=hook)\n")
+    procs = []
+    for rank in range(2):
+        env = dict(_env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                   LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[1].returncode != 0 and "simulated failure on rank 1" in results[1][1]
+    assert procs[0].returncode != 0, "rank 0 should fail too"
+    assert "rank 1 failed: ValueError: simulated failure on rank 1" in results[0][1], results[0][1][-2000:]

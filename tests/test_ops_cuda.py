@@ -92,3 +92,39 @@ def test_current_stream_and_graph_capture(device):
     graph.replay()
     torch.cuda.synchronize()
     assert_close_verbose(static_u, expected, **STEP_TOL[torch.float32], what="graph replay")
+
+
+COEF_ONE_DRAW = COEF[:12] + [0.0] * 4  # R2 = 0: the kernel variant without the second Box-Muller pair
+
+
+@pytest.mark.parametrize("state_dtype,eps_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                   (torch.bfloat16, torch.float16), (torch.float16, torch.float32)],
+                         ids=str)
+@pytest.mark.parametrize("coef", [COEF, COEF_ONE_DRAW], ids=["two_draws", "one_draw"])
+def test_vector_path_mixed_dtypes(device, state_dtype, eps_dtype, coef):
+    """D = 3072 (an image half), 16-byte aligned: the vector path with an eps pack of another size
+    (8 bytes for fp32 state + half eps, 32 bytes for half state + fp32 eps); D = 3076 (D % 8 == 4)
+    keeps the 8-byte fp32/half packs on the vector path too."""
+    for shape in ((8, 6, 32, 32), (5, 2, 3076)):
+        u = _state(shape, state_dtype, device)
+        eps = _state(shape, eps_dtype, device, seed=1)
+        seeds = _seeds(shape[0], device)
+        expected = affine_step_reference(u, eps, seeds, coef, 3, 1)
+        got = _step(u, eps, seeds, coef)
+        assert_close_verbose(got, expected, **STEP_TOL[state_dtype], what=f"{state_dtype}/{eps_dtype} {shape}")
+
+
+@pytest.mark.parametrize("shape", [(1000, 2, 1), (7, 2, 3), (4099, 2, 2), (3, 2, 5, 5)], ids=str)
+@pytest.mark.parametrize("coef", [COEF, COEF_ONE_DRAW], ids=["two_draws", "one_draw"])
+def test_small_halves_fill_blocks(device, shape, coef):
+    """Tiny halves run in the flattened (sample, element) grid: same result as the reference, and a
+    sample alone gives the same bits as its row in the batch."""
+    u = _state(shape, torch.float32, device)
+    eps = _state(shape, torch.float32, device, seed=1)
+    seeds = _seeds(shape[0], device)
+    got = _step(u, eps, seeds, coef)
+    assert_close_verbose(got, affine_step_reference(u, eps, seeds, coef, 3, 1), **STEP_TOL[torch.float32],
+                         what=f"small halves {shape}")
+    for b in (0, shape[0] - 1):
+        alone = _step(u[b:b + 1].clone(), eps[b:b + 1], seeds[b:b + 1], coef)
+        assert torch.equal(alone[0], got[b])

@@ -24,6 +24,7 @@ import torch
 if not torch.cuda.is_available():  # effective only if triton has not been imported yet
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import psld_fast as pf  # noqa: E402
 from psld_fast import rng  # noqa: E402
 from _devices import triton_device_params
 
@@ -273,3 +274,48 @@ def test_triton_normal_statistics(device):
     assert torch.isfinite(n).all()
     assert abs(float(n.mean())) < 5 / M ** 0.5
     assert abs(float(n.var()) - 1.0) < 5 * (2 / M) ** 0.5
+
+
+# --------------------------------------------------------------------------- any device (issue 15.1)
+
+def test_reference_rng_builds_constants_on_the_seeds_device():
+    """Meta tensors stand in for CUDA: a CPU-made constant mixed with them is a device error, so
+    this catches every host-side constant on the reference path without a GPU."""
+    seeds = torch.arange(3, dtype=torch.int64, device="meta")
+    normals = rng.philox_normals(seeds, 5, step=7, stream=1)
+    assert all(t.device.type == "meta" and t.shape == (3, 5) and t.dtype == torch.float32 for t in normals)
+    words = rng.philox4x32(torch.arange(4, device="meta"), 1, 2, 0, 5, 6)
+    assert all(w.device.type == "meta" and w.shape == (4,) for w in words)
+    with pytest.raises(ValueError, match="several devices"):
+        rng.philox4x32(torch.arange(4, device="meta"), torch.arange(4), 2, 0, 5, 6)
+
+
+def test_reference_op_and_program_noise_on_meta():
+    from psld_fast import ops
+    from psld_fast.program import affine_step_reference
+    from psld_fast.reference import ProgramNoise
+
+    u = torch.empty(3, 2, 4, device="meta")
+    seeds = torch.arange(3, dtype=torch.int64, device="meta")
+    coef = [0.5] * 16
+    out = affine_step_reference(u, u.to(torch.bfloat16), seeds, coef, 2, 0)
+    assert out.device.type == "meta" and out.shape == u.shape
+    ops._affine_step_inplace_reference(u, None, seeds, coef, 2, 0)  # the op's fallback
+    ops.get_step_fn("reference")(u, u, seeds, coef, 2, 0)
+    program = pf.compile_sampler("sscs", pf.PSLD(), nfe=6)
+    noise = ProgramNoise(program, seeds, (2, 2))
+    assert noise()[0].device.type == "meta"
+
+
+def test_reference_sampling_loop_on_meta():
+    """The whole reference sampling loop (sample's batch body) runs on meta tensors; only the final
+    NaN/Inf read-back needs data, so it is skipped here."""
+    from psld_fast import ops
+    from psld_fast.api import run_program
+
+    model = pf.get_preset("ring2d").to("meta")
+    program = pf.compile_sampler("reduced_oba", model.sde, nfe=8)
+    seeds = torch.arange(4, dtype=torch.int64, device="meta")
+    u = run_program(model, program, seeds, ops.get_step_fn("reference"), dtype=torch.float32,
+                    device="meta", check=False)
+    assert u.device.type == "meta" and u.shape == (4, 4)

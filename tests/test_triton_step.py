@@ -210,6 +210,50 @@ def test_batch_invariance(device, state_dtype):
     assert torch.equal(dup[0], dup[1]) and torch.equal(dup[0], full[1])
 
 
+@pytest.mark.parametrize("shape", [(1000, 2, 1), (7, 2, 3), (33, 4, 5)], ids=str)
+@pytest.mark.parametrize("draws", [1, 2])
+def test_small_halves_flat_layout(device, shape, draws, monkeypatch):
+    """Small halves run in the flattened (sample, element) layout: they match the reference, and the
+    per-sample layout gives the same bits (the Philox counter never holds the batch position)."""
+    if triton_step is None:
+        pytest.skip("triton is not installed")
+    gen = torch.Generator().manual_seed(31 + draws)
+    u = torch.randn(shape, generator=gen).to(device)
+    eps = torch.randn(shape, generator=gen).to(torch.bfloat16).to(device)
+    seeds = _seeds(shape[0], gen).to(device)
+    coef = _coef(gen)
+    if draws == 1:
+        coef[12:16] = [0.0] * 4  # R2 = 0: the kernel variant without the second Box-Muller pair
+    D = (shape[1] // 2) * shape[2]
+    assert triton_step.launch_config(D, torch.device(device).type, shape[0])[2], "expected the flat layout"
+    flat, ref = _run(u, eps, seeds, coef, step=5, stream=1)
+    _assert_close(flat, ref, torch.float32, torch.bfloat16)
+    original = triton_step.launch_config
+
+    def per_sample(D, device_type, B=1):
+        block, warps, _ = original(D, device_type, 1)
+        return block, warps, False
+
+    monkeypatch.setattr(triton_step, "launch_config", per_sample)
+    blocked, _ = _run(u, eps, seeds, coef, step=5, stream=1)
+    assert torch.equal(flat, blocked)
+
+
+def test_launch_config_layouts():
+    if triton_step is None:
+        pytest.skip("triton is not installed")
+    lc = triton_step.launch_config
+    assert lc(1, "cuda", 1000) == (1024, 8, True)        # 1000 one-element halves: one full block (4 per thread)
+    assert lc(3, "cuda", 7) == (128, 1, True)            # 21 pairs: the smallest block
+    assert lc(3072, "cuda", 64) == (1024, 4, False)      # large halves: per-sample vector blocks
+    assert lc(1, "cuda", 2**31)[2] is False               # flat needs B * D < 2^31 (32-bit indices)
+    assert lc(1, "cpu", 40000) == (65536, 1, True)
+    variants = triton_step.kernel_variants()
+    assert len({tuple(sorted((k, str(v)) for k, v in d.items())) for d in variants}) == len(variants)
+    assert {(v["FLAT"], v["SECOND_DRAW"], v["READ_STATE"], v["HAS_EPS"]) for v in variants} >= {
+        (f, s, r, e) for f in (False, True) for s in (False, True) for r in (False, True) for e in (False, True)}
+
+
 # --------------------------------------------------------------------------- semantics and errors
 
 def test_mutates_only_u(device):
