@@ -41,9 +41,13 @@ EXACT_NFES = (10, 20, 50, 100, 200)
 MC_NFES = (20, 50, 100)
 RANK_NFES = (20, 50, 100)
 FINE_NFE = 2001
+#: The deterministic family (issue 14) at its default knobs plus the knob values worth a look; reported
+#: beside the stochastic samplers, not ranked by the readings rule.
+DETERMINISTIC = [("ode_euler", {}), ("nse", {}), ("nvv", {}), ("rse", {}), ("rvv", {}), ("ci_ei", {}),
+                 ("ci_ddim", {}), ("ci_ddim", dict(ci_lambda=0.2)), ("ci_ddim2", {}), ("csps_d", {})]
 RANKED = ("a1-quad", "a1-unif", "a2-quad", "a2-unif", "b", "c-ring2d", "d-a1", "d-a2", "d-b")
-FIELDS = ["testbed", "sampler", "coupling", "split", "net_time", "lambda_s", "lambda_reading", "nfe", "nfe_spent",
-          "err", "lo", "hi", "err_limit", "seconds"]
+FIELDS = ["testbed", "sampler", "coupling", "split", "net_time", "lambda_s", "lambda_reading", "ci_lambda", "nfe",
+          "nfe_spent", "err", "lo", "hi", "err_limit", "seconds"]
 
 
 # ------------------------------------------------------------------------------------ testbeds
@@ -77,9 +81,15 @@ def _knobs(row):
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def _cells(testbeds, nfes, lambda_stage=None, naive_readings=NAIVE_READINGS):
-    """(testbed, sampler, reading dict) for every candidate; ``lambda_stage`` = {sampler: reading}."""
+def _cells(testbeds, nfes, lambda_stage=None, naive_readings=NAIVE_READINGS, deterministic=False):
+    """(testbed, sampler, reading dict) for every candidate; ``lambda_stage`` = {sampler: reading};
+    ``deterministic``: the PF-ODE samplers instead."""
     for tb in testbeds:
+        if deterministic:
+            for nfe in nfes:
+                for s, r in DETERMINISTIC:
+                    yield tb, s, r, nfe
+            continue
         if lambda_stage:
             for s, reading in lambda_stage.items():
                 for lam in LAMBDAS:
@@ -97,14 +107,24 @@ def _cells(testbeds, nfes, lambda_stage=None, naive_readings=NAIVE_READINGS):
                     yield tb, s, r, nfe
 
 
+def _kw(sampler, reading):
+    """The knobs a cell runs with: the protocol's candidates are at lambda_s 1 with reading (a) unless
+    they say otherwise (independent of the library's current per-sampler defaults)."""
+    if sampler in ("em",) + NAIVE + REDUCED:
+        return {"lambda_s": 1.0, "lambda_reading": "marginal", **reading}
+    return dict(reading)
+
+
 def _row_key(tb, sampler, reading, nfe):
+    ci = reading.get("ci_lambda")
     return (tb, sampler, reading.get("coupling", ""), reading.get("split", ""), reading.get("net_time", ""),
-            f"{float(reading.get('lambda_s', 1.0)):g}", reading.get("lambda_reading", "marginal"), str(nfe))
+            f"{float(reading.get('lambda_s', 1.0)):g}", reading.get("lambda_reading", "marginal"), str(nfe),
+            "" if ci is None else f"{float(ci):g}")
 
 
 def _key_of(row):
     return (row["testbed"], row["sampler"], row["coupling"], row["split"], row["net_time"],
-            f"{float(row['lambda_s']):g}", row["lambda_reading"], row["nfe"])
+            f"{float(row['lambda_s']):g}", row["lambda_reading"], row["nfe"], row.get("ci_lambda") or "")
 
 
 class Rows:
@@ -122,7 +142,8 @@ class Rows:
     def add(self, key, tb, sampler, reading, nfe, **vals):
         row = dict(testbed=tb, sampler=sampler, coupling=reading.get("coupling", ""), split=reading.get("split", ""),
                    net_time=reading.get("net_time", ""), lambda_s=f"{float(reading.get('lambda_s', 1.0)):g}",
-                   lambda_reading=reading.get("lambda_reading", "marginal"), nfe=str(nfe))
+                   lambda_reading=reading.get("lambda_reading", "marginal"), nfe=str(nfe),
+                   ci_lambda="" if reading.get("ci_lambda") is None else f"{float(reading['ci_lambda']):g}")
         row.update({k: ("" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))) for k, v in vals.items()})
         self.rows[key] = row
 
@@ -136,23 +157,23 @@ class Rows:
         os.replace(tmp, self.path)
 
 
-def run_exact(rows: Rows, lambda_stage=None):
+def run_exact(rows: Rows, lambda_stage=None, deterministic=False):
     sde, tbs = exact_testbeds()
     n_new = 0
     limits = {}  # the NFE-2001 law depends on the testbed, sampler and reading, not on the NFE
-    for tb, s, reading, nfe in _cells(tbs, EXACT_NFES, lambda_stage):
+    for tb, s, reading, nfe in _cells(tbs, EXACT_NFES, lambda_stage, deterministic=deterministic):
         key = _row_key(tb, s, reading, nfe)
         if rows.has(key):
             continue
         mu, var, schedule, err = tbs[tb]
         t0 = time.perf_counter()
         with np.errstate(all="ignore"), _quiet():
-            p = pf.compile_sampler(s, sde, nfe, schedule=schedule, **reading)
+            p = pf.compile_sampler(s, sde, nfe, schedule=schedule, **_kw(s, reading))
             m, v = program_x_law(p, sde, mu, var, err)
             e = _w2(m, v, mu, var)
             lkey = _row_key(tb, s, reading, FINE_NFE)
             if lkey not in limits:
-                pf_ = pf.compile_sampler(s, sde, FINE_NFE, schedule=schedule, **reading)
+                pf_ = pf.compile_sampler(s, sde, FINE_NFE, schedule=schedule, **_kw(s, reading))
                 limits[lkey] = program_x_law(pf_, sde, mu, var, err)
             e_lim = _w2(m, v, *limits[lkey])
         rows.add(key, tb, s, reading, nfe, nfe_spent=p.nfe, err=e, err_limit=e_lim,
@@ -212,12 +233,12 @@ def mc_testbeds(n_digits=400, n_ring=2000):
             "c-ring2d": (load_learned("ring2d"), n_ring, q_ring)}
 
 
-def run_mc(rows: Rows, testbeds, lambda_stage=None, nfes=MC_NFES):
+def run_mc(rows: Rows, testbeds, lambda_stage=None, nfes=MC_NFES, deterministic=False):
     tbs = mc_testbeds()
     tbs = {k: v for k, v in tbs.items() if k in testbeds}
     # the naive samplers are reported, not ranked: on the Monte Carlo testbeds only at net_time start
     naive = [r for r in NAIVE_READINGS if r["net_time"] == "start"]
-    todo = [c for c in _cells(tbs, nfes, lambda_stage, naive) if not rows.has(_row_key(*c))]
+    todo = [c for c in _cells(tbs, nfes, lambda_stage, naive, deterministic) if not rows.has(_row_key(*c))]
     print(f"Monte Carlo testbeds {sorted(tbs)}: {len(todo)} cells to run", flush=True)
     t_start = time.perf_counter()
     for i, (tb, s, reading, nfe) in enumerate(todo):
@@ -225,7 +246,7 @@ def run_mc(rows: Rows, testbeds, lambda_stage=None, nfes=MC_NFES):
         t0 = time.perf_counter()
         try:
             with _quiet():
-                res = pf.sample(model, n, sampler=s, nfe=nfe, seeds=torch.arange(n), progress=False, **reading)
+                res = pf.sample(model, n, sampler=s, nfe=nfe, seeds=torch.arange(n), progress=False, **_kw(s, reading))
             x = res.x.double()
             e, lo, hi = quality(x) if torch.isfinite(x).all() else (math.inf, None, None)
             spent = res.nfe
@@ -260,7 +281,7 @@ def run_learned_digits(rows: Rows, readings_of_oba, nfes=(20, 50), n=200):
         t0 = time.perf_counter()
         try:
             with _quiet():
-                x = pf.sample(model, n, sampler=s, nfe=nfe, seeds=torch.arange(n), progress=False, **reading).x
+                x = pf.sample(model, n, sampler=s, nfe=nfe, seeds=torch.arange(n), progress=False, **_kw(s, reading)).x
             with torch.no_grad():
                 f = feat.body(x.clamp(-1, 1).float()).numpy().astype(np.float64)
             e = frechet(f, f_real) if np.all(np.isfinite(f)) else math.inf
@@ -299,8 +320,24 @@ def _prior_w2():
     return out
 
 
-def decide(rows, sampler, candidates, label):
-    """The protocol's rule over ``candidates`` (reading dicts) of one sampler; returns (best, table lines)."""
+#: Revision 1's consistency bound: exact W2 to the data law at NFE 2001 on (a1) (consistent samplers
+#: reach 0.0009-0.0014 there: the eps_end truncation and the discretisation left at NFE 2001).
+CONSISTENCY_W2 = 0.005
+
+
+def _consistent(rows, sampler, c):
+    """Revision 1: the sampler's own limit is the data law: its exact W2 on a1 (quadratic) at NFE
+    2001 is at most :data:`CONSISTENCY_W2`."""
+    sde, tbs = exact_testbeds()
+    mu, var, schedule, _ = tbs["a1-quad"]
+    with np.errstate(all="ignore"), _quiet():
+        p = pf.compile_sampler(sampler, sde, FINE_NFE, schedule=schedule, **_kw(sampler, c))
+        return _w2(*program_x_law(p, sde, mu, var), mu, var) <= CONSISTENCY_W2
+
+
+def decide(rows, sampler, candidates, label, revision=1):
+    """The protocol's rule over ``candidates`` (reading dicts) of one sampler; returns (best, table lines,
+    mean ranks).  ``revision=0`` is the rule as first written; 1 adds the consistency filter."""
     prior = _prior_w2()
     stable = []
     for c in candidates:
@@ -308,6 +345,8 @@ def decide(rows, sampler, candidates, label):
         for tb in ("a1-quad", "a2-quad", "d-a1", "d-a2"):
             e = _err(rows, tb, sampler, c, 10)
             ok &= e is not None and math.isfinite(e) and e < prior[tb.replace("d-", "")[:2]]
+        if revision >= 1:
+            ok &= _consistent(rows, sampler, c)
         stable.append(ok)
     cells = [(tb, nfe) for tb in RANKED for nfe in RANK_NFES]
     ranks = np.zeros((len(candidates), len(cells)))
@@ -330,8 +369,9 @@ def decide(rows, sampler, candidates, label):
     for i in order[1:]:  # tie within 0.25 in mean rank -> smaller geometric-mean exact error
         if stable[i] and mean_rank[i] - mean_rank[best] <= 0.25 and geo[i] < geo[best]:
             best = i
+    adm = "stable at NFE 10" + (" and consistent" if revision >= 1 else "")
     lines = [f"### {sampler}: {label}", "",
-             "| reading | stable at NFE 10 | mean rank (27 cells) | geo-mean exact W2 |", "|---|---|---|---|"]
+             f"| reading | {adm} | mean rank (27 cells) | geo-mean exact W2 |", "|---|---|---|---|"]
     for i in order:
         mark = " **(chosen)**" if i == best else ""
         lines.append(f"| {_fmt_reading(candidates[i])}{mark} | {'yes' if stable[i] else 'no'} | "
@@ -346,13 +386,14 @@ def _fmt_reading(r):
     return ", ".join(f"{k}={v}" for k, v in r.items())
 
 
-def decision(rows):
-    lines = ["# Readings protocol: decision", "",
-             "Rule: docs/readings_protocol.md (stated before these measurements). Ranked cells: "
+def decision(rows, revision=1):
+    lines = [f"# Readings protocol: decision (rule revision {revision})", "",
+             "Rule: docs/readings_protocol.md (stated before these measurements; revision 1 adds the "
+             "consistency filter, see there). Ranked cells: "
              f"{', '.join(RANKED)} x NFE {', '.join(map(str, RANK_NFES))}.", "", "## Stage 1: reading", ""]
     chosen = {}
     for s in REDUCED:
-        best, ls, _ = decide(rows, s, READINGS, "coupling x split x net_time (lambda_s 1)")
+        best, ls, _ = decide(rows, s, READINGS, "coupling x split x net_time (lambda_s 1)", revision)
         chosen[s] = best
         lines += ls
     splits = [chosen[s]["split"] for s in REDUCED]
@@ -362,7 +403,7 @@ def decision(rows):
     lam_chosen = {}
     for s in REDUCED:
         cands = [{**chosen[s], **lam} for lam in LAMBDAS]
-        best, ls, ranks = decide(rows, s, cands, "lambda_s x lambda_reading at the stage-1 reading")
+        best, ls, ranks = decide(rows, s, cands, "lambda_s x lambda_reading at the stage-1 reading", revision)
         base = {**chosen[s], "lambda_s": 1.0, "lambda_reading": "marginal"}
         r_best, r_base = ranks[_fmt_reading(best)], ranks[_fmt_reading(base)]
         keep = r_base - r_best < 1.0
@@ -385,6 +426,8 @@ def tables(rows, chosen, naive_split):
     series["reduced_oba (old default: seq/ou/start)"] = ("reduced_oba", old)
     for s in REDUCED:
         series[f"{s} (new default: {_short(chosen[s])})"] = (s, chosen[s])
+    for s, r in DETERMINISTIC:
+        series[s + (f" ({_fmt_reading(r)})" if r else "")] = (s, r)
     tbs = RANKED + ("c-digits",)
     for tb in tbs:
         nfes = sorted({int(r["nfe"]) for r in rows.rows.values() if r["testbed"] == tb})
@@ -409,6 +452,30 @@ def tables(rows, chosen, naive_split):
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines, series
+
+
+def families(rows, chosen, lam_chosen):
+    """Both families side by side: per testbed and NFE the best stochastic and the best deterministic
+    sampler (at the knobs in the tables) by error to the data law."""
+    stoch = [("em", {}), ("sscs", {})] + [(s, chosen[s]) for s in REDUCED] + \
+            [(s, lam_chosen[s]) for s in REDUCED if lam_chosen[s] != chosen[s]]
+    lines = ["## Both families: best stochastic vs best deterministic", "",
+             "Stochastic candidates: em, sscs, the reduced samplers at their protocol readings; deterministic: "
+             + ", ".join(s + ("" if not r else f"({_fmt_reading(r)})") for s, r in DETERMINISTIC) + ".", "",
+             "| testbed | NFE | best stochastic | error | best deterministic | error |", "|---|---|---|---|---|---|"]
+    for tb in RANKED:
+        for nfe in (20, 50, 100):
+            def best(cands):
+                got = [(float(rows.rows[k]["err"]), s, r) for s, r in cands
+                       if (k := _row_key(tb, s, r, nfe)) in rows.rows]
+                return min(got, key=lambda g: g[0]) if got else None
+            bs, bd = best(stoch), best(DETERMINISTIC)
+            if bs is None and bd is None:
+                continue
+            cell = lambda b: ("", "") if b is None else (b[1] + (f" ({_short(b[2])})" if b[2] else ""), _fmt_e(b[0]))
+            lines.append(f"| {tb} | {nfe} | " + " | ".join(cell(bs)) + " | " + " | ".join(cell(bd)) + " |")
+    lines.append("")
+    return lines
 
 
 def _short(r):
@@ -460,7 +527,7 @@ def plots(rows, series, out: Path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(HERE / "results" / "protocol"))
-    ap.add_argument("--only", choices=("exact", "mc", "learned", "all"), default="all")
+    ap.add_argument("--only", choices=("exact", "mc", "learned", "deterministic", "all"), default="all")
     ap.add_argument("--decide-only", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -482,12 +549,18 @@ def main(argv=None):
             run_exact(rows, lambda_stage=stage2)
         if args.only in ("mc", "all"):
             run_mc(rows, ("b", "d-b", "c-ring2d"), lambda_stage=stage2)
+        if args.only in ("deterministic", "all"):
+            run_exact(rows, deterministic=True)
+            run_mc(rows, ("b", "d-b", "c-ring2d"), deterministic=True)
         if args.only in ("learned", "all"):
             old = dict(coupling="sequential", split="ou", net_time="start")
             cands = [chosen["reduced_oba"]] + ([old] if old != chosen["reduced_oba"] else [])
             run_learned_digits(rows, cands)
         chosen, naive_split, lam_chosen, dec = decision(rows)
+    *_, dec0 = decision(rows, revision=0)
+    (out / "decision_rev0.md").write_text("\n".join(dec0) + "\n")
     tab, series = tables(rows, chosen, naive_split)
+    tab += families(rows, chosen, lam_chosen)
     (out / "decision.md").write_text("\n".join(dec) + "\n")
     (out / "tables.md").write_text("\n".join(tab) + "\n")
     plots(rows, series, out)

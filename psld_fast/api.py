@@ -81,7 +81,7 @@ def _as_model(model, sde, shape) -> EpsModel:
 
 @torch.no_grad()
 def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 50,
-           schedule="quadratic", lambda_s: float | None = None, lambda_reading: str = "marginal",
+           schedule="quadratic", lambda_s: float | None = None, lambda_reading: str | None = None,
            net_time: str | None = None, denoise: bool = True, split: str | None = None,
            coupling: str | None = None, lambda_form: str = "std", seeds=None,
            generator: torch.Generator | None = None, backend: str | None = "auto",
@@ -98,7 +98,8 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
             the result reports the NFE actually spent.
         schedule: "quadratic", "uniform", "cubic", "logsnr", "power:<p>" or an array of the N+1
             reverse times t_0 = 0 < t_1 < ... < t_N = T - eps_end (reverse time t = T - tau).
-        lambda_s: x-noise scale (default 1: the reverse SDE); ``lambda_reading`` "marginal" | "noise".
+        lambda_s: x-noise scale (default 1: the reverse SDE); ``lambda_reading`` "marginal" (a) |
+            "noise" (b) (default per sampler: "marginal" for all today).
         net_time: "start" | "end" (time conditioning of calls made after O; default per sampler).
         split: "additive" (spec 4.3 default reading: O adds noise) | "ou" (O is the exact OU friction
             step); default per sampler (chosen by docs/readings_protocol.md).

@@ -181,8 +181,9 @@ def add_sampler_args(p: argparse.ArgumentParser, single=True):
         g.add_argument("--sampler", default="reduced_oba", choices=ALL_SAMPLERS)
         g.add_argument("--nfe", type=int, default=50, help="network evaluations per sample, incl. the final denoising step")
     g.add_argument("--lambda-s", type=float, default=None, help="x-noise scale lambda_s (default 1)")
-    g.add_argument("--lambda-reading", default="marginal", choices=LAMBDA_READINGS,
-                   help="marginal: x-score factor 1 + lx^2 (marginal-preserving); noise: only the noise is scaled")
+    g.add_argument("--lambda-reading", default=None, choices=LAMBDA_READINGS,
+                   help="marginal: x-score factor 1 + lx^2 (marginal-preserving); noise: only the noise is scaled "
+                        "(default: per sampler)")
     g.add_argument("--lambda-form", default="std", choices=LAMBDA_FORMS,
                    help="lambda_s scales the x-noise std (std) or its variance (var)")
     g.add_argument("--net-time", default=None, choices=NET_TIMES,

@@ -95,7 +95,7 @@ def register(sub) -> None:
                    help="comma-separated lambda_s values ('default' = the sampler's own, 1 for the SDE samplers)")
     p.add_argument("--net-times", default="default", help="comma-separated: default, start, end")
     p.add_argument("--schedules", default="quadratic", help="comma-separated: uniform, quadratic, cubic, logsnr, power:<p>")
-    p.add_argument("--lambda-reading", default="marginal", choices=LAMBDA_READINGS)
+    p.add_argument("--lambda-reading", default=None, choices=LAMBDA_READINGS, help="default: per sampler")
     p.add_argument("--splits", default="default", help="comma-separated O step readings: default, additive, ou")
     p.add_argument("--split", default=None, choices=SPLITS, help="one O step reading (same as --splits with one value)")
     p.add_argument("--couplings", default="default",

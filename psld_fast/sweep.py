@@ -108,7 +108,7 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
           splits=(None,), couplings=(None,), ci_lambdas=(None,),
           num_samples: int | None = None, seed: int = 0, metric: str = "auto", reference=None,
           inception_weights=None, extractor: str = "inception-v3-compat", batch_size: int | None = None,
-          device=None, backend="auto", dtype=torch.float32, lambda_reading: str = "marginal",
+          device=None, backend="auto", dtype=torch.float32, lambda_reading: str | None = None,
           split: str | None = None, denoise: bool = True, n_boot: int = 100, force: bool = False, progress: bool = True,
           source: dict | None = None, verbose: bool = False, on_cell=None) -> list[dict]:
     """Score every cell of the grid (see the module docstring); returns all rows of the CSV.
@@ -177,7 +177,7 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
         # ---- the metric's fixed parts
         ex = ref_stats = ref_samples = None
         config = {"model": model_identity(model), "metric": metric, "num_samples": n, "seed": seed,
-                  "lambda_reading": lambda_reading, "denoise": denoise, "dtype": str(dtype).replace("torch.", "")}
+                  "lambda_reading": lambda_reading or "default", "denoise": denoise, "dtype": str(dtype).replace("torch.", "")}
         if metric == "sw2":
             config["n_boot"] = n_boot
             g = torch.Generator().manual_seed(seed + 12345)
