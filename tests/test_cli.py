@@ -210,7 +210,7 @@ def test_budget_and_divergence_on_the_command_line(tmp_path, capsys):
     assert "GiB are available" in err
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        assert main(["sample", "--nfe", "5", "-n", "8", "--no-progress", "--no-quality",
+        assert main(["sample", "--nfe", "5", "-n", "8", "--coupling", "sequential", "--no-progress", "--no-quality",
                      "--out", str(tmp_path / "c.png")]) == 0
     err = capsys.readouterr().err
     assert "psld-fast sample: warning: sampling left the data range" in err and "Traceback" not in err

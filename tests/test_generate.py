@@ -262,7 +262,7 @@ def test_a_diverging_run_warns_once_not_per_batch(tmp_path, digits):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        generate(digits, tmp_path / "w", list(range(12)), nfe=5, batch_size=3, progress=False)
+        generate(digits, tmp_path / "w", list(range(12)), nfe=5, coupling="sequential", batch_size=3, progress=False)
     data = [w for w in caught if "left the data range" in str(w.message)]
     assert len(data) == 1 and data[0].filename == __file__
     with warnings.catch_warnings(record=True) as caught:
