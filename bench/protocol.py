@@ -472,7 +472,8 @@ def families(rows, chosen, lam_chosen):
             bs, bd = best(stoch), best(DETERMINISTIC)
             if bs is None and bd is None:
                 continue
-            cell = lambda b: ("", "") if b is None else (b[1] + (f" ({_short(b[2])})" if b[2] else ""), _fmt_e(b[0]))
+            cell = lambda b: ("", "") if b is None else (b[1] + (f" ({_fmt_reading(b[2])})" if b[2] else ""),
+                                                          _fmt_e(b[0]))
             lines.append(f"| {tb} | {nfe} | " + " | ".join(cell(bs)) + " | " + " | ".join(cell(bd)) + " |")
     lines.append("")
     return lines
