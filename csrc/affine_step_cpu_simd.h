@@ -4,7 +4,8 @@
 // purpose; the includer provides <cstdint>, <cstring>, philox.h, affine_step.h and, on x86,
 // <immintrin.h>, and defines before including:
 //   PSLD_W            lanes per vector
-//   PSLD_MULHILO_ISA  0 generic (64-bit widening multiply), 2 AVX2 intrinsics, 5 AVX-512 intrinsics
+//   PSLD_MULHILO_ISA  0 baseline (SSE2 intrinsics on x86-64, else a 64-bit widening multiply),
+//                     2 AVX2 intrinsics, 5 AVX-512 intrinsics
 //
 // Every path runs the same IEEE float32 operations in the same order (no FMA: the build passes
 // -ffp-contract=off, sqrt is correctly rounded everywhere), so the three paths give bit-identical
@@ -51,6 +52,15 @@ PSLD_VINLINE void mulhilo(VU a, uint32_t M, VU& hi, VU& lo) {
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(av, 32), mv);
   hi = reinterpret_cast<VU>(_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA));
   lo = a * M;
+#elif defined(__SSE2__) && PSLD_W == 4
+  // SSE2 has no 32-bit mullo: both halves come from the two even/odd 64-bit products.
+  const __m128i av = reinterpret_cast<__m128i>(a), mv = _mm_set1_epi32(static_cast<int>(M));
+  const __m128i even = _mm_mul_epu32(av, mv);                     // lo0 hi0 lo2 hi2
+  const __m128i odd = _mm_mul_epu32(_mm_srli_epi64(av, 32), mv);  // lo1 hi1 lo3 hi3
+  hi = reinterpret_cast<VU>(_mm_unpacklo_epi32(_mm_shuffle_epi32(even, _MM_SHUFFLE(3, 3, 3, 1)),
+                                               _mm_shuffle_epi32(odd, _MM_SHUFFLE(3, 3, 3, 1))));
+  lo = reinterpret_cast<VU>(_mm_unpacklo_epi32(_mm_shuffle_epi32(even, _MM_SHUFFLE(2, 2, 2, 0)),
+                                               _mm_shuffle_epi32(odd, _MM_SHUFFLE(2, 2, 2, 0))));
 #else
   const VU64 p = __builtin_convertvector(a, VU64) * static_cast<uint64_t>(M);
   hi = __builtin_convertvector(p >> 32, VU);
@@ -77,29 +87,57 @@ struct Lanes {
   VU c0[U], c1[U], c2[U], c3[U];
 };
 
-// Philox4x32-10 on counters (c0, c1, c2, c3) with per-lane keys (k0, k1); in place.
+// The Philox key of a block: one per lane (flat layout) or one for all lanes (per-sample layout,
+// where the round keys stay scalars and are broadcast once per round for all U vectors, which
+// frees 2U vector registers).
 template <int U>
-PSLD_VINLINE void philox(Lanes<U>& c, const VU (&k0in)[U], const VU (&k1in)[U]) {
+struct LaneKeys {
   VU k0[U], k1[U];
+};
+
+struct SplatKey {
+  uint32_t k0, k1;
+};
+
+// One Philox round on U vectors with round keys K0, K1 (per vector).
+template <int U>
+PSLD_VINLINE void philox_round(Lanes<U>& c, const VU* K0, const VU* K1, int stride) {
 #pragma GCC unroll 8
   for (int v = 0; v < U; ++v) {
-    k0[v] = k0in[v];
-    k1[v] = k1in[v];
+    VU hi0, lo0, hi1, lo1;
+    mulhilo(c.c0[v], kPhiloxM0, hi0, lo0);
+    mulhilo(c.c2[v], kPhiloxM1, hi1, lo1);
+    c.c0[v] = hi1 ^ c.c1[v] ^ K0[v * stride];
+    c.c1[v] = lo1;
+    c.c2[v] = hi0 ^ c.c3[v] ^ K1[v * stride];
+    c.c3[v] = lo0;
   }
+}
+
+// Philox4x32-10 on counters (c0, c1, c2, c3), in place.
+template <int U>
+PSLD_VINLINE void philox(Lanes<U>& c, const LaneKeys<U>& key) {
+  LaneKeys<U> k = key;
 #pragma GCC unroll 10
   for (int r = 0; r < kPhiloxRounds; ++r) {
+    philox_round<U>(c, k.k0, k.k1, 1);
 #pragma GCC unroll 8
     for (int v = 0; v < U; ++v) {
-      VU hi0, lo0, hi1, lo1;
-      mulhilo(c.c0[v], kPhiloxM0, hi0, lo0);
-      mulhilo(c.c2[v], kPhiloxM1, hi1, lo1);
-      c.c0[v] = hi1 ^ c.c1[v] ^ k0[v];
-      c.c1[v] = lo1;
-      c.c2[v] = hi0 ^ c.c3[v] ^ k1[v];
-      c.c3[v] = lo0;
-      k0[v] += kPhiloxW0;
-      k1[v] += kPhiloxW1;
+      k.k0[v] += kPhiloxW0;
+      k.k1[v] += kPhiloxW1;
     }
+  }
+}
+
+template <int U>
+PSLD_VINLINE void philox(Lanes<U>& c, SplatKey key) {
+  uint32_t k0 = key.k0, k1 = key.k1;
+#pragma GCC unroll 10
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    const VU K0 = usplat(k0), K1 = usplat(k1);
+    philox_round<U>(c, &K0, &K1, 0);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
   }
 }
 
@@ -166,10 +204,9 @@ PSLD_VINLINE void box_muller_v(VU w1, VU w2, VF& n0, VF& n1) {
 // U * W lanes of the fused step.  In: counters j and keys; x, m (state), ex, em (eps) as float
 // arrays of U * W lanes (read only as the flags say).  Out: x, m.  The terms are added in the
 // reference's order ((P) + (Q)) + (R), so results match it to a rounding or two.
-template <int U>
-PSLD_VINLINE void step_lanes(const AffineStepParams& p, const VU (&j)[U], const VU (&k0)[U],
-                             const VU (&k1)[U], float* x, float* m, const float* ex,
-                             const float* em) {
+template <int U, typename Key>
+PSLD_VINLINE void step_lanes(const AffineStepParams& p, const VU (&j)[U], const Key& key, float* x,
+                             float* m, const float* ex, const float* em) {
   const float* k = p.coef;
   VF xo[U], mo[U];
 #pragma GCC unroll 8
@@ -196,7 +233,7 @@ PSLD_VINLINE void step_lanes(const AffineStepParams& p, const VU (&j)[U], const 
       c.c2[v] = usplat(p.stream);
       c.c3[v] = VU{};
     }
-    philox<U>(c, k0, k1);
+    philox<U>(c, key);
 #pragma GCC unroll 8
     for (int v = 0; v < U; ++v) {
       VF n0, n1;
@@ -227,9 +264,7 @@ PSLD_VINLINE void philox_normals_lanes(uint32_t j0, uint32_t step, uint32_t stre
   c.c1[0] = usplat(step);
   c.c2[0] = usplat(stream);
   c.c3[0] = VU{};
-  const VU k0[1] = {usplat(static_cast<uint32_t>(seed))};
-  const VU k1[1] = {usplat(static_cast<uint32_t>(seed >> 32))};
-  philox<1>(c, k0, k1);
+  philox<1>(c, SplatKey{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)});
   VF nv[4];
   box_muller_v(c.c0[0], c.c1[0], nv[0], nv[1]);
   box_muller_v(c.c2[0], c.c3[0], nv[2], nv[3]);
@@ -267,16 +302,13 @@ void sample_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
     const eps_t* ex = p.has_eps ? static_cast<const eps_t*>(p.eps) + s * 2 * D : nullptr;
     const eps_t* em = p.has_eps ? ex + D : nullptr;
     const uint64_t seed = static_cast<uint64_t>(p.seeds[s]);
-    VU k0[U], k1[U], jv[U];
-    for (int v = 0; v < U; ++v) {
-      k0[v] = usplat(static_cast<uint32_t>(seed));
-      k1[v] = usplat(static_cast<uint32_t>(seed >> 32));
-    }
+    const SplatKey key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
+    VU jv[U];
     for (int64_t j = j_begin; j < j_end; j += L) {
       const int count = static_cast<int>(std::min<int64_t>(L, j_end - j));
       for (int v = 0; v < U; ++v) jv[v] = usplat(static_cast<uint32_t>(j + v * W)) + iota_u();
       if (kDirect && count == L) {
-        step_lanes<U>(p, jv, k0, k1, reinterpret_cast<float*>(x + j), reinterpret_cast<float*>(m + j),
+        step_lanes<U>(p, jv, key, reinterpret_cast<float*>(x + j), reinterpret_cast<float*>(m + j),
                       ex ? reinterpret_cast<const float*>(ex + j) : nullptr,
                       em ? reinterpret_cast<const float*>(em + j) : nullptr);
         continue;
@@ -288,7 +320,7 @@ void sample_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
         ea[i] = in && p.has_eps ? as_float(ex[j + i]) : 0.0f;
         eb[i] = in && p.has_eps ? as_float(em[j + i]) : 0.0f;
       }
-      step_lanes<U>(p, jv, k0, k1, xa, ma, ea, eb);
+      step_lanes<U>(p, jv, key, xa, ma, ea, eb);
       for (int i = 0; i < count; ++i) {
         x[j + i] = static_cast<state_t>(xa[i]);  // round to nearest even
         m[j + i] = static_cast<state_t>(ma[i]);
@@ -336,11 +368,12 @@ void flat_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
           xa[i] = ma[i] = ea[i] = eb[i] = 0.0f;
         }
       }
-      VU jv[U], k0[U], k1[U];
+      VU jv[U];
+      LaneKeys<U> key;
       std::memcpy(jv, ja, sizeof jv);
-      std::memcpy(k0, k0a, sizeof k0);
-      std::memcpy(k1, k1a, sizeof k1);
-      step_lanes<U>(p, jv, k0, k1, xa, ma, ea, eb);
+      std::memcpy(key.k0, k0a, sizeof key.k0);
+      std::memcpy(key.k1, k1a, sizeof key.k1);
+      step_lanes<U>(p, jv, key, xa, ma, ea, eb);
       for (int i = 0; i < count; ++i) {
         u[off[i]] = static_cast<state_t>(xa[i]);
         u[off[i] + D] = static_cast<state_t>(ma[i]);
