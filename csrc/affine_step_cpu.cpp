@@ -49,9 +49,11 @@ namespace psld_fast {
 namespace {
 
 constexpr int64_t kChunk = 2048;  // elements per parallel task (a multiple of every block)
-// Fewer elements than this per thread cost more in wake-ups than they save (a B=1 step of a
-// 16x16 image is a few us of work; splitting it over a busy 2-core machine cost 8-12 ms).
-constexpr int64_t kMinElementsPerThread = 16384;
+// Fewer elements than this per thread cost more in wake-ups than they save: ~0.4 ms of work on
+// one AVX2 core.  On a busy 2-core machine a parallel region whose second thread is descheduled
+// waits a scheduler time slice (4-16 ms measured), so a split must be worth that risk; with 16384
+// the (16384, 2, 2) sweep cell lost to eager at 2 threads under load.
+constexpr int64_t kMinElementsPerThread = 65536;
 // Layout choice: flat when the per-sample blocks of kFlatBlock lanes would idle more than 1/8
 // of their lanes.  Fixed (not per ISA) so that every path splits the work alike.
 constexpr int64_t kFlatBlock = 32;

@@ -73,7 +73,7 @@ PSLD_VINLINE VF vsqrt(VF x) {
   return reinterpret_cast<VF>(_mm512_sqrt_ps(reinterpret_cast<__m512>(x)));
 #elif PSLD_MULHILO_ISA == 2
   return reinterpret_cast<VF>(_mm256_sqrt_ps(reinterpret_cast<__m256>(x)));
-#elif defined(__SSE2__)
+#elif defined(__SSE2__) && PSLD_W == 4
   return reinterpret_cast<VF>(_mm_sqrt_ps(reinterpret_cast<__m128>(x)));
 #else
   for (int i = 0; i < W; ++i) x[i] = __builtin_sqrtf(x[i]);
