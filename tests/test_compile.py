@@ -46,7 +46,8 @@ def test_compiled_network_matches_eager_and_is_cached():
     assert first.timings["total"] >= first.timings["net_compile"]
     assert_close_verbose(first.x, eager.x, atol=1e-5, rtol=1e-5, what="compiled vs eager network")
     again = pf.sample(model, 6, compile=True, **kw)
-    assert again.timings["net_compile"] == 0.0  # same network and shape: nothing compiled
+    # same network and shape: nothing compiled, only the cache lookup
+    assert again.timings["net_compile"] < min(0.05, first.timings["net_compile"] / 10)
     assert torch.equal(again.x, first.x)
     assert runner.compiled_model(model, "default").net is runner.compiled_model(model, "default").net
 
