@@ -2,7 +2,7 @@
 
 ``run_program`` runs ``eps = net(u, tau_k); affine_step_(u, eps, seeds, coef_k, k)`` for every
 stage k of a compiled :class:`~psld_fast.program.Program`.  Per NFE it does only that: the forward
-times of all stages are made in one tensor before the loop, the coefficients are Python floats
+times of all stages are made before the loop (on CPU in one tensor), the coefficients are Python floats
 computed once per program, the network output is validated on its first call, and nothing syncs
 the host.  NaN/Inf checking is folded into the batch's one final check of the state: a NaN or Inf
 in a network output reaches the state at that stage (the kernels multiply every input by its
@@ -55,10 +55,17 @@ def run_program(model, program: Program, seeds: torch.Tensor, step_fn, *, dtype,
 
 
 def stage_taus(program: Program, B: int, dtype, device) -> list:
-    """Per stage: the (B,) forward-time tensor of its network call, or None; made in one tensor."""
+    """Per stage: the (B,) forward-time tensor of its network call, or None.
+
+    On CPU all rows come from one tensor (one allocation per batch instead of one per NFE); on a
+    GPU each row is a device-side fill, since copying a host tensor over would sync the host.
+    """
+    device = torch.device(device)
+    if device.type != "cpu":
+        return [torch.full((B,), s.tau, dtype=dtype, device=device) if s.uses_network else None
+                for s in program.stages]
     taus = [s.tau for s in program.stages if s.uses_network]
-    rows = iter(torch.tensor(taus, dtype=dtype).to(device)[:, None].expand(len(taus), B).contiguous()
-                .unbind(0)) if taus else iter(())
+    rows = iter(torch.tensor(taus, dtype=dtype)[:, None].expand(len(taus), B).contiguous().unbind(0))
     return [next(rows) if s.uses_network else None for s in program.stages]
 
 
