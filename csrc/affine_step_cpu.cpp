@@ -54,8 +54,9 @@ constexpr int64_t kChunk = 2048;  // elements per parallel task (a multiple of e
 // waits a scheduler time slice (4-16 ms measured), so a split must be worth that risk; with 16384
 // the (16384, 2, 2) sweep cell lost to eager at 2 threads under load.
 constexpr int64_t kMinElementsPerThread = 65536;
-// Layout choice: flat when the per-sample blocks of kFlatBlock lanes would idle more than 1/8
-// of their lanes.  Fixed (not per ISA) so that every path splits the work alike.
+// Layout choice: flat when per-sample blocks of kFlatBlock lanes would compute more than 1.6x the
+// lanes they use (a flat lane costs ~1.5x a contiguous one: gathered keys, counters and data).
+// Fixed (not per ISA) so that every path splits the work alike.
 constexpr int64_t kFlatBlock = 32;
 
 }  // namespace
@@ -179,7 +180,7 @@ void philox_test_range(int isa, const int64_t* seeds, int64_t numel, uint32_t st
 
 bool use_flat_layout(int64_t D) {
   const int64_t waste = (D + kFlatBlock - 1) / kFlatBlock * kFlatBlock - D;
-  return waste * 8 > D;
+  return waste * 8 > D * 5;
 }
 
 void affine_step_cpu_(const at::Tensor& u, const std::optional<at::Tensor>& eps,

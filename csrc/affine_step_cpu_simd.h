@@ -344,29 +344,33 @@ void flat_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
   for (int64_t t = begin; t < end; ++t) {
     const int64_t f_begin = t * kChunk;
     const int64_t f_end = std::min(total, f_begin + kChunk);
-    int64_t s = f_begin / D, j = f_begin % D;
+    int64_t s = f_begin / D, j = f_begin % D, o = s * 2 * D + j;
+    uint64_t seed = static_cast<uint64_t>(p.seeds[s]);
     for (int64_t f = f_begin; f < f_end; f += L) {
       const int count = static_cast<int>(std::min<int64_t>(L, f_end - f));
-      for (int i = 0; i < L; ++i) {
-        if (i < count) {
-          const uint64_t seed = static_cast<uint64_t>(p.seeds[s]);
-          const int64_t o = s * 2 * D + j;
-          off[i] = o;
-          ja[i] = static_cast<uint32_t>(j);
-          k0a[i] = static_cast<uint32_t>(seed);
-          k1a[i] = static_cast<uint32_t>(seed >> 32);
-          xa[i] = p.read_state ? as_float(u[o]) : 0.0f;
-          ma[i] = p.read_state ? as_float(u[o + D]) : 0.0f;
-          ea[i] = p.has_eps ? as_float(e[o]) : 0.0f;
-          eb[i] = p.has_eps ? as_float(e[o + D]) : 0.0f;
-          if (++j == D) {
-            j = 0;
-            ++s;
-          }
-        } else {
-          ja[i] = k0a[i] = k1a[i] = 0u;
-          xa[i] = ma[i] = ea[i] = eb[i] = 0.0f;
+      for (int i = 0; i < count; ++i) {  // gather: lane i is (sample s, element j)
+        off[i] = o;
+        ja[i] = static_cast<uint32_t>(j);
+        k0a[i] = static_cast<uint32_t>(seed);
+        k1a[i] = static_cast<uint32_t>(seed >> 32);
+        if (p.read_state) {
+          xa[i] = as_float(u[o]);
+          ma[i] = as_float(u[o + D]);
         }
+        if (p.has_eps) {
+          ea[i] = as_float(e[o]);
+          eb[i] = as_float(e[o + D]);
+        }
+        ++o;
+        if (++j == D) {  // next sample: skip its m half
+          j = 0;
+          o += D;
+          if (++s < p.batch) seed = static_cast<uint64_t>(p.seeds[s]);
+        }
+      }
+      for (int i = count; i < L; ++i) {
+        ja[i] = k0a[i] = k1a[i] = 0u;
+        xa[i] = ma[i] = ea[i] = eb[i] = 0.0f;
       }
       VU jv[U];
       LaneKeys<U> key;
