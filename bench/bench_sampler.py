@@ -7,7 +7,10 @@ Variants, all measured in the same run on the same batch:
                 OBA update in separate torch ops with torch.randn noise, no fusion;
   (ii)  fused   ``psld_fast.sample(..., cuda_graph=False)``: one fused op per NFE;
   (iii) graph   ``psld_fast.sample(..., cuda_graph=True)``: the whole program replayed from one
-                CUDA graph (GPU only).
+                CUDA graph (GPU only);
+  (iv)  compiled ``psld_fast.sample(..., compile=True)`` (with ``--compile``): (ii), or (iii) on a
+                GPU, with the network run through torch.compile; its one-off compile time is
+                reported in its own column, not in the timings.
 
 For each: end-to-end samples/s, time per NFE, and the sampler overhead per NFE = (total - network
 alone) / NFE, where "network alone" is the same network called NFE times on the same batch in the
@@ -19,9 +22,13 @@ Before timing, correctness is checked once: (ii) against the reference backend o
     python bench/bench_sampler.py --quick           # NFE 50 only, fewer cells and repeats
     python bench/bench_sampler.py --csv runs.csv    # also append one CSV row per measurement
 
-CPU timings use perf_counter, GPU timings CUDA events; every number is the median of the repeats
-after warm-up (spread shown as min-max).  On a busy few-core machine pass ``--threads 1``: a
-parallel region whose threads are descheduled costs a scheduler time slice per step.
+    python bench/bench_sampler.py --overhead        # per-NFE Python overhead with a zero-cost network
+
+The variants are interleaved: every round runs each once, at least 5 rounds per cell; reported
+are min and median and, against (i), the median over rounds of the per-round ratio.  CPU timings
+use perf_counter, GPU timings CUDA events.  Threads are pinned (``--threads``, default 1 on CPU: a
+parallel region whose threads are descheduled on a busy few-core machine costs a scheduler time
+slice per step); the CPU model and the load average at the start and the end are printed.
 """
 from __future__ import annotations
 
@@ -40,7 +47,8 @@ import time
 import torch
 
 import psld_fast as pf
-from psld_fast import graphs
+from _benchutil import cpu_model, interleaved, load_average, pin_threads, summary
+from psld_fast import graphs, runner
 from psld_fast.models import hsm_cholesky_tensor
 from psld_fast.ops import resolve_backend
 from psld_fast.reference import ProgramNoise
@@ -48,11 +56,12 @@ from psld_fast.samplers import compile_sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = ("em", "reduced_oba")
-# (i) is written with the spec's additive O (as a PSLD-style loop would be); (ii) and (iii) run the
+# (i) is written with the spec's additive O and B-then-A order (as a PSLD-style loop would be); (ii) and (iii) run the
 # same math so the three variants are comparable sample for sample.
-SPLIT = dict(split="additive")
-VARIANTS = ("eager", "fused", "graph")
-LABEL = {"eager": "(i) eager", "fused": "(ii) fused", "graph": "(iii) fused+graph"}
+SPLIT = dict(split="additive", coupling="sequential")
+VARIANTS = ("eager", "fused", "graph", "compiled")
+LABEL = {"eager": "(i) eager", "fused": "(ii) fused", "graph": "(iii) fused+graph",
+         "compiled": "(iv) +compiled net"}
 
 
 # -------------------------------------------------------------------------------------- models
@@ -147,23 +156,14 @@ def timed(fn, device) -> float:
 
 
 def measure(fns: dict, device, *, warmup: dict, repeats: int, budget: float) -> dict:
-    """Median/min/max seconds of each ``fns[name]()`` after ``warmup[name]`` calls.
-
-    The calls are interleaved (one of each per round) so that a change of machine load hits every
-    variant alike; fewer rounds when one round is long (``budget`` seconds of timed rounds at most,
-    at least one round).
-    """
+    """min/median seconds of each ``fns[name]()`` after ``warmup[name]`` calls, and the median of
+    the per-round ratio t_eager / t_variant: rounds interleave the variants (one call each), at
+    least 5, more while the ``budget`` (seconds of timed rounds) allows, at most ``repeats``."""
     for name, fn in fns.items():
         for _ in range(warmup.get(name, 1)):
             fn()
-    sync(device)
-    times = {name: [timed(fn, device)] for name, fn in fns.items()}
-    rounds = max(1, min(repeats, int(budget / max(sum(t[0] for t in times.values()), 1e-9))))
-    for _ in range(rounds - 1):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, device))
-    return {name: {"median": statistics.median(t), "min": min(t), "max": max(t), "n": len(t)}
-            for name, t in times.items()}
+    times = interleaved(fns, device, rounds=max(5, repeats), warmup=0, min_rounds=5, budget_s=budget)
+    return summary(times, "eager")
 
 
 def network_alone(model, B, program, device, dtype, graphed: bool):
@@ -239,7 +239,7 @@ def environment(device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+        name = f"{cpu_model()} ({torch.get_num_threads()} threads)"
     return {"device": name, "torch": torch.__version__, "triton": version("triton"),
             "numpy": version("numpy"), "psld_fast": pf.__version__, "python": platform.python_version(),
             "git": rev}
@@ -247,7 +247,8 @@ def environment(device) -> dict:
 
 CSV_FIELDS = ("timestamp", "device", "torch", "triton", "git", "model", "sampler", "nfe", "batch",
               "variant", "backend", "median_ms", "min_ms", "max_ms", "repeats", "samples_per_s",
-              "us_per_nfe", "net_us_per_nfe", "overhead_us_per_nfe", "speedup_vs_eager", "compile_ms")
+              "us_per_nfe", "net_us_per_nfe", "overhead_us_per_nfe", "speedup_vs_eager", "compile_ms",
+              "net_compile_s", "threads", "load_start", "load_end")
 
 
 def append_csv(path, rows):
@@ -261,7 +262,7 @@ def append_csv(path, rows):
 
 def print_table(rows):
     head = (f"{'model':<15}{'sampler':<12}{'nfe':>4}{'B':>5}  {'variant':<18}{'total ms':>10}"
-            f"{'(min-max)':>17}{'samples/s':>11}{'us/NFE':>10}{'net us':>10}{'ovh us/NFE':>11}{'vs (i)':>8}")
+            f"{'(min)':>10}{'samples/s':>11}{'us/NFE':>10}{'net us':>10}{'ovh us/NFE':>11}{'vs (i)':>8}{'compile s':>10}")
     print(head)
     print("-" * len(head))
     last = None
@@ -270,10 +271,81 @@ def print_table(rows):
         if last is not None and cell != last:
             print()
         last = cell
-        spread = f"({r['min_ms']:.3g}-{r['max_ms']:.3g})"
+        comp = f"{r['net_compile_s']:.1f}" if r.get("net_compile_s") else ""
         print(f"{r['model']:<15}{r['sampler']:<12}{r['nfe']:>4}{r['batch']:>5}  {LABEL[r['variant']]:<18}"
-              f"{r['median_ms']:>10.4g}{spread:>17}{r['samples_per_s']:>11.4g}{r['us_per_nfe']:>10.4g}"
-              f"{r['net_us_per_nfe']:>10.4g}{r['overhead_us_per_nfe']:>11.4g}{r['speedup_vs_eager']:>7.2f}x")
+              f"{r['median_ms']:>10.4g}{r['min_ms']:>10.4g}{r['samples_per_s']:>11.4g}{r['us_per_nfe']:>10.4g}"
+              f"{r['net_us_per_nfe']:>10.4g}{r['overhead_us_per_nfe']:>11.4g}{r['speedup_vs_eager']:>7.2f}x{comp:>10}")
+
+
+# ------------------------------------------------------------------------------ loop overhead
+def overhead(args, device, backend, env) -> int:
+    """Per-NFE overhead of the eager loop (psld_fast.runner.run_program) beyond the fused op and
+    the network, with a network that costs nothing (returns a preallocated tensor): three
+    interleaved variants, (a) run_program, (b) the same op calls alone, (c) the network calls alone;
+    overhead = (a - b - c) / NFE.  Also sample() as a whole: its fixed per-call cost."""
+    from psld_fast.ops import get_step_fn
+
+    base = pf.get_preset("cifar_like")
+    step_fn = get_step_fn(backend)
+    rows = []
+    print(f"# per-NFE overhead, zero-cost network, cifar_like (3, 32, 32) state, backend {backend}")
+    print(f"{'sampler':<12}{'nfe':>4}{'B':>5}{'loop us/NFE':>13}{'op us/NFE':>11}{'net us/NFE':>11}"
+          f"{'overhead us/NFE':>17}{'(min-based)':>12}{'sample() extra us':>19}")
+    for sampler in args.samplers:
+        program = compile_sampler(sampler, base.sde, 50)
+        for B in (args.batch_sizes or [1, 16]):
+            shape = (B, 2 * base.shape[0], *base.shape[1:])
+            eps0 = torch.zeros(shape, device=device)
+            zero = pf.EpsModel(lambda u, tau: eps0, sde=base.sde, shape=base.shape)
+            seeds = torch.arange(B, device=device)
+            u = torch.zeros(shape, device=device)
+            taus = runner.stage_taus(program, B, torch.float32, device)
+            plan = [(k, s.coef, taus[k] is not None) for k, s in enumerate(program.stages)]
+            net = zero.net
+
+            def loop():
+                runner.run_program(zero, program, seeds, step_fn, dtype=torch.float32, device=device)
+
+            def ops_only():
+                for k, coef, uses in plan:
+                    step_fn(u, eps0 if uses else None, seeds, coef, k, 0)
+
+            def net_only():
+                for tau in taus:
+                    if tau is not None:
+                        net(u, tau)
+
+            def whole():
+                pf.sample(zero, B, sampler=sampler, nfe=50, backend=backend, device=device, progress=False,
+                          seeds=seeds.cpu())
+
+            fns = {"loop": loop, "ops": ops_only, "net": net_only, "sample": whole}
+            warm = {k: args.warmup for k in fns}
+            for name, fn in fns.items():
+                for _ in range(warm[name]):
+                    fn()
+            t = summary(interleaved(fns, device, rounds=max(args.overhead_rounds, 5), warmup=0), None)
+            n = program.nfe
+            med = {k: v["median"] for k, v in t.items()}
+            mins = {k: v["min"] for k, v in t.items()}
+            ovh = (med["loop"] - med["ops"] - med["net"]) / n * 1e6
+            ovh_min = (mins["loop"] - mins["ops"] - mins["net"]) / n * 1e6
+            extra = (med["sample"] - med["loop"]) * 1e6
+            print(f"{sampler:<12}{n:>4}{B:>5}{med['loop'] / n * 1e6:>13.1f}{med['ops'] / n * 1e6:>11.1f}"
+                  f"{med['net'] / n * 1e6:>11.2f}{ovh:>17.1f}{ovh_min:>12.1f}{extra:>19.0f}")
+            rows.append(dict(env, timestamp=datetime.datetime.now().isoformat(timespec="seconds"),
+                             model="zero_net_cifar_like", sampler=sampler, nfe=n, batch=B, variant="overhead",
+                             backend=backend, median_ms=med["loop"] * 1e3, min_ms=mins["loop"] * 1e3,
+                             repeats=t["loop"]["rounds"], us_per_nfe=med["loop"] / n * 1e6,
+                             net_us_per_nfe=med["net"] / n * 1e6, overhead_us_per_nfe=ovh,
+                             threads=torch.get_num_threads(), load_start=args.load_start, load_end=load_average()))
+    print("# overhead = (loop - op calls alone - network calls alone) / NFE from the medians of interleaved rounds, "
+          "and from the minima (the less load-sensitive estimate on a shared machine); 'sample() extra' = "
+          "sample() minus the loop, once per call (program compile, seeds, result)")
+    print(f"# load average at end {load_average()}")
+    if args.csv:
+        append_csv(args.csv, rows)
+    return 0
 
 
 # --------------------------------------------------------------------------------------- main
@@ -298,12 +370,14 @@ def run_cell(model, sampler, nfe, B, device, dtype, backend, args, has_graph, en
     seeds = torch.arange(B)
     common = dict(sampler=sampler, nfe=nfe, seeds=seeds, device=device, dtype=dtype, backend=backend,
                   progress=False, **SPLIT)
-    compile_ms = {}
+    compile_ms, net_compile = {}, {}
 
-    def fused(graph):
+    def fused(graph, compile=False):
         def fn():
-            r = pf.sample(model, B, cuda_graph=graph, **common)
-            compile_ms[graph] = r.timings["compile"] * 1e3
+            r = pf.sample(model, B, cuda_graph=graph, compile=compile, **common)
+            compile_ms[(graph, compile)] = r.timings["compile"] * 1e3
+            net_compile.setdefault((graph, compile), 0.0)
+            net_compile[(graph, compile)] += r.timings.get("net_compile", 0.0)
         return fn
 
     fns = {"eager": lambda: eager_psld(model, program, B, dtype=dtype, device=device),
@@ -317,20 +391,25 @@ def run_cell(model, sampler, nfe, B, device, dtype, backend, args, has_graph, en
             fns["net_graph"] = network_alone(model, B, program, device, dtype, graphed=True)
         except RuntimeError as exc:  # the network cannot be captured: keep the eager floor
             print(f"  note: network alone could not be captured ({exc}); using the eager network time")
+    if args.compile:
+        fns["compiled"] = fused(has_graph, compile=True)  # first call compiles (warm-up)
+        warmup["compiled"] = args.warmup + (1 if has_graph else 0)
     results = measure(fns, device, warmup=warmup, repeats=args.repeats, budget=args.cell_budget)
     net_eager, net_graph = results.pop("net"), results.pop("net_graph", None)
     rows, nfe_spent = [], program.nfe
-    t_eager = results["eager"]["median"]
     for v, res in results.items():
         net = net_graph if (v == "graph" and net_graph is not None) else net_eager
         t = res["median"]
+        key = (v in ("graph",) or (v == "compiled" and has_graph), v == "compiled")
         rows.append(dict(
             env, timestamp=datetime.datetime.now().isoformat(timespec="seconds"), model=model.name,
             sampler=sampler, nfe=nfe_spent, batch=B, variant=v, backend="torch" if v == "eager" else backend,
-            median_ms=t * 1e3, min_ms=res["min"] * 1e3, max_ms=res["max"] * 1e3, repeats=res["n"],
+            median_ms=t * 1e3, min_ms=res["min"] * 1e3, max_ms=float("nan"), repeats=res["rounds"],
             samples_per_s=B / t, us_per_nfe=t / nfe_spent * 1e6, net_us_per_nfe=net["median"] / nfe_spent * 1e6,
-            overhead_us_per_nfe=(t - net["median"]) / nfe_spent * 1e6, speedup_vs_eager=t_eager / t,
-            compile_ms=compile_ms.get(v == "graph", float("nan")) if v != "eager" else 0.0))
+            overhead_us_per_nfe=(t - net["median"]) / nfe_spent * 1e6, speedup_vs_eager=res["ratio"],
+            compile_ms=compile_ms.get(key, float("nan")) if v != "eager" else 0.0,
+            net_compile_s=net_compile.get(key, 0.0) if v == "compiled" else "", threads=torch.get_num_threads(),
+            load_start=args.load_start, load_end=load_average()))
     return rows
 
 
@@ -348,14 +427,19 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--cell-budget", type=float, default=None,
                    help="seconds of timed rounds per cell before repeats are cut (default 4, --quick 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU, torch's on GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="add (iv): fused (+graph on GPU) with the network under torch.compile (compiles once per cell)")
+    p.add_argument("--overhead", action="store_true",
+                   help="only the per-NFE Python overhead of the loop with a zero-cost network (B = 1 and 16)")
+    p.add_argument("--overhead-rounds", type=int, default=200, help="interleaved rounds of --overhead")
     p.add_argument("--quick", action="store_true", help="NFE 50 only, fewer cells and repeats")
     p.add_argument("--csv", metavar="PATH", help="append one row per measurement to this CSV file")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pin_threads(args.threads or (1 if device.type == "cpu" else None))
+    args.load_start = load_average()
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     args.nfe = args.nfe or ([50] if args.quick else [50, 100])
@@ -367,6 +451,9 @@ def main(argv=None):
     env = environment(device)
     print(f"# bench_sampler  device: {env['device']}  torch {env['torch']}  triton {env['triton']}  "
           f"numpy {env['numpy']}  python {env['python']}  psld_fast {env['psld_fast']}  git {env['git']}")
+    print(f"# load average at start {args.load_start}")
+    if args.overhead:
+        return overhead(args, device, backend, env)
     print(f"# backend (ii)/(iii): {backend}   state dtype: float32   threads: {torch.get_num_threads()}"
           + ("" if has_graph else "   (iii) CUDA graph: n/a on CPU"))
     if device.type == "cuda":
@@ -394,6 +481,7 @@ def main(argv=None):
     if failures:
         print("CORRECTNESS CHECK FAILED:\n  " + "\n  ".join(failures))
         return 1
+    print(f"# load average at end {load_average()}")
     print()
     print_table(all_rows)
     print(f"\n# ovh us/NFE = (total - network alone on the same batch) / NFE; network alone is eager "

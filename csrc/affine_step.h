@@ -50,6 +50,12 @@ AffineStepParams make_affine_step_params(const at::Tensor& u, const std::optiona
                                          int64_t step, int64_t stream, c10::DeviceType device_type,
                                          at::Tensor& eps_holder);
 
+// The CPU kernel's instruction-set path: "avx512", "avx2" or "baseline" (chosen from the CPU at
+// first use, or by PSLD_FAST_CPU_ISA).  set_cpu_isa switches paths (tests, benchmarks); it returns
+// false, changing nothing, for an unknown name or a path this CPU cannot run.
+const char* cpu_isa_name();
+bool set_cpu_isa(const char* name);
+
 // Checks the arguments of the test-only op philox_test (seeds (B,) int64 on device_type, numel).
 void check_philox_test_args(const at::Tensor& seeds, int64_t numel, c10::DeviceType device_type);
 

@@ -103,11 +103,38 @@ void check_philox_test_args(const at::Tensor& seeds, int64_t numel, c10::DeviceT
 #define PSLD_FAST_WITH_CUDA 0
 #endif
 
+namespace {
+
+PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(psld_fast::cpu_isa_name()); }
+
+PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  PyObject* previous = PyUnicode_FromString(psld_fast::cpu_isa_name());
+  if (!psld_fast::set_cpu_isa(name)) {
+    Py_XDECREF(previous);
+    PyErr_Format(PyExc_ValueError,
+                 "set_cpu_isa: %s is not one of avx512, avx2, baseline that this CPU supports", name);
+    return nullptr;
+  }
+  return previous;
+}
+
+PyMethodDef kMethods[] = {
+    {"cpu_isa", py_cpu_isa, METH_NOARGS,
+     "cpu_isa() -> str: the CPU kernel's instruction-set path (avx512, avx2 or baseline)."},
+    {"set_cpu_isa", py_set_cpu_isa, METH_O,
+     "set_cpu_isa(name) -> str: switch the CPU kernel's path (tests, benchmarks); returns the "
+     "previous one.  ValueError for a path this CPU cannot run."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 // Importing psld_fast._C loads this library, which runs the TORCH_LIBRARY_IMPL registrations.
 PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                    "psld_fast compiled kernels (registered as torch ops)", -1,
-                                   nullptr};
+                                   kMethods};
   PyObject* m = PyModule_Create(&module_def);
   if (m != nullptr && PyModule_AddIntConstant(m, "WITH_CUDA", PSLD_FAST_WITH_CUDA) < 0) {
     Py_DECREF(m);

@@ -5,9 +5,8 @@
 // the stream is keyed per sample by its 64-bit seed and counted by (j, step, stream, 0), so a
 // sample's noise never depends on the batch it is drawn in.
 //
-// The scalar functions here are used by the CUDA kernel and by the CPU kernel's test entry point;
-// the CPU hot loop uses the lane-array versions in affine_step_cpu.cpp (same arithmetic, written so
-// the compiler vectorises it).
+// The scalar functions here are used by the CUDA kernel; the CPU kernel uses the W-lane vector
+// versions in affine_step_cpu_simd.h (same arithmetic, same constants from this file).
 #pragma once
 
 #include <cstdint>

@@ -1,8 +1,9 @@
 """``psld_fast.sample``: compile a sampler, then run its stages with one fused op per NFE.
 
 The loop is ``eps = model(u, tau_k); affine_step_(u, eps, seeds, coef_k, k)`` for every stage k of
-the compiled program.  Nothing inside it syncs the host: the NaN/Inf check of the network output
-is accumulated on the device and read once at the end of a batch.
+the compiled program (:func:`psld_fast.runner.run_program`, shared with the CUDA-graph runner of
+:mod:`psld_fast.graphs`).  Nothing inside it syncs the host: NaN/Inf from the network reaches the
+state, which is checked once at the end of a batch.
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .graphs import get_runner, use_cuda_graph
 from .guards import MAX_NFE, as_count, check_data_range, check_memory, seeds_int64, warn_at_caller
 from .models import EpsModel
-from .program import Program
+from .runner import (as_step_eps, compile_mode, compiled_model, nonfinite, raise_if_nonfinite,  # noqa: F401
+                     run_program, warm_compiled)
 from .samplers import ALL_SAMPLERS, compile_sampler
 
 __all__ = ["sample", "SampleResult", "DEFAULT_SEED", "make_seeds"]
@@ -32,7 +35,9 @@ _STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 @dataclass
 class SampleResult:
     """Samples and how they were made.  ``x``: (N, *shape) data; ``m``: momenta; ``nfe``: network
-    evaluations spent per sample; ``seeds``: (N,) int64; ``timings``: seconds per phase."""
+    evaluations spent per sample; ``seeds``: (N,) int64; ``timings``: seconds per phase:
+    ``compile`` (the sampler program), ``net_compile`` (torch.compile warm-up, only with
+    ``compile=``), ``sampling`` (the batches), ``total`` (all of it)."""
 
     x: torch.Tensor
     m: torch.Tensor
@@ -45,7 +50,9 @@ class SampleResult:
 
     @property
     def samples_per_second(self) -> float:
-        return self.x.shape[0] / max(self.timings.get("total", 0.0), 1e-12)
+        """Samples per second of sampling: the total minus the network's one-off compilation."""
+        busy = self.timings.get("total", 0.0) - self.timings.get("net_compile", 0.0)
+        return self.x.shape[0] / max(busy, 1e-12)
 
 
 def make_seeds(num_samples: int, seeds=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -87,7 +94,7 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
            generator: torch.Generator | None = None, backend: str | None = "auto",
            dtype: torch.dtype = torch.float32, device=None, batch_size: int | None = None,
            callback=None, progress: bool = True, sde=None, shape=None, stream: int = 0,
-           cuda_graph="auto", ci_lambda: float | None = None) -> SampleResult:
+           cuda_graph="auto", ci_lambda: float | None = None, compile=False) -> SampleResult:
     """Draw ``num_samples`` samples from a PSLD model with a (reduced) splitting sampler.
 
     Args:
@@ -117,6 +124,14 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
             the batch's first sample).
         cuda_graph: "auto" (replay each batch from a CUDA graph on a GPU with a kernel backend),
             True, or False (eager); CPU runs are always eager (see :mod:`psld_fast.graphs`).
+        compile: False (default), True (= "default") or a ``torch.compile`` mode: the network is
+            run as ``torch.compile(net, mode=..., dynamic=False)``, cached per network and mode
+            (torch.compile caches per shape).  Compilation happens in a warm-up call per batch
+            shape before the sampling loop and is reported as ``timings["net_compile"]``.  Under
+            the CUDA-graph runner "reduce-overhead"/"max-autotune" become "default"/
+            "max-autotune-no-cudagraphs": the network is captured inside our graph, which already
+            removes the launch overhead, and torch.compile's own CUDA graphs cannot be captured
+            inside another.
     Returns:
         :class:`SampleResult`.  Equivalent to :func:`psld_fast.reference.run_reference` with the
         Philox noise of :mod:`psld_fast.rng` (tested pathwise).
@@ -146,15 +161,24 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     if program.nfe != nfe:
         log.info("sampler %s: nfe=%d does not fit %s; spending %d", sampler, nfe,
                  "N * evals_per_step + 1", program.nfe)
-    from .graphs import get_runner, use_cuda_graph
-    from .ops import get_step_fn, resolve_backend
+    from .ops import get_step_fn, resolve_backend  # lazy: loads the compiled kernels
 
     backend = resolve_backend(backend, device, dtype=dtype)
     step_fn = get_step_fn(backend)
     graphed = use_cuda_graph(cuda_graph, device, backend, callback)
+    mode = compile_mode(compile, graphed)
     all_seeds = make_seeds(num_samples, seeds, generator)
-    t_compile = time.perf_counter() - t0
     batch_size = batch_size or min(num_samples, 1024)
+    t_compile = time.perf_counter() - t0
+    t_net_compile = 0.0
+    if mode is not None and program.nfe > 0:
+        t_wrap = time.perf_counter()
+        model = compiled_model(model, mode)  # the first one imports torch._dynamo/_inductor (seconds)
+        t_net_compile += time.perf_counter() - t_wrap
+        # the graph runner pads a smaller last batch; the eager loop runs it as it is
+        last = batch_size if graphed else (num_samples % batch_size or batch_size)
+        for b in sorted({min(batch_size, num_samples), last}):
+            t_net_compile += warm_compiled(model, program, b, dtype, device)
     xs, ms = [], []
     bar = _progress(progress, num_samples * program.nfe, f"{sampler} nfe={program.nfe}")
     t1 = time.perf_counter()
@@ -176,6 +200,8 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     if bar is not None:
         bar.close()
     timings = {"compile": t_compile, "sampling": t_run, "total": time.perf_counter() - t0}
+    if mode is not None:
+        timings["net_compile"] = t_net_compile
     x = torch.cat(xs)
     check_data_range(x, sampler=sampler, nfe=program.nfe, scale=float(getattr(model, "data_scale", 1.0)),
                      split=program.info.get("split"))
@@ -219,81 +245,3 @@ def _progress(enabled, total, desc):
     except ImportError:
         return None
     return tqdm(total=total, desc=desc, unit="nfe", leave=False, mininterval=0.5)
-
-
-@torch.no_grad()
-def run_program(model, program: Program, seeds: torch.Tensor, step_fn, *, dtype, device,
-                stream: int = 0, callback=None, batch_start: int = 0, bar=None,
-                check: bool = True) -> torch.Tensor:
-    """Run one batch of a compiled program eagerly; returns the final packed state u.
-
-    Raises FloatingPointError naming the first stage whose network output held NaN/Inf, and
-    ValueError for a model output of the wrong shape or dtype.  ``check=False`` skips that final
-    NaN/Inf check, the batch's one host sync: the loop alone never syncs.
-    """
-    B = seeds.shape[0]
-    C = model.shape[0]
-    u = torch.empty((B, 2 * C, *model.shape[1:]), dtype=dtype, device=device)
-    tau_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-    for k, stage in enumerate(program.stages):
-        eps = None
-        if stage.uses_network:
-            tau = torch.full((B,), stage.tau, dtype=tau_dtype, device=device)
-            eps = model(u, tau)
-            _check_eps(eps, u, k)
-            eps = as_step_eps(eps, u)
-            first_bad.masked_fill_(nonfinite(eps) & (first_bad < 0), k)
-        step_fn(u, eps, seeds, stage.coef, k, stream)
-        if callback is not None:
-            callback({"stage": k, "nfe": sum(1 for s in program.stages[:k + 1] if s.uses_network),
-                      "tau": stage.tau, "u": u, "batch_start": batch_start})
-        if bar is not None and stage.uses_network:
-            bar.update(B)
-    if not check:
-        return u
-    bad_stage, state_bad = torch.stack([first_bad, (~torch.isfinite(u).all()).long()]).tolist()  # one sync
-    raise_if_nonfinite(bad_stage, bool(state_bad) and bad_stage < 0, program, batch_start)
-    return u
-
-
-def nonfinite(t: torch.Tensor) -> torch.Tensor:
-    """0-d bool tensor, True when ``t`` holds a NaN or Inf; stays on the device (no sync).
-
-    One reduction pass: a float32 sum is NaN/Inf exactly when some element is (short of a sum of
-    finite values above 3e38, which no eps network produces), and costs a fraction of
-    ``isfinite(t).all()``'s two passes.
-    """
-    return ~torch.isfinite(t.sum(dtype=torch.float32))
-
-
-def raise_if_nonfinite(bad_stage: int, state_bad: bool, program: Program, batch_start: int) -> None:
-    """FloatingPointError for a batch whose network output (first at ``bad_stage`` >= 0) or final
-    state (``state_bad``) held NaN/Inf."""
-    if bad_stage >= 0:
-        raise FloatingPointError(
-            f"the network returned NaN/Inf at stage {bad_stage} (tau={program.stages[bad_stage].tau:.6g}) "
-            f"for the batch starting at sample {batch_start}")
-    if state_bad:
-        raise FloatingPointError("sampling produced NaN/Inf in the state although the network outputs were finite "
-                                 "(the step coefficients overflowed the state dtype?)")
-
-
-def as_step_eps(eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The fused step computes in float32: a float64 network output for a lower-precision state is
-    rounded to float32 here (the kernels take float32/float16/bfloat16 eps)."""
-    if eps.dtype == torch.float64 and u.dtype != torch.float64:
-        return eps.float()
-    return eps
-
-
-def _check_eps(eps, u, k):
-    if not isinstance(eps, torch.Tensor):
-        raise TypeError(f"the model must return a tensor, got {type(eps).__name__} at stage {k}")
-    if eps.shape != u.shape:
-        raise ValueError(f"the model returned eps of shape {tuple(eps.shape)}, expected the state's "
-                         f"shape {tuple(u.shape)} (eps = cat(eps_x, eps_m) on dim 1)")
-    if not eps.is_floating_point():
-        raise ValueError(f"the model returned eps of dtype {eps.dtype}; a floating dtype is required")
-    if eps.device != u.device:
-        raise ValueError(f"the model returned eps on {eps.device}, the state is on {u.device}")

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output file: .png (a grid, image models) or .npz (x, seeds); default samples/<model>_<sampler>.png")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-quality", action="store_true", help="skip the quality figure")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="run the network through torch.compile (MODE default: 'default'); the one-off "
+                        "compile time is printed separately")
 
     p = sub.add_parser("compare", help="sampler x NFE table of the quality figure (analytic or shipped learned model)",
                        description="Quality (sliced Wasserstein to the exact data law, or to the training digits for learned-digits; 95% CI) per sampler and NFE.")
@@ -133,7 +137,7 @@ def cmd_sample(args) -> int:
     res = sample(model, n, sampler=args.sampler, nfe=args.nfe,
                  seeds=None if args.seeds is None else args.seeds.tolist(), backend=args.backend,
                  dtype=_DTYPES[args.dtype], device=device, batch_size=args.batch_size,
-                 progress=not args.no_progress, **sampler_kwargs(args))
+                 progress=not args.no_progress, compile=args.compile or False, **sampler_kwargs(args))
     wall = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".png":
@@ -157,6 +161,9 @@ def cmd_sample(args) -> int:
           + (f"  ci_lambda {info['ci_lambda']:g}" if info.get("ci_lambda") is not None else ""))
     print(f"samples    {n}  wall {wall:.2f} s  ({res.samples_per_second:.1f} samples/s, "
           f"{1e3 * res.timings['sampling'] / max(res.nfe, 1):.2f} ms per NFE)")
+    if "net_compile" in res.timings:
+        print(f"compile    torch.compile(mode={args.compile!r}) of the network: "
+              f"{res.timings['net_compile']:.1f} s (once per network and batch shape; not in samples/s)")
     if not args.no_quality:
         q = _quality(model, res.x, name=None if args.checkpoint else args.model)
         if q is not None:

@@ -58,6 +58,7 @@ import torch
 
 from .models import EpsModel
 from .program import Program
+from .runner import as_step_eps, nonfinite, raise_if_nonfinite, run_program
 
 __all__ = ["GraphRunner", "get_runner", "use_cuda_graph", "clear_cache", "cache_info",
            "cache_capacity", "program_hash", "ENV_CACHE", "DEFAULT_CACHE_SIZE"]
@@ -247,7 +248,7 @@ class GraphRunner:
     def run(self, model, seeds: torch.Tensor, *, batch_start: int = 0, bar=None, check: bool = True):
         """Final packed state (b, 2C, ...) for ``seeds`` (b,) int64 on the device, b <= batch.
 
-        Raises FloatingPointError like :func:`psld_fast.api.run_program` when ``check``; with
+        Raises FloatingPointError like :func:`psld_fast.runner.run_program` when ``check``; with
         ``check=False`` nothing here syncs the host once the graph is captured.  Thread-safe: calls
         on one runner run one after another.
         """
@@ -278,8 +279,6 @@ class GraphRunner:
         """Eager run.  The first one (``warm_up``) is padded to the graph's batch and runs on the
         side stream that the capture will use, so that stream's cuBLAS/cuDNN workspaces exist and
         every kernel (Triton JIT, cuDNN algorithm choice) is ready before capture."""
-        from .api import run_program
-
         self.stats.eager += 1
         if not warm_up:  # a signature that cannot be captured: plain eager, no padding
             return run_program(model, self.program, seeds, self.step_fn, dtype=self.dtype,
@@ -322,8 +321,6 @@ class GraphRunner:
 
     def _loop(self, model):
         """The captured body: every stage, NaN/Inf flags on the device, no host sync."""
-        from .api import as_step_eps, nonfinite
-
         u, seeds, first_bad, state_bad = self.u, self.seeds_buf, self.status[0], self.status[1]
         first_bad.fill_(-1)
         for k, stage in enumerate(self.program.stages):
@@ -372,8 +369,6 @@ class GraphRunner:
 
     # ------------------------------------------------------------------------------ replay
     def _replay(self, seeds, batch_start, check):
-        from .api import raise_if_nonfinite
-
         b = seeds.shape[0]
         cur = torch.cuda.current_stream(self.device)
         side = self._side()

@@ -207,7 +207,9 @@ def get_step_fn(backend: str) -> Callable[..., None]:
     if backend in ("cpu", "cuda"):
         if not HAS_CPU_KERNEL or (backend == "cuda" and not HAS_CUDA_KERNEL):
             raise RuntimeError(f"backend={backend!r} requested but {_COMPILED_NOTE}")
-        return affine_step_
+        # The op overload itself: no Python wrapper or overload resolution per NFE.  Callers pass
+        # coef as a list of floats and int step/stream (Stage.coef is one).
+        return torch.ops.psld_fast.affine_step_.default
     if backend == "triton":
         ok, why = _triton_status()
         if not ok:

@@ -204,6 +204,101 @@ def test_batch_invariance(device):
     assert torch.equal(_step(u[perm], eps[perm], seeds[perm], COEF), batch[perm])
 
 
+@needs_kernel
+@pytest.mark.parametrize("B, half_numel", [(5000, 1), (3001, 2), (1500, 3), (700, 17), (9, 33)])
+def test_small_halves_across_samples(device, B, half_numel):
+    """Halves smaller than a vector block run flattened across samples (lane = (sample, element),
+    each with its own key): same results as the reference, a sample alone equals the sample in its
+    batch bit for bit, whatever the chunk boundaries (kChunk = 2048 pairs) and thread count."""
+    u = _state((B, 2, half_numel), torch.float32, device)
+    eps = _state(u.shape, torch.float32, device, seed=1)
+    seeds = _seeds(B, device)
+    batch = _step(u, eps, seeds, COEF)
+    assert_close_verbose(batch, affine_step_reference(u, eps, seeds, COEF, 3, 1),
+                         **STEP_TOL[torch.float32], what=f"({B}, 2, {half_numel})")
+    for b in (0, 1, B // 2, B - 1):
+        single = _step(u[b:b + 1], eps[b:b + 1], seeds[b:b + 1], COEF)
+        assert torch.equal(batch[b:b + 1], single), f"row {b} depends on the batch"
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(_step(u, eps, seeds, COEF), batch), "result depends on the thread count"
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _cpu_isas():
+    """The CPU kernel's instruction-set paths this machine can run (baseline always)."""
+    if not ops.HAS_CPU_KERNEL:
+        return []
+    from psld_fast import _C
+
+    current, paths = _C.cpu_isa(), []
+    for name in ("baseline", "avx2", "avx512"):
+        try:
+            _C.set_cpu_isa(name)
+            paths.append(name)
+        except ValueError:
+            pass
+    _C.set_cpu_isa(current)
+    return paths
+
+
+@pytest.fixture
+def cpu_isa(request):
+    from psld_fast import _C
+
+    previous = _C.set_cpu_isa(request.param)
+    yield request.param
+    _C.set_cpu_isa(previous)
+
+
+@needs_kernel
+@pytest.mark.parametrize("cpu_isa", _cpu_isas(), indirect=True)
+def test_every_cpu_isa_path(cpu_isa):
+    """Each instruction-set path of the CPU kernel this machine runs: bit-exact Philox words,
+    normals within NORMAL_TOL, and steps (both layouts, every dtype) bit-identical to the baseline
+    path (same float32 operations in the same order, no FMA)."""
+    from psld_fast import _C
+
+    seeds = _seeds(5, "cpu")
+    words, normals = torch.ops.psld_fast.philox_test(seeds, 333, 7, 3)
+    k0, k1 = seeds_to_key(seeds)
+    ref_words = philox4x32(torch.arange(333)[None], 7, 3, 0, k0[:, None], k1[:, None])
+    ref_normals = philox_normals(seeds, 333, 7, 3)
+    for q in range(4):
+        assert torch.equal(words[..., q], ref_words[q]), f"{cpu_isa}: Philox word {q} differs"
+        err = (normals[..., q] - ref_normals[q]).abs()
+        assert bool((err <= NORMAL_TOL * (1 + ref_normals[q].abs())).all()), f"{cpu_isa}: normal {q}"
+    cases = [((7, 2, 1), torch.float32, torch.float32), ((3, 6, 9, 11), torch.float32, torch.float32),
+             ((3, 6, 9, 11), torch.bfloat16, torch.float16), ((300, 2, 3), torch.float16, torch.float32)]
+    for second_draw in (False, True):
+        coef = COEF if second_draw else COEF[:12] + [0.0] * 4
+        for shape, state_dtype, eps_dtype in cases:
+            u = _state(shape, state_dtype, "cpu")
+            eps = _state(shape, eps_dtype, "cpu", seed=1)
+            seeds = _seeds(shape[0], "cpu")
+            out = _step(u, eps, seeds, coef)
+            previous = _C.set_cpu_isa("baseline")
+            try:
+                base = _step(u, eps, seeds, coef)
+            finally:
+                _C.set_cpu_isa(previous)
+            assert torch.equal(out, base), f"{cpu_isa} != baseline for {shape} {state_dtype}"
+            assert_close_verbose(out, affine_step_reference(u, eps, seeds, coef, 3, 1),
+                                 **STEP_TOL[state_dtype], what=f"{cpu_isa} {shape} {state_dtype}")
+
+
+@needs_kernel
+def test_set_cpu_isa_rejects_unknown():
+    from psld_fast import _C
+
+    with pytest.raises(ValueError, match="not one of"):
+        _C.set_cpu_isa("sse9")
+    assert _C.cpu_isa() in ("baseline", "avx2", "avx512")
+
+
 # ---------------------------------------------------------------- backend resolution (no kernel)
 
 

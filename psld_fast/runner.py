@@ -1,0 +1,254 @@
+"""The sampling loop of one batch, shared by ``psld_fast.sample`` and the CUDA-graph runner.
+
+``run_program`` runs ``eps = net(u, tau_k); affine_step_(u, eps, seeds, coef_k, k)`` for every
+stage k of a compiled :class:`~psld_fast.program.Program`.  Per NFE it does only that: the forward
+times of all stages are made before the loop (on CPU in one tensor), the coefficients are Python floats
+computed once per program, the network output is validated on its first call, and nothing syncs
+the host.  NaN/Inf checking is folded into the batch's one final check of the state: a NaN or Inf
+in a network output reaches the state at that stage (the kernels multiply every input by its
+coefficient, and ``0 * NaN`` is NaN) and stays there (every later stage reads the state), so the
+final ``isfinite(u).all()`` sees it.  Only when that check fails is the batch run again with a
+check after every network call, to name the stage in the error.
+
+Also here: ``torch.compile`` of the network (:func:`compiled_model`, cached per network and mode;
+torch.compile itself caches per input shape), used by ``sample(..., compile=...)``.
+
+This module imports nothing from the rest of the runner layer (``api``, ``graphs``): both import it.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import weakref
+
+import torch
+
+from .models import EpsModel
+from .program import Program
+
+__all__ = ["run_program", "nonfinite", "raise_if_nonfinite", "as_step_eps", "check_eps", "stage_taus",
+           "compiled_model", "compile_mode", "clear_compile_cache", "COMPILE_MODES"]
+
+log = logging.getLogger("psld_fast")
+
+
+@torch.no_grad()
+def run_program(model, program: Program, seeds: torch.Tensor, step_fn, *, dtype, device,
+                stream: int = 0, callback=None, batch_start: int = 0, bar=None,
+                check: bool = True) -> torch.Tensor:
+    """Run one batch of a compiled program eagerly; returns the final packed state u.
+
+    Raises FloatingPointError naming the first stage whose network output held NaN/Inf (or, if
+    the outputs were finite, saying the state itself overflowed), and ValueError/TypeError for a
+    model output of the wrong type, shape or dtype.  ``check=False`` skips the final NaN/Inf check,
+    the batch's one host sync: the loop alone never syncs.
+    """
+    u = _loop(model, program, seeds, step_fn, dtype=dtype, device=device, stream=stream,
+              callback=callback, batch_start=batch_start, bar=bar)
+    if check and not bool(torch.isfinite(u).all()):  # the batch's one host sync
+        bad_stage = _first_bad_stage(model, program, seeds, step_fn, dtype=dtype, device=device,
+                                     stream=stream)
+        raise_if_nonfinite(bad_stage, bad_stage < 0, program, batch_start)
+    return u
+
+
+def stage_taus(program: Program, B: int, dtype, device) -> list:
+    """Per stage: the (B,) forward-time tensor of its network call, or None.
+
+    On CPU all rows come from one tensor (one allocation per batch instead of one per NFE); on a
+    GPU each row is a device-side fill, since copying a host tensor over would sync the host.
+    """
+    device = torch.device(device)
+    if device.type != "cpu":
+        return [torch.full((B,), s.tau, dtype=dtype, device=device) if s.uses_network else None
+                for s in program.stages]
+    taus = [s.tau for s in program.stages if s.uses_network]
+    rows = iter(torch.tensor(taus, dtype=dtype)[:, None].expand(len(taus), B).contiguous().unbind(0))
+    return [next(rows) if s.uses_network else None for s in program.stages]
+
+
+def _callable(model):
+    """The callable to run per NFE: the user's network itself when ``model`` is a plain EpsModel
+    without hooks (saves the wrapper's Module.__call__), else the model."""
+    if (type(model) is EpsModel and model.net is not None and not model._forward_hooks
+            and not model._forward_pre_hooks and not torch.nn.modules.module._global_forward_hooks
+            and not torch.nn.modules.module._global_forward_pre_hooks):
+        return model.net
+    return model
+
+
+def _loop(model, program, seeds, step_fn, *, dtype, device, stream, callback=None, batch_start=0,
+          bar=None, first_bad=None):
+    B = seeds.shape[0]
+    C = model.shape[0]
+    u = torch.empty((B, 2 * C, *model.shape[1:]), dtype=dtype, device=device)
+    tau_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    taus = stage_taus(program, B, tau_dtype, device)
+    net = _callable(model)
+    lower = dtype != torch.float64
+    checked = False
+    nfe = 0
+    for k, stage in enumerate(program.stages):
+        tau = taus[k]
+        eps = None
+        if tau is not None:
+            eps = net(u, tau)
+            if not checked:
+                check_eps(eps, u, k)
+                checked = True
+            if lower and eps.dtype == torch.float64:
+                eps = eps.float()
+            if first_bad is not None and not bool(torch.isfinite(eps).all()):
+                first_bad.append(k)
+                return u
+            nfe += 1
+        step_fn(u, eps, seeds, stage.coef, k, stream)
+        if callback is not None:
+            callback({"stage": k, "nfe": nfe, "tau": stage.tau, "u": u, "batch_start": batch_start})
+        if bar is not None and tau is not None:
+            bar.update(B)
+    return u
+
+
+def _first_bad_stage(model, program, seeds, step_fn, *, dtype, device, stream) -> int:
+    """Rerun the batch (same seeds: same path) checking every network output; the first stage
+    whose output held NaN/Inf, or -1 when all were finite (the state itself overflowed)."""
+    first_bad: list[int] = []
+    _loop(model, program, seeds, step_fn, dtype=dtype, device=device, stream=stream, first_bad=first_bad)
+    return first_bad[0] if first_bad else -1
+
+
+def nonfinite(t: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor, True when ``t`` holds a NaN or Inf; stays on the device (no sync).
+
+    One reduction pass: a float32 sum is NaN/Inf exactly when some element is (short of a sum of
+    finite values above 3e38, which no eps network produces), and costs a fraction of
+    ``isfinite(t).all()``'s two passes.  (Used by the CUDA-graph runner, which flags NaN/Inf per
+    stage on the device.)
+    """
+    return ~torch.isfinite(t.sum(dtype=torch.float32))
+
+
+def raise_if_nonfinite(bad_stage: int, state_bad: bool, program: Program, batch_start: int) -> None:
+    """FloatingPointError for a batch whose network output (first at ``bad_stage`` >= 0) or final
+    state (``state_bad``) held NaN/Inf."""
+    if bad_stage >= 0:
+        raise FloatingPointError(
+            f"the network returned NaN/Inf at stage {bad_stage} (tau={program.stages[bad_stage].tau:.6g}) "
+            f"for the batch starting at sample {batch_start}")
+    if state_bad:
+        raise FloatingPointError("sampling produced NaN/Inf in the state although the network outputs were finite "
+                                 "(the step coefficients overflowed the state dtype?)")
+
+
+def as_step_eps(eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The fused step computes in float32: a float64 network output for a lower-precision state is
+    rounded to float32 here (the kernels take float32/float16/bfloat16 eps)."""
+    if eps.dtype == torch.float64 and u.dtype != torch.float64:
+        return eps.float()
+    return eps
+
+
+def check_eps(eps, u, k) -> None:
+    """TypeError/ValueError for a network output that is not a floating tensor of u's shape and device."""
+    if not isinstance(eps, torch.Tensor):
+        raise TypeError(f"the model must return a tensor, got {type(eps).__name__} at stage {k}")
+    if eps.shape != u.shape:
+        raise ValueError(f"the model returned eps of shape {tuple(eps.shape)}, expected the state's "
+                         f"shape {tuple(u.shape)} (eps = cat(eps_x, eps_m) on dim 1)")
+    if not eps.is_floating_point():
+        raise ValueError(f"the model returned eps of dtype {eps.dtype}; a floating dtype is required")
+    if eps.device != u.device:
+        raise ValueError(f"the model returned eps on {eps.device}, the state is on {u.device}")
+
+
+# ------------------------------------------------------------------------------- torch.compile
+#: Values of ``sample(..., compile=...)`` besides True/False: torch.compile modes.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# With our CUDA-graph runner the network is captured inside our graph; torch.compile's own CUDA
+# graphs (cudagraph trees, used by these modes) cannot be captured inside another capture.
+_NO_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+COMPILE_CACHE_SIZE = 4
+
+_compile_lock = threading.Lock()
+_compiled: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_warmed: set = set()
+
+
+def compile_mode(compile, graphed: bool) -> str | None:
+    """The torch.compile mode for ``sample``'s ``compile`` argument (None: no compilation).
+
+    True means "default".  Under the CUDA-graph runner, modes that use torch.compile's own CUDA
+    graphs are replaced by their no-cudagraphs twin ("reduce-overhead" -> "default",
+    "max-autotune" -> "max-autotune-no-cudagraphs"): our graph already removes the launch overhead
+    that reduce-overhead targets, and a cudagraph-trees callable cannot be captured in another graph.
+    """
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        mode = "default"
+    elif isinstance(compile, str) and compile in COMPILE_MODES:
+        mode = compile
+    else:
+        raise ValueError(f"compile must be True, False or one of {COMPILE_MODES}, got {compile!r}")
+    if graphed and mode in _NO_CUDAGRAPHS:
+        log.info("psld_fast: compile=%r under the CUDA-graph runner uses mode %r", mode, _NO_CUDAGRAPHS[mode])
+        mode = _NO_CUDAGRAPHS[mode]
+    return mode
+
+
+def compiled_model(model: EpsModel, mode: str) -> EpsModel:
+    """An EpsModel whose network is ``torch.compile(net, mode=mode, dynamic=False)``.
+
+    Cached per (network, mode): later calls (and the CUDA-graph runner's cache, which keys on the
+    network object) see the same compiled object; torch.compile caches the compiled code per input
+    shape.  The cache keeps the last ``COMPILE_CACHE_SIZE`` networks alive (a compiled network
+    holds its original); :func:`clear_compile_cache` empties it.
+    """
+    net = model.net if type(model) is EpsModel and model.net is not None else model
+    key = (id(net), mode)
+    with _compile_lock:
+        hit = _compiled.get(key)
+        if hit is not None and hit[0]() is net:
+            _compiled.move_to_end(key)
+            compiled = hit[1]
+        else:
+            compiled = torch.compile(net, mode=mode, dynamic=False)
+            try:
+                ref = weakref.ref(net)
+            except TypeError:
+                ref = (lambda obj: (lambda: obj))(net)
+            _compiled[key] = (ref, compiled)
+            while len(_compiled) > COMPILE_CACHE_SIZE:
+                _compiled.popitem(last=False)
+    return EpsModel(compiled, sde=model.sde, shape=model.shape, name=getattr(model, "name", None))
+
+
+def warm_compiled(model: EpsModel, program: Program, B: int, dtype, device) -> float:
+    """Run the compiled network once on a (B, 2C, ...) state if this (network, shape, dtype) has not
+    run yet, so that compilation happens here and not inside the timed loop; returns the seconds
+    spent (0 when already warm)."""
+    key = (id(model.net), B, tuple(model.shape), dtype, str(device))
+    with _compile_lock:
+        if key in _warmed:
+            return 0.0
+    tau_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    tau = next(t for t in stage_taus(program, B, tau_dtype, device) if t is not None)
+    u = torch.zeros((B, 2 * model.shape[0], *model.shape[1:]), dtype=dtype, device=device)
+    t0 = time.perf_counter()
+    model(u, tau)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    with _compile_lock:
+        _warmed.add(key)
+    return elapsed
+
+
+def clear_compile_cache() -> None:
+    """Forget every compiled network (torch.compile's own code cache is torch._dynamo.reset())."""
+    with _compile_lock:
+        _compiled.clear()
+        _warmed.clear()
