@@ -20,74 +20,7 @@ def test_ops_exist_right_after_import_psld_fast():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 
 
-# --------------------------------------------------------------------------- the import graph
-import ast  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-PKG = Path(__file__).resolve().parents[1] / "psld_fast"
-#: cycles being removed elsewhere (issue 13.3, api <-> graphs: another branch); nothing else may appear
-KNOWN_CYCLES = {frozenset({"api", "graphs"})}
-
-
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(PKG).with_suffix("")
-    parts = [p for p in rel.parts if p != "__init__"]
-    return ".".join(parts) or "__init__"
-
-
-def _imports(path: Path, modules: set[str]) -> set[str]:
-    """psld_fast modules imported anywhere in ``path`` (function-level imports included)."""
-    me = _module_name(path)
-    package = me.rsplit(".", 1)[0] if "." in me and path.name != "__init__.py" else (me if path.name == "__init__.py" and me != "__init__" else "")
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".") if package else []
-                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
-                mod = ".".join(base + ([node.module] if node.module else []))
-            elif node.module and node.module.startswith("psld_fast"):
-                mod = node.module[len("psld_fast."):] if node.module != "psld_fast" else ""
-            else:
-                continue
-            cands = [f"{mod}.{a.name}" if mod else a.name for a in node.names] + [mod]
-            out |= {c for c in cands if c in modules}
-        elif isinstance(node, ast.Import):
-            for a in node.names:
-                if a.name.startswith("psld_fast."):
-                    out |= {a.name[len("psld_fast."):]} & modules
-    out.discard(me)
-    return out
-
-
-def test_import_graph_is_a_dag():
-    files = [p for p in PKG.rglob("*.py")]
-    modules = {_module_name(p) for p in files}
-    graph = {_module_name(p): _imports(p, modules) - {"__init__"} for p in files}
-    cycles = []
-    for a in graph:  # every pair of modules that reach each other
-        seen, stack = set(), list(graph[a])
-        while stack:
-            b = stack.pop()
-            if b in seen:
-                continue
-            seen.add(b)
-            stack += graph.get(b, ())
-        cycles += [frozenset({a, b}) for b in graph[a] if a in _reach(graph, b)]
-    unexpected = {c for c in cycles if c not in KNOWN_CYCLES}
-    assert not unexpected, f"import cycles: {sorted(sorted(c) for c in unexpected)}"
-    assert "cli" not in _reach(graph, "cli_generate") and "cli" not in _reach(graph, "cli_common")
-
-
-def _reach(graph, start):
-    seen, stack = set(), [start]
-    while stack:
-        b = stack.pop()
-        for c in graph.get(b, ()):
-            if c not in seen:
-                seen.add(c)
-                stack.append(c)
-    return seen
+# The import graph (no cycles, layering) is tested in tests/test_imports.py.
 
 
 def test_cli_modules_import_alone():
