@@ -10,6 +10,10 @@
 #   kernels      which fused-step kernels import (fails without the CUDA kernel or Triton)
 #   tests_gpu    the test files that exercise the GPU paths, without -x (every failure is listed)
 #   bench_step, bench_step_bf16, bench_step_small, bench_sampler   the benchmarks
+#   bench_sweep  the small-half shape sweep on CUDA/Triton; bench_bandwidth  1/8/64 MB vs copy
+#   cpu_isa      the host CPU kernel's AVX-512 path (bit-exact tests forced onto it, then its ns/element)
+#   tests_compile  torch.compile of the network inside the CUDA-graph runner
+#   bench_overhead  per-NFE loop overhead with a zero-cost network on the GPU
 #   tests_rest   the rest of the suite (last: CI runs it on CPU anyway; it gets what time is left)
 # Every step ends PASS, FAIL (exit status), TIMEOUT (its limit or the deadline), KILLED (the script
 # was interrupted during it) or NOT RUN (deadline reached before it, or interrupted earlier). The
@@ -35,7 +39,7 @@ export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-8}"
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
 
-read -r -a STEPS <<< "${PSLD_GPU_CHECK_STEPS:-env build kernels tests_gpu bench_step bench_step_bf16 bench_step_small bench_sampler tests_rest}"
+read -r -a STEPS <<< "${PSLD_GPU_CHECK_STEPS:-env build kernels tests_gpu bench_step bench_step_bf16 bench_step_small bench_sampler bench_overhead tests_compile cpu_isa bench_bandwidth bench_sweep tests_rest}"
 GPU_TESTS=(tests/test_ops_cuda.py tests/test_triton_step.py tests/test_graphs.py tests/test_backends.py
            tests/test_rng.py tests/test_api.py)
 START=$(date +%s)
@@ -98,9 +102,32 @@ step_bench_sampler() {
   "$PY" bench/bench_sampler.py --quick --csv "$OUT_DIR/bench_sampler.csv"
 }
 
+step_bench_overhead() {
+  "$PY" bench/bench_sampler.py --overhead --device cuda --csv "$OUT_DIR/bench_sampler_overhead.csv"
+}
+
+step_tests_compile() {
+  _pytest tests/test_compile.py
+}
+
+step_cpu_isa() {
+  "$PY" -c "from psld_fast import _C; print('host CPU kernel path', _C.cpu_isa())"
+  PSLD_FAST_CPU_ISA=avx512 _pytest tests/test_ops_cpu.py -k "isa or small_halves" || return 1
+  "$PY" bench/bench_step.py --bandwidth --device cpu --threads 1 --csv "$OUT_DIR/bench_step_bandwidth_hostcpu.csv"
+}
+
+step_bench_bandwidth() {
+  "$PY" bench/bench_step.py --bandwidth --csv "$OUT_DIR/bench_step_bandwidth.csv"
+}
+
+step_bench_sweep() {
+  "$PY" bench/bench_step.py --sweep --csv "$OUT_DIR/bench_step_sweep.csv"
+}
+
 # Per-step limits (seconds), each further cut to the time left before the deadline.
 declare -A LIMIT=([env]=30 [build]=240 [kernels]=30 [tests_gpu]=150 [tests_rest]=120 [bench_step]=60
-                  [bench_step_bf16]=30 [bench_step_small]=30 [bench_sampler]=90)
+                  [bench_step_bf16]=30 [bench_step_small]=30 [bench_sampler]=90 [bench_overhead]=30
+                  [tests_compile]=60 [cpu_isa]=45 [bench_bandwidth]=30 [bench_sweep]=60)
 
 # ---------------------------------------------------------------------------------- machinery
 _last_line() {  # a pytest result line if there is one, else the log's last non-empty line
