@@ -50,6 +50,14 @@ def _applies(sampler, knobs):
 
 _PATHWISE_CASES = [pytest.param(s, k, id=f"{s}-{name}") for s in pf.ALL_SAMPLERS for name, k in _KNOBS.items()
                    if _applies(s, k)]
+# every combination of the reading knobs (lambda_s 0.5, so that the lambda reading and form matter)
+# for the splitting samplers: coupling x split x net_time x lambda_reading x lambda_form
+_PRODUCT = [dict(coupling=c, split=sp, net_time=t, lambda_reading=r, lambda_form=f, lambda_s=0.5)
+            for c in ("sequential", "joint") for sp in ("additive", "ou") for t in ("start", "end")
+            for r in ("marginal", "noise") for f in ("std", "var")]
+_PATHWISE_CASES += [pytest.param(s, k, id=f"{s}-" + "-".join(str(v) for v in k.values()))
+                    for s in pf.SAMPLERS if s.startswith(("naive_", "reduced_")) for k in _PRODUCT
+                    if _applies(s, k)]
 
 
 @pytest.mark.parametrize("sampler,knobs", _PATHWISE_CASES)
