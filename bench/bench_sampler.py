@@ -40,21 +40,19 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
 import psld_fast as pf
-from _benchutil import cpu_model, interleaved, load_average, pin_threads, summary
+from _benchutil import cpu_model, git_revision, interleaved, load_average, pin_threads, summary
 from psld_fast import graphs, runner
 from psld_fast.models import hsm_cholesky_tensor
 from psld_fast.ops import resolve_backend
 from psld_fast.reference import ProgramNoise
 from psld_fast.samplers import compile_sampler
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLERS = ("em", "reduced_oba")
 # (i) is written with the spec's additive O and B-then-A order (as a PSLD-style loop would be); (ii) and (iii) run the
 # same math so the three variants are comparable sample for sample.
@@ -226,16 +224,7 @@ def environment(device) -> dict:
         except importlib.metadata.PackageNotFoundError:
             return "-"
 
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    rev = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
-        rev += "+dirty"
+    rev = git_revision()
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
