@@ -46,6 +46,8 @@ _RECORDED_NET_TIME = {"reduced_oba": "end", "reduced_obab": "end", "reduced_baoa
 def _run(model, n, sampler, nfe, seed0=0, batch_size=None, **kw):
     kw.setdefault("split", "additive")
     kw.setdefault("net_time", _RECORDED_NET_TIME.get(sampler, "start"))
+    if pf.samplers.SAMPLER_SPECS[sampler].reduced:  # recorded before the coupling knob: B then A
+        kw.setdefault("coupling", "sequential")
     t0 = time.perf_counter()
     try:
         res = pf.sample(model, n, sampler=sampler, nfe=nfe, seeds=torch.arange(seed0, seed0 + n), progress=False,
