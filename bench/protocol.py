@@ -488,6 +488,9 @@ def _fmt_e(e):
 
 
 def plots(rows, series, out: Path):
+    """``errors_vs_nfe.png`` (the stochastic family) and ``families_vs_nfe.png`` (the deterministic
+    samplers beside EM, SSCS and the Reduced OBA default): error vs NFE per testbed, log-log, the
+    y axis cut at 10 (diverged cells, up to 1e4, are in the tables)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -495,22 +498,36 @@ def plots(rows, series, out: Path):
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install 'psld-fast[plot]')")
         return
+    det = {s for s, _ in DETERMINISTIC}
+    stoch = {k: v for k, v in series.items() if v[0] not in det}
+    fam = {k: v for k, v in series.items() if v[0] in det or v[0] in ("em", "sscs")
+           or k.startswith("reduced_oba (new")}
+    for fname, ser in (("errors_vs_nfe.png", stoch), ("families_vs_nfe.png", fam)):
+        _plot_grid(plt, rows, ser, out / fname, det)
+        print(f"wrote {out / fname}")
+
+
+def _plot_grid(plt, rows, series, path, det):
     tbs = [tb for tb in RANKED if any(r["testbed"] == tb for r in rows.rows.values())]
     ncol = 3
-    fig, axes = plt.subplots((len(tbs) + ncol - 1) // ncol, ncol, figsize=(15, 4.2 * ((len(tbs) + ncol - 1) // ncol)),
-                             squeeze=False)
+    nrow = (len(tbs) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(15, 4.0 * nrow + 1.2), squeeze=False)
+    cmap = plt.get_cmap("tab20" if len(series) > 10 else "tab10")
     for ax, tb in zip(axes.flat, tbs):
-        for name, (s, reading) in series.items():
-            pts = []
-            for r in rows.rows.values():
-                if _key_of(r) == _row_key(tb, s, reading, r["nfe"]) and math.isfinite(float(r["err"])):
-                    pts.append((int(r["nfe"]), float(r["err"])))
-            if pts:
-                pts.sort()
-                style = "-" if s.startswith("reduced") else ("--" if s.startswith("naive") else ":")
-                ax.plot(*zip(*pts), style, marker="o", ms=3, label=name)
+        lo = math.inf
+        for i, (name, (s, reading)) in enumerate(series.items()):
+            pts = sorted((int(r["nfe"]), float(r["err"])) for r in rows.rows.values()
+                         if _key_of(r) == _row_key(tb, s, reading, r["nfe"]) and math.isfinite(float(r["err"])))
+            if not pts:
+                continue
+            lo = min(lo, min(p[1] for p in pts))
+            style = ":" if s in det else ("-" if s.startswith("reduced") else "--")
+            ax.plot(*zip(*pts), style, marker="o", ms=3, color=cmap(i % cmap.N), label=name,
+                    linewidth=2.2 if "new default" in name else 1.2)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        if math.isfinite(lo):
+            ax.set_ylim(lo / 1.5, 10)
         ax.set_title(tb)
         ax.set_xlabel("NFE")
         ax.set_ylabel("error to the data law")
@@ -518,11 +535,10 @@ def plots(rows, series, out: Path):
     for ax in list(axes.flat)[len(tbs):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(out / "errors_vs_nfe.png", dpi=110)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9)
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    print(f"wrote {out / 'errors_vs_nfe.png'}")
 
 
 def main(argv=None):
