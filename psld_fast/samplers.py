@@ -295,8 +295,8 @@ def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, de
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose one of {COUPLINGS}")
     if coupling == "joint" and not spec.reduced:
-        raise ValueError(f"coupling='joint' applies to the reduced samplers only ({sampler} makes a fresh "
-                         f"network call for every sub-step)")
+        raise ValueError(f"coupling='joint' applies to the samplers whose one network call serves several "
+                         f"sub-steps (reduced_*, rse, rvv), not to {sampler}")
     net_time = spec.default_net_time if net_time is None else net_time
     if net_time not in NET_TIMES:
         raise ValueError(f"unknown net_time {net_time!r}; choose one of {NET_TIMES}")

@@ -200,14 +200,14 @@ def test_deterministic_sampler_is_a_pure_function_of_the_prior_draw(sampler):
     (dict(net_time="middle"), ValueError, "unknown net_time"),
     (dict(split="half"), ValueError, "unknown split"),
     (dict(coupling="both"), ValueError, "unknown coupling"),
-    (dict(sampler="naive_oba", coupling="joint"), ValueError, "coupling='joint' applies to the reduced"),
+    (dict(sampler="naive_oba", coupling="joint"), ValueError, "coupling='joint' applies to the samplers whose one network call"),
     (dict(lambda_form="sd"), ValueError, "unknown lambda_form"),
     (dict(ci_lambda=0.1), ValueError, "ci_lambda applies to the conjugate samplers only"),
     (dict(sampler="ci_ei", ci_lambda=0.1), ValueError, "ci_lambda must be 0"),
     (dict(sampler="ci_ddim", ci_lambda=-0.1), ValueError, "ci_lambda must be a finite number >= 0"),
     (dict(sampler="ci_ddim", ci_lambda=5.0), ValueError, "ci_lambda=5.0 is unstable for ci_ddim"),
     (dict(sampler="ci_ddim2", ci_lambda=1.5), ValueError, "ci_lambda=1.5 is unstable for ci_ddim2"),
-    (dict(sampler="nse", coupling="joint"), ValueError, "coupling='joint' applies to the reduced"),
+    (dict(sampler="nse", coupling="joint"), ValueError, "coupling='joint' applies to the samplers whose one network call"),
     (dict(nfe=20.5), TypeError, "nfe must be an integer"),
 ])
 def test_bad_arguments(kwargs, exc, match):
