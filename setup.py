@@ -30,7 +30,7 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/bindings.cpp", "csrc/affine_step_cpu.cpp"]
 CUDA_SOURCES = ["csrc/affine_step_cuda.cu"]
-CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 
