@@ -46,7 +46,7 @@ import time
 import torch
 
 import psld_fast as pf
-from _benchutil import cpu_model, git_revision, interleaved, load_average, pin_threads, summary
+from _benchutil import cpu_model, git_revision, interleaved, load_average, pin_threads, summary, sync, timed
 from psld_fast import graphs, runner
 from psld_fast.models import hsm_cholesky_tensor
 from psld_fast.ops import resolve_backend
@@ -135,24 +135,6 @@ def eager_psld(model, program, B: int, *, dtype, device, noise=None) -> torch.Te
 
 
 # ------------------------------------------------------------------------------------- timing
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def measure(fns: dict, device, *, warmup: dict, repeats: int, budget: float) -> dict:
     """min/median seconds of each ``fns[name]()`` after ``warmup[name]`` calls, and the median of
     the per-round ratio t_eager / t_variant: rounds interleave the variants (one call each), at
