@@ -47,14 +47,15 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from .samplers import READING_KNOBS
+
 __all__ = ["generate", "png_path", "shard_path", "seeds_to_spec", "model_identity", "ManifestMismatch",
            "FolderBusy", "FolderLock", "sample_files", "MANIFEST"]
 
 MANIFEST = "manifest.json"
 _FORMATS = ("png", "npz")
 _RESERVED = {"num_samples", "seeds", "generator", "batch_size", "callback", "progress", "device"}
-_PROGRAM_KEYS = ("schedule", "lambda_s", "lambda_reading", "lambda_form", "net_time", "denoise", "split", "coupling",
-                 "ci_lambda")
+_PROGRAM_KEYS = ("schedule", "lambda_s", "denoise") + READING_KNOBS
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                 torch.float64: "float64"}
 
