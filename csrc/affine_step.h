@@ -40,7 +40,30 @@ struct AffineStepParams {
   bool has_second_draw = false;   // false when R2 == 0: only the first Box-Muller pair is needed
   c10::ScalarType state_dtype = c10::ScalarType::Float;
   c10::ScalarType eps_dtype = c10::ScalarType::Float;
+  // Where the eps operand of sample s lies: eps + s * eps_sample_stride (x half) and
+  // eps + s * eps_sample_stride + eps_m_offset (m half).  The plain op: 2D and D.  The lifted op
+  // (psld_fast::lifted_step_): eps is the denoiser output D of shape (B, D), read for both halves
+  // (stride D, offset 0) with Q01 = Q11 = 0.
+  int64_t eps_sample_stride = 0;
+  int64_t eps_m_offset = 0;
+  // Lifted op only: y (B, D), dtype state_dtype, gets wy0 x' + wy1 m' (float32 math, from the new
+  // state before it is rounded to the state dtype): the next denoiser call's input.
+  void* y = nullptr;
+  bool has_y = false;
+  float wy0 = 0.0f, wy1 = 0.0f;
 };
+
+// Order of the lifted op's 16 coefficients (psld_fast.lift.LIFTED_COEF_LAYOUT):
+//   P00 P01 P10 P11, G0 G1, R1 (4), R2 (4), W0 W1
+//   x' = P00 x + P01 m + G0 D + noise;  m' = P10 x + P11 m + G1 D + noise;  y = W0 x' + W1 m'
+constexpr int kNumLiftedCoef = 16;
+
+// Validates the lifted op's arguments (u (B, 2C, ...); d and y (B, C, ...) or absent; 16 coef)
+// and fills the parameters of the equivalent plain step (Q from G, eps = d for both halves).
+AffineStepParams make_lifted_step_params(const at::Tensor& u, const std::optional<at::Tensor>& d,
+                                         const std::optional<at::Tensor>& y, const at::Tensor& seeds,
+                                         c10::ArrayRef<double> coef, int64_t step, int64_t stream,
+                                         c10::DeviceType device_type, at::Tensor& d_holder);
 
 // Validates the op's arguments (TORCH_CHECK messages name the argument) for a kernel running on
 // `device_type` and fills the parameters.  `eps_holder` keeps a contiguous copy of eps alive when

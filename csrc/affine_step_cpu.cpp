@@ -183,12 +183,25 @@ bool use_flat_layout(int64_t D) {
   return waste * 8 > D * 5;
 }
 
+void run_cpu(const AffineStepParams& p);
+
 void affine_step_cpu_(const at::Tensor& u, const std::optional<at::Tensor>& eps,
                       const at::Tensor& seeds, c10::ArrayRef<double> coef, int64_t step,
                       int64_t stream) {
   at::Tensor eps_holder;
-  const AffineStepParams p = make_affine_step_params(u, eps, seeds, coef, step, stream,
-                                                     c10::DeviceType::CPU, eps_holder);
+  run_cpu(make_affine_step_params(u, eps, seeds, coef, step, stream, c10::DeviceType::CPU, eps_holder));
+}
+
+// The lifted op: the plain step with eps = the denoiser output d (B, C, ...) for both halves and
+// the next call's input y = W0 x' + W1 m' written in the same pass (psld_fast/lift.py).
+void lifted_step_cpu_(const at::Tensor& u, const std::optional<at::Tensor>& d,
+                      const std::optional<at::Tensor>& y, const at::Tensor& seeds,
+                      c10::ArrayRef<double> coef, int64_t step, int64_t stream) {
+  at::Tensor d_holder;
+  run_cpu(make_lifted_step_params(u, d, y, seeds, coef, step, stream, c10::DeviceType::CPU, d_holder));
+}
+
+void run_cpu(const AffineStepParams& p) {
   if (p.batch == 0 || p.half_numel == 0) return;
   const int isa = current_isa();
   const int64_t D = p.half_numel;
@@ -238,5 +251,6 @@ bool set_cpu_isa(const char* name) {
 
 TORCH_LIBRARY_IMPL(psld_fast, CPU, m) {
   m.impl("affine_step_", &psld_fast::affine_step_cpu_);
+  m.impl("lifted_step_", &psld_fast::lifted_step_cpu_);
   m.impl("philox_test", &psld_fast::philox_test_cpu);
 }

@@ -206,7 +206,7 @@ PSLD_VINLINE void box_muller_v(VU w1, VU w2, VF& n0, VF& n1) {
 // reference's order ((P) + (Q)) + (R), so results match it to a rounding or two.
 template <int U, typename Key>
 PSLD_VINLINE void step_lanes(const AffineStepParams& p, const VU (&j)[U], const Key& key, float* x,
-                             float* m, const float* ex, const float* em) {
+                             float* m, const float* ex, const float* em, float* y) {
   const float* k = p.coef;
   VF xo[U], mo[U];
 #pragma GCC unroll 8
@@ -253,6 +253,7 @@ PSLD_VINLINE void step_lanes(const AffineStepParams& p, const VU (&j)[U], const 
   for (int v = 0; v < U; ++v) {
     vstore(x + v * W, xo[v]);
     vstore(m + v * W, mo[v]);
+    if (p.has_y) vstore(y + v * W, p.wy0 * xo[v] + p.wy1 * mo[v]);  // lifted op: next call's input
   }
 }
 
@@ -292,15 +293,16 @@ void sample_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
   constexpr bool kDirect = std::is_same<state_t, float>::value && std::is_same<eps_t, float>::value;
   const int64_t D = p.half_numel;
   const int64_t chunks = (D + kChunk - 1) / kChunk;
-  alignas(64) float xa[L], ma[L], ea[L], eb[L];
+  alignas(64) float xa[L], ma[L], ea[L], eb[L], ya[L];
   for (int64_t t = begin; t < end; ++t) {
     const int64_t s = t / chunks;
     const int64_t j_begin = (t % chunks) * kChunk;
     const int64_t j_end = std::min(D, j_begin + kChunk);
     state_t* x = static_cast<state_t*>(p.u) + s * 2 * D;
     state_t* m = x + D;
-    const eps_t* ex = p.has_eps ? static_cast<const eps_t*>(p.eps) + s * 2 * D : nullptr;
-    const eps_t* em = p.has_eps ? ex + D : nullptr;
+    const eps_t* ex = p.has_eps ? static_cast<const eps_t*>(p.eps) + s * p.eps_sample_stride : nullptr;
+    const eps_t* em = p.has_eps ? ex + p.eps_m_offset : nullptr;
+    state_t* y = p.has_y ? static_cast<state_t*>(p.y) + s * D : nullptr;
     const uint64_t seed = static_cast<uint64_t>(p.seeds[s]);
     const SplatKey key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
     VU jv[U];
@@ -310,7 +312,8 @@ void sample_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
       if (kDirect && count == L) {
         step_lanes<U>(p, jv, key, reinterpret_cast<float*>(x + j), reinterpret_cast<float*>(m + j),
                       ex ? reinterpret_cast<const float*>(ex + j) : nullptr,
-                      em ? reinterpret_cast<const float*>(em + j) : nullptr);
+                      em ? reinterpret_cast<const float*>(em + j) : nullptr,
+                      y ? reinterpret_cast<float*>(y + j) : nullptr);
         continue;
       }
       for (int i = 0; i < L; ++i) {
@@ -320,10 +323,13 @@ void sample_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
         ea[i] = in && p.has_eps ? as_float(ex[j + i]) : 0.0f;
         eb[i] = in && p.has_eps ? as_float(em[j + i]) : 0.0f;
       }
-      step_lanes<U>(p, jv, key, xa, ma, ea, eb);
+      step_lanes<U>(p, jv, key, xa, ma, ea, eb, ya);
       for (int i = 0; i < count; ++i) {
         x[j + i] = static_cast<state_t>(xa[i]);  // round to nearest even
         m[j + i] = static_cast<state_t>(ma[i]);
+      }
+      if (y) {
+        for (int i = 0; i < count; ++i) y[j + i] = static_cast<state_t>(ya[i]);
       }
     }
   }
@@ -338,13 +344,15 @@ void flat_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
   const int64_t total = p.batch * D;
   state_t* u = static_cast<state_t*>(p.u);
   const eps_t* e = static_cast<const eps_t*>(p.eps);
-  alignas(64) float xa[L], ma[L], ea[L], eb[L];
+  state_t* yp = static_cast<state_t*>(p.y);
+  const int64_t es = p.eps_sample_stride, em_off = p.eps_m_offset;
+  alignas(64) float xa[L], ma[L], ea[L], eb[L], ya[L];
   alignas(64) uint32_t ja[L], k0a[L], k1a[L];
   int64_t off[L];
   for (int64_t t = begin; t < end; ++t) {
     const int64_t f_begin = t * kChunk;
     const int64_t f_end = std::min(total, f_begin + kChunk);
-    int64_t s = f_begin / D, j = f_begin % D, o = s * 2 * D + j;
+    int64_t s = f_begin / D, j = f_begin % D, o = s * 2 * D + j, oe = s * es + j;
     uint64_t seed = static_cast<uint64_t>(p.seeds[s]);
     for (int64_t f = f_begin; f < f_end; f += L) {
       const int count = static_cast<int>(std::min<int64_t>(L, f_end - f));
@@ -358,13 +366,15 @@ void flat_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
           ma[i] = as_float(u[o + D]);
         }
         if (p.has_eps) {
-          ea[i] = as_float(e[o]);
-          eb[i] = as_float(e[o + D]);
+          ea[i] = as_float(e[oe]);
+          eb[i] = as_float(e[oe + em_off]);
         }
         ++o;
+        ++oe;
         if (++j == D) {  // next sample: skip its m half
           j = 0;
           o += D;
+          oe += es - D;
           if (++s < p.batch) seed = static_cast<uint64_t>(p.seeds[s]);
         }
       }
@@ -377,10 +387,13 @@ void flat_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
       std::memcpy(jv, ja, sizeof jv);
       std::memcpy(key.k0, k0a, sizeof key.k0);
       std::memcpy(key.k1, k1a, sizeof key.k1);
-      step_lanes<U>(p, jv, key, xa, ma, ea, eb);
+      step_lanes<U>(p, jv, key, xa, ma, ea, eb, ya);
       for (int i = 0; i < count; ++i) {
         u[off[i]] = static_cast<state_t>(xa[i]);
         u[off[i] + D] = static_cast<state_t>(ma[i]);
+      }
+      if (yp) {  // y is (B, D): flat index f of this block is sample-major like the lanes
+        for (int i = 0; i < count; ++i) yp[f + i] = static_cast<state_t>(ya[i]);
       }
     }
   }

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -65,6 +66,8 @@ AffineStepParams make_affine_step_params(const at::Tensor& u, const std::optiona
   p.half_numel = p.batch == 0 ? 0 : u.numel() / (2 * p.batch);
   TORCH_CHECK(p.half_numel < (int64_t(1) << 32), "affine_step_: ", p.half_numel,
               " elements per half exceed the 32-bit Philox counter");
+  p.eps_sample_stride = 2 * p.half_numel;
+  p.eps_m_offset = p.half_numel;
   for (int i = 0; i < kNumCoef; ++i) p.coef[i] = static_cast<float>(coef[i]);
   p.read_state = coef[kP00] != 0.0 || coef[kP01] != 0.0 || coef[kP10] != 0.0 || coef[kP11] != 0.0;
   p.has_noise = false;
@@ -84,6 +87,53 @@ AffineStepParams make_affine_step_params(const at::Tensor& u, const std::optiona
     p.eps = eps_holder.data_ptr();
     p.has_eps = true;
     p.eps_dtype = eps_holder.scalar_type();
+  }
+  return p;
+}
+
+AffineStepParams make_lifted_step_params(const at::Tensor& u, const std::optional<at::Tensor>& d,
+                                         const std::optional<at::Tensor>& y, const at::Tensor& seeds,
+                                         c10::ArrayRef<double> coef, int64_t step, int64_t stream,
+                                         c10::DeviceType device_type, at::Tensor& d_holder) {
+  TORCH_CHECK(coef.size() == kNumLiftedCoef, "lifted_step_: coef must hold 16 numbers (P, G, R1, R2, W), got ",
+              coef.size());
+  // The equivalent plain step: Q = [[G0, 0], [G1, 0]] applied to eps = (d, d).
+  double plain[kNumCoef];
+  for (int i = 0; i < 4; ++i) plain[i] = coef[i];
+  plain[kQ00] = coef[4];
+  plain[kQ01] = 0.0;
+  plain[kQ10] = coef[5];
+  plain[kQ11] = 0.0;
+  for (int i = 0; i < 8; ++i) plain[kR1_00 + i] = coef[6 + i];
+  at::Tensor no_holder;
+  AffineStepParams p = make_affine_step_params(u, std::nullopt, seeds, c10::ArrayRef<double>(plain, kNumCoef),
+                                               step, stream, device_type, no_holder);
+  std::vector<int64_t> half(u.sizes().begin(), u.sizes().end());
+  half[1] /= 2;
+  if (d.has_value()) {
+    TORCH_CHECK(d->sizes() == c10::IntArrayRef(half), "lifted_step_: d must have the shape of one half of u ",
+                c10::IntArrayRef(half), ", got ", d->sizes());
+    TORCH_CHECK(d->device() == u.device(), "lifted_step_: d is on ", d->device(), " but u is on ", u.device());
+    TORCH_CHECK(is_kernel_float(d->scalar_type()), "lifted_step_: d must be float32, float16 or bfloat16, got ",
+                d->scalar_type());
+    d_holder = d->contiguous();
+    p.eps = d_holder.data_ptr();
+    p.has_eps = true;
+    p.eps_dtype = d_holder.scalar_type();
+    p.eps_sample_stride = p.half_numel;
+    p.eps_m_offset = 0;
+  }
+  if (y.has_value()) {
+    TORCH_CHECK(y->sizes() == c10::IntArrayRef(half), "lifted_step_: y must have the shape of one half of u ",
+                c10::IntArrayRef(half), ", got ", y->sizes());
+    TORCH_CHECK(y->device() == u.device(), "lifted_step_: y is on ", y->device(), " but u is on ", u.device());
+    TORCH_CHECK(y->scalar_type() == u.scalar_type(), "lifted_step_: y must have u's dtype ", u.scalar_type(),
+                ", got ", y->scalar_type());
+    TORCH_CHECK(y->is_contiguous(), "lifted_step_: y must be contiguous (it is written in place)");
+    p.y = y->data_ptr();
+    p.has_y = true;
+    p.wy0 = static_cast<float>(coef[14]);
+    p.wy1 = static_cast<float>(coef[15]);
   }
   return p;
 }

@@ -94,7 +94,8 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
            generator: torch.Generator | None = None, backend: str | None = "auto",
            dtype: torch.dtype = torch.float32, device=None, batch_size: int | None = None,
            callback=None, progress: bool = True, sde=None, shape=None, stream: int = 0,
-           cuda_graph="auto", ci_lambda: float | None = None, compile=False) -> SampleResult:
+           cuda_graph="auto", ci_lambda: float | None = None, compile=False,
+           extra_args: dict | None = None) -> SampleResult:
     """Draw ``num_samples`` samples from a PSLD model with a (reduced) splitting sampler.
 
     Args:
@@ -132,6 +133,13 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
             "max-autotune-no-cudagraphs": the network is captured inside our graph, which already
             removes the launch overhead, and torch.compile's own CUDA graphs cannot be captured
             inside another.
+        extra_args: keyword arguments for every network call (class labels, embeddings, masks):
+            tensors whose first dimension is ``num_samples`` are sliced with the batch, anything
+            else is passed as it is.  A :class:`~psld_fast.lift.DenoiserModel` passes them to its
+            denoiser, a native model to ``net(u, tau, **extra_args)``.
+    A :class:`~psld_fast.lift.DenoiserModel` (any EDM/VE denoiser or VP network) is sampled through
+    the exact lift, with the process of :meth:`~psld_fast.lift.DenoiserModel.process_for` (its
+    trained sigma range) and, on CPU, the fused ``lifted_step_`` loop.
     Returns:
         :class:`SampleResult`.  Equivalent to :func:`psld_fast.reference.run_reference` with the
         Philox noise of :mod:`psld_fast.rng` (tested pathwise).
@@ -150,10 +158,12 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     model = _as_model(model, sde, shape)
     device = _check_device(model, device)
     check_memory(num_samples, min(batch_size or 1024, num_samples), model.shape, dtype, device)
+    extra_args = _check_extra_args(extra_args, num_samples)
+    process = model.process_for(sampler) if hasattr(model, "process_for") else model.sde
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # re-issued at the caller's line below
         warnings.simplefilter("always")
-        program = compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lambda_s,
+        program = compile_sampler(sampler, process, nfe, schedule=schedule, lambda_s=lambda_s,
                                   lambda_reading=lambda_reading, net_time=net_time, denoise=denoise, split=split,
                                   coupling=coupling, lambda_form=lambda_form, ci_lambda=ci_lambda)
     for w in caught:
@@ -161,11 +171,15 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     if program.nfe != nfe:
         log.info("sampler %s: nfe=%d does not fit %s; spending %d", sampler, nfe,
                  "N * evals_per_step + 1", program.nfe)
-    from .ops import get_step_fn, resolve_backend  # lazy: loads the compiled kernels
+    from .ops import get_lifted_step_fn, get_step_fn, resolve_backend  # lazy: loads the compiled kernels
 
     backend = resolve_backend(backend, device, dtype=dtype)
     step_fn = get_step_fn(backend)
+    lifted_fn = get_lifted_step_fn(backend) if hasattr(model, "lifted") else None
     graphed = use_cuda_graph(cuda_graph, device, backend, callback)
+    if graphed and extra_args:
+        log.info("psld_fast: extra_args are not captured by the CUDA-graph runner yet; sampling eagerly")
+        graphed = False
     mode = compile_mode(compile, graphed)
     all_seeds = make_seeds(num_samples, seeds, generator)
     batch_size = batch_size or min(num_samples, 1024)
@@ -190,7 +204,9 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
             u = runner.run(model, batch_seeds, batch_start=start, bar=bar)
         else:
             u = run_program(model, program, batch_seeds, step_fn, dtype=dtype, device=device,
-                            stream=stream, callback=callback, batch_start=start, bar=bar)
+                            stream=stream, callback=callback, batch_start=start, bar=bar,
+                            extra_args=_slice_extra(extra_args, start, batch_size, num_samples, device),
+                            lifted_step_fn=lifted_fn)
         C = model.shape[0]
         xs.append(u[:, :C])
         ms.append(u[:, C:])
@@ -207,6 +223,30 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
                      split=program.info.get("split"))
     return SampleResult(x=x, m=torch.cat(ms), nfe=program.nfe, seeds=all_seeds,
                         timings=timings, sampler=sampler, backend=backend, program_info=program.info)
+
+
+def _check_extra_args(extra_args, num_samples: int) -> dict:
+    if extra_args is None:
+        return {}
+    if not isinstance(extra_args, dict) or not all(isinstance(k, str) for k in extra_args):
+        raise TypeError(f"extra_args must be a dict of keyword arguments, got {type(extra_args).__name__}")
+    for k, v in extra_args.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] not in (1, num_samples):
+            raise ValueError(f"extra_args[{k!r}] has first dimension {v.shape[0]}; per-sample arguments need "
+                             f"one row per sample ({num_samples}), shared ones a batch of 1 or no batch dimension")
+    return extra_args
+
+
+def _slice_extra(extra_args: dict, start: int, batch_size: int, num_samples: int, device) -> dict:
+    """This batch's extra arguments: per-sample tensors (first dim == num_samples) sliced and moved."""
+    out = {}
+    for k, v in extra_args.items():
+        if isinstance(v, torch.Tensor):
+            if v.dim() > 0 and v.shape[0] == num_samples and num_samples > 1:
+                v = v[start:start + batch_size]
+            v = v.to(device)
+        out[k] = v
+    return out
 
 
 def _check_device(model, device) -> torch.device:

@@ -26,9 +26,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .program import affine_step_reference
+from .program import affine_step_reference, lifted_step_reference
 
-__all__ = ["affine_step_", "affine_step", "resolve_backend", "get_step_fn", "BACKENDS",
+__all__ = ["affine_step_", "affine_step", "resolve_backend", "get_step_fn", "get_lifted_step_fn", "BACKENDS",
            "HAS_CPU_KERNEL", "HAS_CUDA_KERNEL", "HAS_TRITON", "has_triton"]
 
 logger = logging.getLogger("psld_fast")
@@ -42,6 +42,9 @@ _lib.define("affine_step_(Tensor(a!) u, Tensor? eps, Tensor seeds, float[] coef,
             "int stream) -> ()")
 _lib.define("affine_step(Tensor u, Tensor? eps, Tensor seeds, float[] coef, int step, "
             "int stream) -> Tensor")
+# The lifted step (psld_fast.lift): d and y have the shape of one half of u; coef holds 16 numbers (P, G, R1, R2, W).
+_lib.define("lifted_step_(Tensor(a!) u, Tensor? d, Tensor(b!)? y, Tensor seeds, float[] coef, int step, "
+            "int stream) -> ()")
 # Test-only: the Philox words (int64 holding uint32) and normals of (B, numel) elements, (B, numel, 4).
 _lib.define("philox_test(Tensor seeds, int numel, int step, int stream) -> (Tensor, Tensor)")
 
@@ -63,6 +66,21 @@ def _affine_step_inplace_fake(u, eps, seeds, coef, step, stream) -> None:
 def _affine_step_fake(u, eps, seeds, coef, step, stream) -> torch.Tensor:
     _check_fake(u, eps, seeds, coef)
     return torch.empty_like(u)
+
+
+@torch.library.register_fake("psld_fast::lifted_step_", lib=_lib)
+def _lifted_step_fake(u, d, y, seeds, coef, step, stream) -> None:
+    torch._check(u.dim() >= 2 and u.shape[1] % 2 == 0, lambda: f"lifted_step_: bad u shape {u.shape}")
+    torch._check(len(coef) == 16, lambda: "lifted_step_: coef must hold 16 numbers")
+
+
+@torch.library.impl(_lib, "lifted_step_", "CompositeExplicitAutograd")
+def _lifted_step_reference_impl(u, d, y, seeds, coef, step, stream) -> None:
+    """Fallback when no compiled kernel is registered for u's device (every device but CPU today)."""
+    u_new, y_new = lifted_step_reference(u, d, y, seeds, coef, step, stream)
+    if y_new is not None:
+        y.copy_(y_new)
+    u.copy_(u_new)
 
 
 @torch.library.register_fake("psld_fast::philox_test", lib=_lib)
@@ -197,6 +215,24 @@ def resolve_backend(backend: str | None, device, dtype: torch.dtype | None = Non
 
 def _reference_step_(u, eps, seeds, coef, step, stream=0) -> None:
     u.copy_(affine_step_reference(u, eps, seeds, coef, step, stream))
+
+
+def _reference_lifted_step_(u, d, y, seeds, coef, step, stream=0) -> None:
+    u_new, y_new = lifted_step_reference(u, d, y, seeds, coef, step, stream)
+    if y_new is not None:
+        y.copy_(y_new)
+    u.copy_(u_new)
+
+
+def get_lifted_step_fn(backend: str) -> Callable[..., None] | None:
+    """``fn(u, d, y, seeds, coef16, step, stream)`` for a lifted model's fused loop with ``backend``,
+    or None where the backend has no fused lifted step (cuda, triton: the runner then computes eps
+    from the denoiser output with torch ops and runs the plain fused step)."""
+    if backend == "reference":
+        return _reference_lifted_step_
+    if backend == "cpu" and HAS_CPU_KERNEL:
+        return torch.ops.psld_fast.lifted_step_.default
+    return None
 
 
 def get_step_fn(backend: str) -> Callable[..., None]:

@@ -26,7 +26,8 @@ import torch
 
 from .rng import philox_normals
 
-__all__ = ["Stage", "Program", "ProgramBuilder", "affine_step_reference", "COEF_LAYOUT"]
+__all__ = ["Stage", "Program", "ProgramBuilder", "affine_step_reference", "COEF_LAYOUT",
+           "lifted_step_reference", "LIFTED_COEF_LAYOUT", "lifted_plain_coef"]
 
 #: Order of the 16 float coefficients passed to the op.
 COEF_LAYOUT = ("P00", "P01", "P10", "P11", "Q00", "Q01", "Q10", "Q11",
@@ -156,6 +157,12 @@ def affine_step_reference(u: torch.Tensor, eps: torch.Tensor | None, seeds: torc
     If all four P coefficients are 0 the old state is not read (it may hold garbage).
     """
     _check_step_args(u, eps, seeds, coef)
+    xn, mn = _step_halves(u, eps, seeds, coef, step, stream)
+    return torch.cat([xn, mn], dim=1).to(u.dtype)
+
+
+def _step_halves(u, eps, seeds, coef, step, stream):
+    """The new x and m halves of the plain step in the compute dtype (float32, float64 for float64)."""
     ct = torch.float64 if u.dtype == torch.float64 else torch.float32
     B, C2 = u.shape[0], u.shape[1]
     C = C2 // 2
@@ -182,4 +189,39 @@ def affine_step_reference(u: torch.Tensor, eps: torch.Tensor | None, seeds: torc
         mn = mn + (R[2] * n[0] + R[3] * n[1] + R[6] * n[2] + R[7] * n[3])
     xn = xn.expand(B, C, *u.shape[2:])
     mn = mn.expand(B, C, *u.shape[2:])
-    return torch.cat([xn, mn], dim=1).to(u.dtype)
+    return xn, mn
+
+
+#: Order of the lifted op's 16 coefficients (``psld_fast::lifted_step_``).
+LIFTED_COEF_LAYOUT = ("P00", "P01", "P10", "P11", "G0", "G1",
+                      "R1_00", "R1_01", "R1_10", "R1_11", "R2_00", "R2_01", "R2_10", "R2_11", "W0", "W1")
+
+
+def lifted_plain_coef(coef) -> list[float]:
+    """The 16 plain-step coefficients equivalent to 16 lifted ones (Q = [[G0, 0], [G1, 0]])."""
+    c = [float(v) for v in coef]
+    return c[0:4] + [c[4], 0.0, c[5], 0.0] + c[6:14]
+
+
+def lifted_step_reference(u: torch.Tensor, d: torch.Tensor | None, y: torch.Tensor | None,
+                          seeds: torch.Tensor, coef, step: int, stream: int = 0):
+    """Pure-PyTorch definition of the lifted op; returns ``(new u, new y or None)``, mutating nothing.
+
+    The plain step with ``eps = (d, d)`` and ``Q = [[G0, 0], [G1, 0]]`` (so x' gets ``G0 d``, m'
+    ``G1 d``), plus ``y = W0 x' + W1 m'`` from the new halves in the compute dtype, then rounded to
+    u's dtype: the next denoiser call's input.  d and y have the shape of one half of u.
+    """
+    if len(coef) != 16:
+        raise ValueError(f"lifted_step: coef must hold 16 numbers {LIFTED_COEF_LAYOUT}, got {len(coef)}")
+    half = (u.shape[0], u.shape[1] // 2, *u.shape[2:])
+    for name, t in (("d", d), ("y", y)):
+        if t is not None and tuple(t.shape) != half:
+            raise ValueError(f"lifted_step: {name} must have the shape of one half of u {half}, got {tuple(t.shape)}")
+    plain = lifted_plain_coef(coef)
+    eps = None if d is None else torch.cat([d, d], dim=1)
+    _check_step_args(u, eps, seeds, plain)
+    xn, mn = _step_halves(u, eps, seeds, plain, step, stream)
+    y_new = None
+    if y is not None:
+        y_new = (float(coef[14]) * xn + float(coef[15]) * mn).to(u.dtype)
+    return torch.cat([xn, mn], dim=1).to(u.dtype), y_new

@@ -37,19 +37,26 @@ log = logging.getLogger("psld_fast")
 @torch.no_grad()
 def run_program(model, program: Program, seeds: torch.Tensor, step_fn, *, dtype, device,
                 stream: int = 0, callback=None, batch_start: int = 0, bar=None,
-                check: bool = True) -> torch.Tensor:
+                check: bool = True, extra_args: dict | None = None, lifted_step_fn=None,
+                init_x: torch.Tensor | None = None, init_tau: float | None = None) -> torch.Tensor:
     """Run one batch of a compiled program eagerly; returns the final packed state u.
 
     Raises FloatingPointError naming the first stage whose network output held NaN/Inf (or, if
     the outputs were finite, saying the state itself overflowed), and ValueError/TypeError for a
     model output of the wrong type, shape or dtype.  ``check=False`` skips the final NaN/Inf check,
     the batch's one host sync: the loop alone never syncs.
+
+    ``extra_args`` (a dict, already sliced to this batch) go to every network call as keywords.
+    A lifted model (:class:`~psld_fast.lift.DenoiserModel`) with a ``lifted_step_fn`` runs the fused
+    lifted loop ``D = denoiser(y, sigma_k); lifted_step_(u, D, y, ...)``; without one its forward
+    computes eps and the plain step runs.  ``init_x`` (B, *shape) at forward time ``init_tau``
+    replaces the prior draw by the exact lift of a given position-space x (lifted models only).
     """
-    u = _loop(model, program, seeds, step_fn, dtype=dtype, device=device, stream=stream,
-              callback=callback, batch_start=batch_start, bar=bar)
+    kw = dict(dtype=dtype, device=device, stream=stream, extra_args=extra_args or {},
+              lifted_step_fn=lifted_step_fn, init_x=init_x, init_tau=init_tau)
+    u = _loop(model, program, seeds, step_fn, callback=callback, batch_start=batch_start, bar=bar, **kw)
     if check and not bool(torch.isfinite(u).all()):  # the batch's one host sync
-        bad_stage = _first_bad_stage(model, program, seeds, step_fn, dtype=dtype, device=device,
-                                     stream=stream)
+        bad_stage = _first_bad_stage(model, program, seeds, step_fn, **kw)
         raise_if_nonfinite(bad_stage, bad_stage < 0, program, batch_start)
     return u
 
@@ -80,7 +87,12 @@ def _callable(model):
 
 
 def _loop(model, program, seeds, step_fn, *, dtype, device, stream, callback=None, batch_start=0,
-          bar=None, first_bad=None):
+          bar=None, first_bad=None, extra_args=None, lifted_step_fn=None, init_x=None, init_tau=None):
+    extra_args = extra_args or {}
+    if lifted_step_fn is not None and hasattr(model, "lifted"):
+        return _lifted_loop(model, program, seeds, lifted_step_fn, dtype=dtype, device=device, stream=stream,
+                            callback=callback, batch_start=batch_start, bar=bar, first_bad=first_bad,
+                            extra_args=extra_args, init_x=init_x, init_tau=init_tau)
     B = seeds.shape[0]
     C = model.shape[0]
     u = torch.empty((B, 2 * C, *model.shape[1:]), dtype=dtype, device=device)
@@ -93,8 +105,13 @@ def _loop(model, program, seeds, step_fn, *, dtype, device, stream, callback=Non
     for k, stage in enumerate(program.stages):
         tau = taus[k]
         eps = None
+        if k == 0 and init_x is not None:  # the exact lift of a given x replaces the prior draw
+            _init_from_x(model, program, u, init_x, init_tau, seeds, step_fn, stream)
+            continue
         if tau is not None:
-            eps = net(u, tau)
+            eps = net(u, tau, **extra_args) if extra_args else net(u, tau)
+            if callback is not None:
+                y_call, denoised = _denoised_estimate(model, u, eps, stage.tau)
             if not checked:
                 check_eps(eps, u, k)
                 checked = True
@@ -106,17 +123,94 @@ def _loop(model, program, seeds, step_fn, *, dtype, device, stream, callback=Non
             nfe += 1
         step_fn(u, eps, seeds, stage.coef, k, stream)
         if callback is not None:
-            callback({"stage": k, "nfe": nfe, "tau": stage.tau, "u": u, "batch_start": batch_start})
+            info = {"stage": k, "nfe": nfe, "tau": stage.tau, "u": u, "batch_start": batch_start}
+            if tau is not None:
+                info.update(x=y_call, denoised=denoised, sigma=y_call_sigma(model, stage.tau))
+            callback(info)
         if bar is not None and tau is not None:
             bar.update(B)
     return u
 
 
-def _first_bad_stage(model, program, seeds, step_fn, *, dtype, device, stream) -> int:
+def _init_from_x(model, program, u, init_x, init_tau, seeds, step_fn, stream):
+    """Stage 0 from a given position-space x: ``z = mu x + v n`` (the plain step with eps = (x, x))."""
+    from .program import lifted_plain_coef
+
+    coef = lifted_plain_coef(model.lifted(program, init_tau).init_coef)
+    x = init_x.to(u.dtype)
+    step_fn(u, torch.cat([x, x], dim=1), seeds, coef, 0, stream)
+
+
+def y_call_sigma(model, tau: float) -> float:
+    from .lift import lift_terms
+
+    return float(lift_terms(model.sde, torch.tensor([float(tau)], dtype=torch.float64))["sigma"])
+
+
+def _denoised_estimate(model, u, eps, tau):
+    """The position-space state ``y = w^T z`` and x0 estimate ``w^T (z + Sigma s)`` (s from eps) of a
+    stage's call, for callbacks."""
+    from .lift import lift_terms
+
+    t = {k: float(v) for k, v in lift_terms(model.sde, torch.tensor([float(tau)], dtype=torch.float64)).items()}
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    C = u.shape[1] // 2
+    x, m = u[:, :C].to(ct), u[:, C:].to(ct)
+    e = eps.to(ct)
+    sm = -e[:, C:] / t["l22"]
+    sx = (-e[:, :C] - t["l21"] * sm) / t["l11"]
+    y = (t["w0"] * x + t["w1"] * m).to(u.dtype)
+    d = (t["w0"] * (x + t["S00"] * sx + t["S01"] * sm) + t["w1"] * (m + t["S01"] * sx + t["S11"] * sm)).to(u.dtype)
+    return y, d
+
+
+def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream, callback, batch_start,
+                 bar, first_bad, extra_args, init_x, init_tau):
+    """The fused loop of a lifted model: per NFE one denoiser call and one lifted_step_."""
+    B = seeds.shape[0]
+    C = model.shape[0]
+    lp = model.lifted(program, init_tau if init_x is not None else None)
+    u = torch.empty((B, 2 * C, *model.shape[1:]), dtype=dtype, device=device)
+    y = torch.empty((B, C, *model.shape[1:]), dtype=dtype, device=device)
+    sig_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    sig = [None if s is None else torch.full((B,), s, dtype=sig_dtype, device=device) for s in lp.sigmas]
+    denoise = model.denoise
+    lower = dtype != torch.float64
+    nfe = 0
+    for k, stage in enumerate(program.stages):
+        D = None
+        coef = lp.coef[k]
+        if k == 0 and init_x is not None:
+            D, coef = init_x.to(dtype), lp.init_coef
+        elif sig[k] is not None:
+            D = denoise(y, sig[k], **extra_args)
+            if D.device != y.device:
+                raise ValueError(f"the denoiser returned its output on {D.device}, the input is on {y.device}")
+            if not D.is_floating_point():
+                raise ValueError(f"the denoiser returned dtype {D.dtype}; a floating dtype is required")
+            if lower and D.dtype == torch.float64:
+                D = D.float()
+            if first_bad is not None and not bool(torch.isfinite(D).all()):
+                first_bad.append(k)
+                return u
+            nfe += 1
+        if callback is not None:  # copies: the step overwrites y (and D, when the denoiser returned y)
+            info = {"stage": k, "nfe": nfe, "tau": stage.tau, "u": u, "batch_start": batch_start}
+            if sig[k] is not None:
+                info.update(x=y.clone(), sigma=lp.sigmas[k], denoised=D.clone())
+        lifted_step_fn(u, D, y if lp.writes_y[k] else None, seeds, coef, k, stream)
+        if callback is not None:
+            callback(info)
+        if bar is not None and sig[k] is not None:
+            bar.update(B)
+    return u
+
+
+def _first_bad_stage(model, program, seeds, step_fn, **kw) -> int:
     """Rerun the batch (same seeds: same path) checking every network output; the first stage
     whose output held NaN/Inf, or -1 when all were finite (the state itself overflowed)."""
     first_bad: list[int] = []
-    _loop(model, program, seeds, step_fn, dtype=dtype, device=device, stream=stream, first_bad=first_bad)
+    _loop(model, program, seeds, step_fn, first_bad=first_bad, **kw)
     return first_bad[0] if first_bad else -1
 
 

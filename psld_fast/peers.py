@@ -1,0 +1,80 @@
+"""The peer libraries psld_fast is measured against, loaded without their training-only imports.
+
+``k_diffusion``'s package ``__init__`` imports its training stack (accelerate, clip, kornia, wandb,
+clean-fid, ...), none of which sampling needs.  :func:`load_kdiffusion` imports only
+``k_diffusion.sampling``, ``k_diffusion.utils`` and ``k_diffusion.external`` from the installed
+package (pinned in requirements-peers.txt; ``bash tools/install_peers.sh``), by registering an
+empty package module whose search path is the installed folder, so that its own ``__init__`` never
+runs.  The modules are k-diffusion's own code, unchanged.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from types import SimpleNamespace
+
+__all__ = ["load_kdiffusion", "kdiffusion_version", "PEERS_HINT"]
+
+PEERS_HINT = "install the pinned peers with: bash tools/install_peers.sh"
+
+
+def kdiffusion_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("k-diffusion")
+    except Exception:
+        return None
+
+
+class _Unavailable(types.ModuleType):
+    """Stands in for ``torchvision.transforms.functional`` when torchvision cannot be imported
+    beside this torch (k_diffusion.utils imports it for image helpers sampling never calls)."""
+
+    def __getattr__(self, name):
+        raise ImportError(f"torchvision is unavailable here ({self.reason}); k-diffusion's sampling does not use it")
+
+
+def _torchvision_placeholder() -> None:
+    if "torchvision.transforms.functional" in sys.modules:
+        return
+    try:
+        importlib.import_module("torchvision.transforms.functional")
+        return
+    except Exception as exc:  # e.g. "operator torchvision::nms does not exist" with a mismatched torch
+        reason = f"{type(exc).__name__}: {exc}"
+    for name in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+        del sys.modules[name]  # a half-imported torchvision
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+        mod = _Unavailable(name)
+        mod.reason = reason
+        mod.__path__ = []
+        sys.modules[name] = mod
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+
+
+def load_kdiffusion() -> SimpleNamespace:
+    """``SimpleNamespace(sampling=..., external=..., utils=..., version=...)`` of the installed
+    k-diffusion; ImportError naming the install command when it (or torchsde/torchdiffeq) is missing."""
+    pkg = sys.modules.get("k_diffusion")
+    if pkg is None:
+        spec = importlib.util.find_spec("k_diffusion")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(f"k-diffusion is not installed; {PEERS_HINT}")
+        pkg = types.ModuleType("k_diffusion")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__file__ = os.path.join(pkg.__path__[0], "__init__.py")
+        pkg.__package__ = "k_diffusion"
+        sys.modules["k_diffusion"] = pkg
+    _torchvision_placeholder()
+    try:
+        sampling = importlib.import_module("k_diffusion.sampling")
+        external = importlib.import_module("k_diffusion.external")
+        utils = importlib.import_module("k_diffusion.utils")
+    except ImportError as exc:
+        raise ImportError(f"k-diffusion's sampling modules need {exc.name or exc}; {PEERS_HINT}") from exc
+    return SimpleNamespace(sampling=sampling, external=external, utils=utils, version=kdiffusion_version())
