@@ -16,7 +16,7 @@ import sys
 import types
 from types import SimpleNamespace
 
-__all__ = ["load_kdiffusion", "kdiffusion_version", "PEERS_HINT"]
+__all__ = ["load_kdiffusion", "import_diffusers", "kdiffusion_version", "PEERS_HINT"]
 
 PEERS_HINT = "install the pinned peers with: bash tools/install_peers.sh"
 
@@ -38,23 +38,58 @@ class _Unavailable(types.ModuleType):
         raise ImportError(f"torchvision is unavailable here ({self.reason}); k-diffusion's sampling does not use it")
 
 
-def _torchvision_placeholder() -> None:
-    if "torchvision.transforms.functional" in sys.modules:
-        return
+_TV = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+
+
+def _torchvision_broken() -> str | None:
+    """None when torchvision imports beside this torch, else why not (and torchvision is then
+    marked missing in sys.modules, so that packages probing for it skip it instead of crashing)."""
+    if sys.modules.get("torchvision", 0) is None:
+        return "marked unavailable"
     try:
         importlib.import_module("torchvision.transforms.functional")
-        return
+        return None
     except Exception as exc:  # e.g. "operator torchvision::nms does not exist" with a mismatched torch
         reason = f"{type(exc).__name__}: {exc}"
     for name in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
         del sys.modules[name]  # a half-imported torchvision
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+    for name in _TV:
+        sys.modules[name] = None  # find_spec -> None, import -> ImportError
+    return reason
+
+
+def _import_with_placeholder(names):
+    """Import ``names`` with placeholder torchvision modules (k_diffusion.utils imports
+    torchvision.transforms.functional at the top, for image helpers sampling never calls)."""
+    reason = _torchvision_broken()
+    if reason is None:
+        return [importlib.import_module(n) for n in names]
+    mods = {}
+    for name in _TV:
         mod = _Unavailable(name)
         mod.reason = reason
         mod.__path__ = []
-        sys.modules[name] = mod
-    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
-    sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+        mods[name] = mod
+    mods["torchvision"].transforms = mods["torchvision.transforms"]
+    mods["torchvision.transforms"].functional = mods["torchvision.transforms.functional"]
+    sys.modules.update(mods)
+    try:
+        return [importlib.import_module(n) for n in names]
+    finally:
+        for name in _TV:
+            sys.modules[name] = None
+
+
+def import_diffusers():
+    """The diffusers package (pinned peer), imported so that a torchvision that cannot load beside
+    this torch is treated as absent (diffusers then skips it) instead of failing the import."""
+    _torchvision_broken()
+    try:
+        import diffusers
+        from diffusers.models.unets import unet_2d  # noqa: F401  (lazy in diffusers: import it here)
+    except ImportError as exc:
+        raise ImportError(f"diffusers is not installed or failed to import ({exc}); {PEERS_HINT}") from exc
+    return diffusers
 
 
 def load_kdiffusion() -> SimpleNamespace:
@@ -70,11 +105,9 @@ def load_kdiffusion() -> SimpleNamespace:
         pkg.__file__ = os.path.join(pkg.__path__[0], "__init__.py")
         pkg.__package__ = "k_diffusion"
         sys.modules["k_diffusion"] = pkg
-    _torchvision_placeholder()
     try:
-        sampling = importlib.import_module("k_diffusion.sampling")
-        external = importlib.import_module("k_diffusion.external")
-        utils = importlib.import_module("k_diffusion.utils")
+        sampling, external, utils = _import_with_placeholder(
+            ["k_diffusion.sampling", "k_diffusion.external", "k_diffusion.utils"])
     except ImportError as exc:
         raise ImportError(f"k-diffusion's sampling modules need {exc.name or exc}; {PEERS_HINT}") from exc
     return SimpleNamespace(sampling=sampling, external=external, utils=utils, version=kdiffusion_version())
