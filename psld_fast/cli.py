@@ -18,7 +18,8 @@ from . import __version__
 from .api import sample
 from .cli_common import DTYPES as _DTYPES
 from .cli_common import (OneLineParser, add_model_args, add_sampler_args, add_threads_arg, apply_threads, check_writable_file,
-                         join_negative_seeds, load_model, parse_seeds, resolve_device, sampler_kwargs)
+                         join_negative_seeds, load_model, parse_seeds, resolve_device, sampler_kwargs,
+                         external_source, model_label)
 from .models import GaussianMixture, get_preset
 from .samplers import ALL_SAMPLERS, SAMPLER_SPECS
 
@@ -131,7 +132,7 @@ def cmd_sample(args) -> int:
         raise ValueError(f"-n {args.num_samples} and --seeds ({len(args.seeds)} seeds) disagree; give one of them")
     n = len(args.seeds) if args.seeds is not None else (args.num_samples if args.num_samples is not None else 64)
     model = load_model(args).to(device)
-    name = args.checkpoint.stem if args.checkpoint else args.model
+    name = model_label(args)
     out = _sample_out(args, model, name)
     t0 = time.perf_counter()
     res = sample(model, n, sampler=args.sampler, nfe=args.nfe,
@@ -165,7 +166,7 @@ def cmd_sample(args) -> int:
         print(f"compile    torch.compile(mode={args.compile!r}) of the network: "
               f"{res.timings['net_compile']:.1f} s (once per network and batch shape; not in samples/s)")
     if not args.no_quality:
-        q = _quality(model, res.x, name=None if args.checkpoint else args.model)
+        q = _quality(model, res.x, name=None if args.checkpoint or external_source(args) else args.model)
         if q is not None:
             print(f"quality    sliced W2 to {q['reference']}: {q['value']:.4f} "
                   f"(95% CI {q['lo']:.4f} - {q['hi']:.4f}, n={q['n']})")
@@ -178,7 +179,7 @@ def cmd_sample(args) -> int:
 def cmd_compare(args) -> int:
     device = resolve_device(args.device)
     model = load_model(args).to(device)
-    name = None if args.checkpoint else args.model
+    name = None if args.checkpoint or external_source(args) else args.model
     if _reference_law(model, name) is None and name != "learned-digits":
         print("compare needs a model with a known data law (an analytic preset or a shipped learned model)",
               file=sys.stderr)
@@ -190,7 +191,7 @@ def cmd_compare(args) -> int:
             print(f"unknown sampler {s!r}; choose from {', '.join(ALL_SAMPLERS)}", file=sys.stderr)
             return 2
     reference = "the 1797 training digits" if name == "learned-digits" else "the exact data law"
-    print(f"model {args.model} {tuple(model.shape)}, {args.num_samples} samples per cell, "
+    print(f"model {model_label(args)} {tuple(model.shape)}, {args.num_samples} samples per cell, "
           f"sliced W2 to {reference} (95% CI)")
     print(f"{'sampler':14s} " + " ".join(f"{'NFE ' + str(v):>24s}" for v in nfes))
     for s in samplers:

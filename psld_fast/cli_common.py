@@ -166,6 +166,20 @@ def add_model_args(p: argparse.ArgumentParser):
     g.add_argument("--checkpoint", type=Path, default=None,
                    help="a PSLD checkpoint to sample from instead: an official PSLD Lightning .ckpt "
                         "(NCSN++) or one written by psld-fast train")
+    g.add_argument("--diffusers", type=Path, default=None, metavar="DIR",
+                   help="sample a diffusers UNet2DModel through the exact PSLD lift: a local save_pretrained "
+                        "folder (the UNet's config.json and weights, or a pipeline folder with unet/ and "
+                        "scheduler/); nothing is downloaded. Needs diffusers (psld-fast[diffusers])")
+    g.add_argument("--denoiser", default=None, metavar="MODULE:FACTORY",
+                   help="sample your own denoiser through the lift: FACTORY() in MODULE (a module name or a "
+                        ".py file) returns a psld_fast.DenoiserModel, or (denoiser, dict(shape=..., "
+                        "sigma_min=..., sigma_max=...)) with denoiser(x, sigma, **kw) -> x0 (k-diffusion convention)")
+    g.add_argument("--class-label", type=int, default=None,
+                   help="class label for a class-conditional --diffusers/--denoiser model (its class_labels argument)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (with --class-label and --null-label): D_u + s (D_c - D_u)")
+    g.add_argument("--null-label", type=int, default=None,
+                   help="the unconditional class label of a model trained for classifier-free guidance")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="state dtype")
     g.add_argument("--backend", default=None, choices=["auto", "reference", "cpu", "cuda", "triton"],
@@ -201,7 +215,40 @@ def add_sampler_args(p: argparse.ArgumentParser, single=True):
     g.add_argument("--no-denoise", action="store_true", help="skip the final denoising step")
 
 
+def external_source(args) -> dict | None:
+    """The --diffusers / --denoiser source of the model (for labels and manifests), else None."""
+    if getattr(args, "diffusers", None) is not None:
+        src = {"diffusers": str(Path(args.diffusers).resolve())}
+    elif getattr(args, "denoiser", None) is not None:
+        src = {"denoiser": args.denoiser}
+    else:
+        return None
+    for k in ("class_label", "guidance", "null_label"):
+        if getattr(args, k, None) is not None:
+            src[k] = getattr(args, k)
+    return src
+
+
+def model_label(args) -> str:
+    """The model's name in the CLI's output lines."""
+    if getattr(args, "diffusers", None) is not None:
+        return Path(args.diffusers).name
+    if getattr(args, "denoiser", None) is not None:
+        return args.denoiser
+    return args.checkpoint.stem if args.checkpoint else args.model
+
+
 def load_model(args):
+    diffusers_dir, factory = getattr(args, "diffusers", None), getattr(args, "denoiser", None)
+    if sum(x is not None for x in (diffusers_dir, factory, args.checkpoint)) > 1:
+        raise ValueError("give one of --checkpoint, --diffusers and --denoiser")
+    if diffusers_dir is not None or factory is not None:
+        from .lift import DenoiserModel, load_diffusers, load_denoiser_factory, with_class_label
+
+        model = load_diffusers(diffusers_dir) if diffusers_dir is not None else load_denoiser_factory(factory)
+        return with_class_label(model, args.class_label, args.guidance, args.null_label)
+    if getattr(args, "class_label", None) is not None or getattr(args, "guidance", None) is not None:
+        raise ValueError("--class-label and --guidance apply to --diffusers and --denoiser models")
     if args.checkpoint is not None:
         from .learned import load_checkpoint_any
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from ._io import write_atomic
 from .cli_common import DTYPES as _DTYPES
 from .cli_common import (add_model_args, add_sampler_args, add_threads_arg, check_writable_dir, check_writable_file,
-                         load_model, parse_seeds, sampler_kwargs)
+                         load_model, parse_seeds, sampler_kwargs, external_source, model_label)
 
 __all__ = ["register"]
 
@@ -122,6 +122,9 @@ def _model_and_source(args):
     model = load_model(args)
     if args.checkpoint is not None:
         return model, {"checkpoint": str(Path(args.checkpoint).resolve())}, Path(args.checkpoint).stem
+    ext = external_source(args)
+    if ext is not None:
+        return model, ext, model_label(args)
     return model, {"preset": args.model}, args.model
 
 

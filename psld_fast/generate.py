@@ -499,7 +499,8 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
 
     with _warnings.catch_warnings(record=True) as caught:
         _warnings.simplefilter("always")
-        program = compile_sampler(sample_kwargs["sampler"], model.sde, sample_kwargs["nfe"],
+        process = model.process_for(sample_kwargs["sampler"]) if hasattr(model, "process_for") else model.sde
+        program = compile_sampler(sample_kwargs["sampler"], process, sample_kwargs["nfe"],
                                   **{k: v for k, v in sample_kwargs.items() if k in _PROGRAM_KEYS})
     rewarn(caught)
     # ---- rank 0: manifest and the list of work that is left; everyone else waits for it

@@ -46,6 +46,7 @@ from .models import EpsModel, _cov_entries, _transition_entries, hsm_cholesky_te
 from .sde import PSLD
 
 __all__ = ["DenoiserModel", "vp_denoiser", "as_denoiser", "CFGDenoiser", "VPDenoiser", "PSLDDenoiser",
+           "load_diffusers", "load_denoiser_factory", "with_class_label",
            "lift_terms", "sigma_y", "tau_for_sigma", "lifted_coefficients", "LiftedProgram", "STARTS"]
 
 #: Where a lifted model's sampling starts: "T" (the process's own T and stationary prior; the
@@ -455,3 +456,109 @@ class CFGDenoiser(nn.Module):
         out = getattr(out, "sample", out)
         d_u, d_c = out[:B], out[B:]
         return d_u + self.cond_scale * (d_c - d_u)
+
+
+# ----------------------------------------------------------------------------- command-line models
+class _LabelledDenoiser(nn.Module):
+    """A denoiser called with a fixed class label (``class_labels`` of the batch's size)."""
+
+    def __init__(self, denoiser, label: int):
+        super().__init__()
+        self.inner_model, self.label = denoiser, int(label)
+        for attr in ("sigma_min", "sigma_max"):
+            if hasattr(denoiser, attr):
+                setattr(self, attr, getattr(denoiser, attr))
+
+    def forward(self, x, sigma, **extra_args):
+        labels = torch.full((x.shape[0],), self.label, dtype=torch.long, device=x.device)
+        return self.inner_model(x, sigma, class_labels=labels, **extra_args)
+
+
+def with_class_label(model: "DenoiserModel", label: int | None, guidance: float | None = None,
+                     null_label: int | None = None) -> "DenoiserModel":
+    """``model`` conditioned on ``label`` (and classifier-free guided with ``guidance``, the
+    unconditional branch using ``null_label``); unchanged when label is None."""
+    if label is None:
+        if guidance is not None or null_label is not None:
+            raise ValueError("--guidance and --null-label need --class-label")
+        return model
+    den = model.denoiser
+    if guidance is not None:
+        if null_label is None:
+            raise ValueError("--guidance needs --null-label (the label the model was trained with for 'no class')")
+        den = CFGDenoiser(den, guidance, {"class_labels": torch.tensor([int(null_label)])})
+    return DenoiserModel(_LabelledDenoiser(den, label), model.shape, sigma_min=model.sigma_min,
+                         sigma_max=model.sigma_max, sde=model.sde, name=f"{model.name}[class {label}]",
+                         start=model.start)
+
+
+def load_diffusers(folder) -> "DenoiserModel":
+    """A local diffusers folder (``save_pretrained`` of a UNet2DModel with its scheduler config, or a
+    pipeline folder with ``unet/`` and ``scheduler/``) as a lifted model; nothing is downloaded.
+    ValueError naming the folder and what is missing."""
+    import os
+
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"--diffusers {folder}: not a folder")
+    from .peers import import_diffusers
+
+    try:
+        diffusers = import_diffusers()
+    except ImportError as exc:
+        raise ValueError(f"--diffusers needs the diffusers package: pip install 'psld-fast[diffusers]' ({exc})") from None
+    unet_dir = os.path.join(folder, "unet") if os.path.isdir(os.path.join(folder, "unet")) else folder
+    sched_dir = os.path.join(folder, "scheduler") if os.path.isdir(os.path.join(folder, "scheduler")) else folder
+    if not os.path.exists(os.path.join(unet_dir, "config.json")):
+        raise ValueError(f"--diffusers {folder}: no config.json of a UNet2DModel (in the folder or its unet/)")
+    try:
+        unet = diffusers.UNet2DModel.from_pretrained(unet_dir, local_files_only=True).eval()
+    except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError variants
+        raise ValueError(f"--diffusers {folder}: cannot load the UNet2DModel ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]})") from None
+    if not os.path.exists(os.path.join(sched_dir, "scheduler_config.json")):
+        raise ValueError(f"--diffusers {folder}: no scheduler_config.json (in the folder or its scheduler/): the "
+                         "noise schedule (alphas_cumprod) is needed")
+    sched = diffusers.DDPMScheduler.from_pretrained(sched_dir, local_files_only=True)
+    prediction = getattr(sched.config, "prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"--diffusers {folder}: prediction_type {prediction!r} is not supported (epsilon, v_prediction)")
+    den = vp_denoiser(unet, sched.alphas_cumprod, prediction=prediction)
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return DenoiserModel(den, (unet.config.in_channels, *size), sigma_min=den.sigma_min, sigma_max=den.sigma_max,
+                         name=f"diffusers:{os.path.basename(os.path.normpath(folder))}")
+
+
+def load_denoiser_factory(spec: str) -> "DenoiserModel":
+    """``MODULE:FACTORY`` (MODULE a module name or a .py file): FACTORY() returns a DenoiserModel or
+    ``(denoiser, dict(shape=..., sigma_min=..., sigma_max=...))``."""
+    import importlib
+    import importlib.util
+    import os
+
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ValueError(f"--denoiser {spec!r}: expected MODULE:FACTORY (e.g. my_models:edm_cifar)")
+    mod_name, fn_name = spec.split(":")
+    try:
+        if mod_name.endswith(".py"):
+            if not os.path.exists(mod_name):
+                raise ValueError(f"--denoiser {spec}: {mod_name} does not exist")
+            sp = importlib.util.spec_from_file_location(f"psld_fast_user_{abs(hash(mod_name))}", mod_name)
+            mod = importlib.util.module_from_spec(sp)
+            sp.loader.exec_module(mod)
+        else:
+            mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ValueError(f"--denoiser {spec}: cannot import {mod_name} ({exc})") from None
+    factory = getattr(mod, fn_name, None)
+    if not callable(factory):
+        raise ValueError(f"--denoiser {spec}: {mod_name} has no callable {fn_name}")
+    made = factory()
+    if isinstance(made, DenoiserModel):
+        return made
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[1], dict) and "shape" in made[1]:
+        opts = dict(made[1])
+        return DenoiserModel(made[0], opts.pop("shape"), name=opts.pop("name", f"{mod_name}:{fn_name}"), **opts)
+    raise ValueError(f"--denoiser {spec}: {fn_name}() must return a DenoiserModel or (denoiser, dict(shape=..., "
+                     f"sigma_min=..., sigma_max=...)), got {type(made).__name__}")

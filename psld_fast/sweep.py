@@ -271,7 +271,8 @@ def _spent(model, sampler, nfe, schedule, lam, lambda_reading, denoise, reading)
     from .samplers import compile_sampler
 
     try:
-        return compile_sampler(sampler, model.sde, nfe, schedule=schedule, lambda_s=lam, lambda_reading=lambda_reading,
+        process = model.process_for(sampler) if hasattr(model, "process_for") else model.sde
+        return compile_sampler(sampler, process, nfe, schedule=schedule, lambda_s=lam, lambda_reading=lambda_reading,
                                denoise=denoise, **reading).nfe
     except (ValueError, TypeError):
         return ""

@@ -237,3 +237,32 @@ def test_callback_gets_the_x0_estimate_for_native_and_lifted_models():
         for info in calls:
             want = gm.denoise(info["x"], torch.full((3,), info["sigma"], dtype=torch.float64))
             assert torch.allclose(info["denoised"], want, atol=1e-8)
+
+
+def test_cli_samples_a_user_denoiser_factory(tmp_path, capsys):
+    (tmp_path / "myden.py").write_text(
+        "import psld_fast, torch\n"
+        "def make():\n"
+        "    gm = psld_fast.get_preset('ring2d')\n"
+        "    return gm.as_edm_denoiser(), dict(shape=gm.shape, sigma_min=0.002, sigma_max=80.0)\n"
+        "def labelled():\n"
+        "    def den(x, sigma, class_labels):\n"
+        "        return torch.zeros_like(x) + class_labels[:, None].to(x.dtype)\n"
+        "    return den, dict(shape=(2,), sigma_min=0.002, sigma_max=80.0)\n")
+    from psld_fast.cli import main
+
+    spec = f"{tmp_path / 'myden.py'}:make"
+    out = tmp_path / "s.npz"
+    assert main(["sample", "--denoiser", spec, "-n", "4", "--nfe", "10", "--out", str(out), "--no-progress"]) == 0
+    assert "myden.py:make (2,)" in capsys.readouterr().out
+    assert np.load(out)["x"].shape == (4, 2)
+    lab = f"{tmp_path / 'myden.py'}:labelled"
+    assert main(["sample", "--denoiser", lab, "--class-label", "3", "-n", "2", "--nfe", "10", "--out", str(out),
+                 "--no-progress", "--no-denoise"]) == 0
+    assert main(["sample", "--denoiser", lab, "--class-label", "3", "--guidance", "2", "-n", "2", "--nfe", "10",
+                 "--out", str(out), "--no-progress"]) == 2
+    assert "--guidance needs --null-label" in capsys.readouterr().err
+    assert main(["sample", "--denoiser", "nomodule_here:f", "-n", "2", "--no-progress"]) == 2
+    assert "cannot import nomodule_here" in capsys.readouterr().err
+    assert main(["sample", "--denoiser", "bad", "-n", "2", "--no-progress"]) == 2
+    assert "expected MODULE:FACTORY" in capsys.readouterr().err

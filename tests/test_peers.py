@@ -141,3 +141,22 @@ def test_k_diffusion_samplers_run_on_a_psld_model_through_as_denoiser():
     ref = gm.sample_data(2000, generator=torch.Generator().manual_seed(1))
     floor = sliced_wasserstein(gm.sample_data(2000, generator=torch.Generator().manual_seed(2)).numpy(), ref.numpy())
     assert sliced_wasserstein(out.numpy(), ref.numpy()) < 3 * floor + 0.01
+
+
+def test_cli_samples_a_diffusers_folder(tmp_path, capsys):
+    diffusers = import_diffusers()
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    folder = tmp_path / "tiny_ddpm"
+    unet.save_pretrained(folder / "unet")
+    diffusers.DDPMScheduler(num_train_timesteps=1000).save_pretrained(folder / "scheduler")
+    from psld_fast.cli import main
+
+    assert main(["sample", "--diffusers", str(folder), "-n", "3", "--nfe", "6", "--out", str(tmp_path / "s.npz"),
+                 "--no-progress", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_ddpm (1, 8, 8)" in out and (tmp_path / "s.npz").exists()
+    assert main(["sample", "--diffusers", str(tmp_path), "-n", "2", "--no-progress"]) == 2
+    assert "no config.json of a UNet2DModel" in capsys.readouterr().err
