@@ -15,7 +15,8 @@ from .program import Program
 from .sde import PSLD
 
 __all__ = ["gaussian_eps_affine", "program_output_moments", "gaussian_w2_1d", "sampler_error",
-           "program_x_law", "RelativeEpsError", "stage_maps", "step_spectral_radii"]
+           "program_x_law", "RelativeEpsError", "stage_maps", "step_spectral_radii",
+           "lifted_stage_maps", "lifted_program_x_law"]
 
 
 def gaussian_eps_affine(sde: PSLD, tau: float, mu: np.ndarray, var: np.ndarray):
@@ -143,3 +144,58 @@ def sampler_error(program: Program, sde: PSLD, mu, var) -> float:
     """Exact W2 distance between the program's x-law and the data law N(mu, diag(var))."""
     mean, cov = program_output_moments(program, sde, mu, var)
     return gaussian_w2_1d(mean[:, 0], cov[:, 0, 0], np.ravel(mu), np.ravel(var))
+
+
+# ------------------------------------------------------------------ lifted (position-space) denoisers
+def lifted_stage_maps(program: Program, sde: PSLD, mu, var, sigma_min: float = 0.0,
+                      sigma_max: float = math.inf, denoiser_error=None):
+    """Per stage the affine map ``z <- A z + b + noise`` of a program run on a position-space
+    denoiser lifted to PSLD (:class:`psld_fast.lift.DenoiserModel`) on Gaussian data N(mu, diag var).
+
+    The lift's eps is ``E z - e D(y, s)`` with ``y = w0 x + w1 m`` (:func:`psld_fast.lift.lift_terms`)
+    and the exact Gaussian denoiser ``D(y, s) = (var y + s^2 mu) / (var + s^2)`` called at
+    ``s = clamp(sigma_y(tau), sigma_min, sigma_max)`` (as ``DenoiserModel.denoise`` clamps), so eps
+    stays affine in z: ``eps = (E - a e w^T) z - c e`` with ``D = a y + c``.  Where no clamping is
+    active this is the native exact eps (:func:`stage_maps`).  ``denoiser_error(y_coef a, c, s)`` may
+    return a modified ``(a, c)`` per coordinate (an affine error on the denoiser, e.g. an additive
+    ``D + r(s) U`` or a relative error on the VE eps ``(y - D) / s``).  Yields ``(A, b, noise_cov)``
+    as :func:`stage_maps`.
+    """
+    import torch
+
+    from .lift import lift_terms
+
+    mu = np.asarray(mu, dtype=np.float64).ravel()
+    var = np.asarray(var, dtype=np.float64).ravel()
+    D = mu.shape[0]
+    for stage in program.stages:
+        A = np.broadcast_to(stage.P, (D, 2, 2)).copy()
+        b = np.zeros((D, 2))
+        if stage.uses_network:
+            t = {k: float(v) for k, v in lift_terms(sde, torch.tensor([stage.tau], dtype=torch.float64)).items()}
+            s = min(max(t["sigma"], sigma_min), sigma_max)
+            a = var / (var + s * s)                       # D = a y + c per coordinate
+            c = s * s * mu / (var + s * s)
+            if denoiser_error is not None:
+                a, c = denoiser_error(a, c, s)
+            E = np.array([[t["E00"], t["E01"]], [t["E10"], t["E11"]]])
+            e = np.array([t["e0"], t["e1"]])
+            w = np.array([t["w0"], t["w1"]])
+            Ez = E[None] - a[:, None, None] * np.outer(e, w)[None]   # (D, 2, 2)
+            A = A + stage.Q[None] @ Ez
+            b = -c[:, None] * (stage.Q @ e)[None]
+        yield A, b, stage.R1 @ stage.R1.T + stage.R2 @ stage.R2.T
+
+
+def lifted_program_x_law(program: Program, sde: PSLD, mu, var, sigma_min: float = 0.0,
+                         sigma_max: float = math.inf, denoiser_error=None):
+    """Exact per-coordinate mean and variance (each (D,)) of a program's output x when it samples
+    the lift of the exact Gaussian denoiser with sigma clamped to ``[sigma_min, sigma_max]``
+    (see :func:`lifted_stage_maps`)."""
+    Dn = np.asarray(mu).size
+    mean = np.zeros((Dn, 2))
+    cov = np.zeros((Dn, 2, 2))
+    for A, b, noise in lifted_stage_maps(program, sde, mu, var, sigma_min, sigma_max, denoiser_error):
+        mean = np.einsum("dij,dj->di", A, mean) + b
+        cov = A @ cov @ np.transpose(A, (0, 2, 1)) + noise
+    return mean[:, 0], cov[:, 0, 0]

@@ -55,7 +55,7 @@ __all__ = ["DenoiserModel", "vp_denoiser", "as_denoiser", "CFGDenoiser", "VPDeno
 #: :data:`DEFAULT_START`.
 STARTS = ("T", "sigma_max")
 #: Default start per sampler family, chosen by docs/any_model_protocol.md (bench/compare_kdiffusion.py).
-DEFAULT_START = {"stochastic": "sigma_max", "deterministic": "T"}
+DEFAULT_START = {"stochastic": "sigma_max", "deterministic": "sigma_max"}
 
 _LIFT_LOCK = threading.Lock()
 
@@ -198,7 +198,11 @@ class DenoiserModel(EpsModel):
     # ------------------------------------------------------------------------------ evaluation
     def denoise(self, y: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
         """The denoiser at ``(y, sigma)``, sigma clamped to the trained range; output checked."""
-        out = self.denoiser(y, sigma.clamp(self.sigma_min, self.sigma_max), **extra_args)
+        return self.check_output(self.denoiser(y, sigma.clamp(self.sigma_min, self.sigma_max), **extra_args), y)
+
+    def check_output(self, out, y: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output as a tensor of y's shape (diffusers-style objects unwrapped), else
+        ValueError naming the denoiser."""
         if not isinstance(out, torch.Tensor):
             out = getattr(out, "sample", out)  # diffusers-style output objects
         if not isinstance(out, torch.Tensor) or out.shape != y.shape:
