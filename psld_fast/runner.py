@@ -173,8 +173,11 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
     u = torch.empty((B, 2 * C, *model.shape[1:]), dtype=dtype, device=device)
     y = torch.empty((B, C, *model.shape[1:]), dtype=dtype, device=device)
     sig_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    sig = [None if s is None else torch.full((B,), s, dtype=sig_dtype, device=device) for s in lp.sigmas]
-    denoise = model.denoise
+    # the denoiser's sigma per call, clamped to its trained range once here (not per NFE)
+    sig = [None if s is None else torch.full((B,), min(max(s, model.sigma_min), model.sigma_max),
+                                             dtype=sig_dtype, device=device) for s in lp.sigmas]
+    den = model.denoiser
+    unwrap = None  # set at the first call: whether outputs are diffusers-style objects (.sample)
     lower = dtype != torch.float64
     nfe = 0
     for k, stage in enumerate(program.stages):
@@ -183,11 +186,18 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
         if k == 0 and init_x is not None:
             D, coef = init_x.to(dtype), lp.init_coef
         elif sig[k] is not None:
-            D = denoise(y, sig[k], **extra_args)
-            if D.device != y.device:
-                raise ValueError(f"the denoiser returned its output on {D.device}, the input is on {y.device}")
-            if not D.is_floating_point():
-                raise ValueError(f"the denoiser returned dtype {D.dtype}; a floating dtype is required")
+            if unwrap is None:  # first call: every check of DenoiserModel.denoise
+                raw = den(y, sig[k], **extra_args)
+                unwrap = not isinstance(raw, torch.Tensor)
+                D = model.check_output(raw, y)
+                if D.device != y.device:
+                    raise ValueError(f"the denoiser returned its output on {D.device}, the input is on {y.device}")
+                if not D.is_floating_point():
+                    raise ValueError(f"the denoiser returned dtype {D.dtype}; a floating dtype is required")
+            else:
+                D = den(y, sig[k], **extra_args)
+                if unwrap:
+                    D = D.sample
             if lower and D.dtype == torch.float64:
                 D = D.float()
             if first_bad is not None and not bool(torch.isfinite(D).all()):
