@@ -165,8 +165,8 @@ def psld_karras_law(sampler, nfe, mu, var, error=None, **knobs):
     from psld_fast.samplers import SAMPLER_SPECS
 
     spec = SAMPLER_SPECS[sampler]
-    n = (nfe - 1) // spec.evals_per_step + 1          # steps + 1 sigmas > 0, and a final 0
-    sig = kd().sampling.get_sigmas_karras(n + 1, SIGMA_MIN, SIGMA_MAX, rho=7.0).double()
+    n = (nfe - 1) // spec.evals_per_step + 1          # n sigmas > 0 (n - 1 steps) and a final 0 (denoising)
+    sig = karras(n)
     process, grid, denoise = psld_grid(sig)
     prog_nfe = (len(grid) - 1) * spec.evals_per_step + (1 if denoise else 0)
     prog = pf.compile_sampler(sampler, process, prog_nfe, schedule=grid, denoise=denoise, **knobs)
@@ -457,6 +457,618 @@ def part_protocol(args):
     return decision
 
 
+
+# ----------------------------------------------------------------------------------- exact
+def exact_rows(mu, var, nfes, error=None, testbed="a1", quick=False):
+    """Rows (library, sampler, label, nfe, nfe_spent, w2) of every cell on N(mu, diag var)."""
+    rows = []
+    den = GaussDen(mu, var)
+
+    def add(lib, sampler, label, nfe, law):
+        m, v, spent = law
+        w = gaussian_w2_1d(m, v, mu, var) if np.all(np.isfinite(v)) and np.all(v >= 0) else float("inf")
+        rows.append(dict(testbed=testbed, library=lib, sampler=sampler, label=label, nfe=nfe, nfe_spent=spent, w2=w))
+
+    kds = ("euler", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral", "heun") if quick else KD_SAMPLERS
+    for name in kds:
+        for nfe in nfes:
+            add("k-diffusion", name, f"k-diffusion {name}", nfe, kd_law(name, nfe, mu, var, error=error, den=den))
+            if name == "dpmpp_sde":  # its two calls per step overlap in the Brownian tree: iid noise differs
+                add("k-diffusion", name, "k-diffusion dpmpp_sde (iid noise)", nfe,
+                    kd_law(name, nfe, mu, var, brownian=False, error=error, den=den))
+    pss = ("em", "sscs", "reduced_oba", "rvv") if quick else pf.SAMPLERS + pf.DETERMINISTIC_SAMPLERS
+    for name in pss:
+        for nfe in nfes:
+            add("psld_fast", name, f"psld_fast {name}", nfe, psld_law(name, nfe, mu, var, error=error))
+    for lam in (0.5, 2.0):
+        for nfe in nfes:
+            add("psld_fast", "reduced_oba", f"psld_fast reduced_oba lambda_s {lam:g}", nfe,
+                psld_law("reduced_oba", nfe, mu, var, error=error, lambda_s=lam))
+    for nfe in nfes:
+        add("psld_fast", "reduced_oba", "psld_fast reduced_oba start=T", nfe,
+            psld_law("reduced_oba", nfe, mu, var, start="T", error=error))
+        add("psld_fast", "reduced_oba", "psld_fast reduced_oba (k_sampling, Karras sigmas)", nfe,
+            psld_karras_law("reduced_oba", nfe, mu, var, error=error))
+    return rows
+
+
+def table_lines(rows, nfes, value="w2", label_note=None):
+    by = {}
+    for r in rows:
+        lab = r["label"]
+        spent = int(r["nfe_spent"])
+        note = f" ({spent})" if spent != int(r["nfe"]) else ""
+        v = float(r[value])
+        by.setdefault(lab, {})[int(r["nfe"])] = (v if math.isfinite(v) and v <= 1e6 else float("inf"),
+                                                 (fmt(v) if math.isfinite(v) and v <= 1e6 else "diverged") + note)
+    return md_table(by, list(nfes))
+
+
+def sanity_checks(mu, var):
+    """Monte Carlo cross-checks of the exact laws (printed and written to exact.md)."""
+    out = []
+    mc = kd_mc_check(mu, var)
+    out.append(f"- k-diffusion dpmpp_2m_sde NFE {mc['nfe']} with its real BrownianTreeNoiseSampler, n = {mc['n']}: "
+               f"Gaussian-fit W2 of the draws to the exact law {mc['w2_mc_to_exact']:.4f}, MC floor (n draws of the exact "
+               f"law itself) {mc['floor']:.4f}; exact W2 to the data {mc['w2_exact']:.4f}, MC {mc['w2_mc_to_data']:.4f}. "
+               f"Brownian-increment law vs independent-noise law: max difference {mc['brownian_vs_iid']:.1e} (identical).")
+    n = 4000
+    gm = gaussian_model(mu, var)
+    dm = pf.DenoiserModel(gm.as_edm_denoiser(), (16,), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+    res = pf.sample(dm, n, sampler="reduced_oba", nfe=20, seeds=torch.arange(n), progress=False, dtype=torch.float64,
+                    backend="reference")
+    x = res.x.numpy()
+    m, v, _ = psld_law("reduced_oba", 20, mu, var)
+    rng = np.random.default_rng(1)
+    ref = m + np.sqrt(v) * rng.standard_normal((n, len(mu)))
+    out.append(f"- psld_fast.sample(DenoiserModel, reduced_oba, NFE {res.nfe}, default start), n = {n}: Gaussian-fit W2 "
+               f"to the exact law {gaussian_w2_1d(x.mean(0), x.var(0, ddof=1), m, v):.4f} (floor "
+               f"{gaussian_w2_1d(ref.mean(0), ref.var(0, ddof=1), m, v):.4f}).")
+    from psld_fast.k_sampling import sample_reduced_oba
+
+    torch.manual_seed(0)
+    sig = karras(20)
+    c = Counted(gm.as_edm_denoiser())
+    xk = sample_reduced_oba(c, torch.randn(n, 16, dtype=torch.float64) * sig[0], sig, seeds=torch.arange(n),
+                            backend="reference").numpy()
+    m2, v2, spent = psld_karras_law("reduced_oba", 20, mu, var)
+    out.append(f"- psld_fast.k_sampling.sample_reduced_oba on 20 Karras steps (NFE counted {c.calls}, law's {spent}), "
+               f"n = {n}: Gaussian-fit W2 to the exact law {gaussian_w2_1d(xk.mean(0), xk.var(0, ddof=1), m2, v2):.4f} "
+               f"(same floor).")
+    for line in out:
+        print(line, flush=True)
+    return out
+
+
+def part_exact(args):
+    print(f"[{now()}] exact", flush=True)
+    nfes = (10, 20) if args.quick else NFES
+    rows = []
+    for name, (mu, var) in testbeds().items():
+        rows += exact_rows(mu, var, nfes, testbed=name, quick=args.quick)
+        print(f"  {name}: {len(rows)} rows", flush=True)
+    write_csv(rows, OUT / "exact.csv")
+    checks = sanity_checks(*testbeds()["a1"])
+    lines = ["# Exact Gaussian testbeds: k-diffusion vs psld_fast (exact W2)", "",
+             f"Command: `python bench/compare_kdiffusion.py --exact` (git {git_revision()}, k-diffusion "
+             f"{kd().version}).", "",
+             "One exact denoiser for both libraries (`GaussianMixture.as_edm_denoiser()`, float64). Exact W2 of the "
+             "output law to the data law N(mu, diag var). k-diffusion: Karras sigmas 0.002 .. 80, rho 7, the most steps "
+             "whose counted NFE fits the budget (NFE spent in parentheses where it is less), its samplers unchanged "
+             "(laws by the probe rows of the module doc; dpmpp_sde / dpmpp_2m_sde / dpmpp_3m_sde with their default "
+             "Brownian-tree noise, exact Brownian-increment law). psld_fast: `DenoiserModel` (range 0.002 .. 80, the "
+             f"default start {pf.lift.DEFAULT_START}) and the program `sample` runs (quadratic grid, defaults), exact law "
+             "by `psld_fast.exact.lifted_program_x_law`; `start=T` is the issue's reading; `k_sampling` is the "
+             "k-diffusion-signature entry point on the same Karras sigmas as k-diffusion. Best per column in bold.", ""]
+    for name in testbeds():
+        lines += [f"## ({name}) " + ("16-d Gaussian, variances 1e-3 .. 1, means 0.5 N(0,1)" if name == "a1"
+                                     else "stiff 16-d Gaussian, variances 1e-5 .. 1, mean 0"), "",
+                  "| | " + " | ".join(f"NFE {n}" for n in nfes) + " |"][:2]
+        lines += table_lines([r for r in rows if r["testbed"] == name], nfes) + [""]
+    lines += ["## Cross-checks (Monte Carlo against the exact laws)", ""] + checks + [""]
+    (OUT / "exact.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------- errors
+ERROR_KINDS = ("additive", "additive_small", "relative_ve_eps")
+
+def part_errors(args):
+    print(f"[{now()}] errors", flush=True)
+    nfes = (10, 20) if args.quick else NFES
+    mu, var = testbeds()["a1"]
+    rows = []
+    for kind in ERROR_KINDS:
+        err = DenoiserError(kind.replace("_small", ""), len(mu), **(dict(r_data=0.005, r_noise=0.0005)
+                                                                 if kind.endswith("_small") else {}))
+        rs = exact_rows(mu, var, nfes, error=err, testbed=f"a1-{kind}", quick=True)
+        rows += rs
+        print(f"  {kind}: {len(rs)} rows", flush=True)
+    write_csv(rows, OUT / "errors.csv")
+    lines = ["# Controlled denoiser errors on (a1): k-diffusion vs psld_fast (exact W2)", "",
+             f"Command: `python bench/compare_kdiffusion.py --errors` (git {git_revision()}).", "",
+             "The exact Gaussian denoiser of (a1) with an error that grows toward small sigma, "
+             "r(sigma) = 0.05 exp(-sigma / 0.5) + 0.005 (sigma as the denoiser is called: psld_fast clamps it to "
+             "0.002 .. 80): (i) **additive** on the output, D + r(sigma) U with U a fixed N(0, 1) vector (numpy seed 0); "
+             "(ii) **relative on the VE eps**, (x - D) / sigma scaled by 1 + r(sigma), i.e. D' = (1 + r) D - r x. Both keep "
+             "D affine, so the laws stay exact for both libraries. (iii) **additive_small**: (i) with r ten times smaller "
+             "(0.005 exp(-sigma / 0.5) + 0.0005): at the first size the bias integrated over log sigma dominates every "
+             "sampler's W2 (about 1, growing with NFE toward the biased process's own law), so (iii) is where "
+             "discretisation and error compete. Same cells and settings as exact.md (a subset of samplers). Best per "
+             "column in bold.", ""]
+    for kind in ERROR_KINDS:
+        lines += [f"## ({kind})", ""] + table_lines([r for r in rows if r["testbed"] == f"a1-{kind}"], nfes) + [""]
+    (OUT / "errors.md").write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------- mixture
+def mixture8():
+    """8-d Gaussian mixture: 8 components, means N(0, 1), stds uniform in 0.1 .. 0.3 (torch seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    stds = 0.1 + 0.2 * torch.rand(8, generator=g, dtype=torch.float64)
+    return pf.GaussianMixture(means, stds, name="mixture8")
+
+
+class _Den:
+    def __init__(self, fn, dim):
+        self.fn, self.dim = fn, dim
+
+
+def kd_run(name, nfe, den_fn, shape, n, seed=0, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, dtype=torch.float64):
+    """k-diffusion's ``name`` (default noise, Brownian tree where that is its default) on n draws;
+    returns (x, counted NFE)."""
+    D = int(np.prod(shape))
+    probe = _Den(lambda x, s: den_fn(x.reshape(-1, *shape), s).reshape(x.shape[0], -1), D)
+
+    def sig_fn(k):
+        return kd().sampling.get_sigmas_karras(k, sigma_min, sigma_max, rho=7.0).to(dtype)
+
+    # steps whose counted NFE fits (count with a cheap stand-in of the same call pattern)
+    k = nfe
+    while True:
+        c = Counted(lambda x, s: torch.zeros_like(x))
+        kw = {"noise_sampler": _Recorder(torch.zeros(1, D, dtype=dtype))} if name in KD_NOISY else {}
+        kd_fn(name)(c, torch.zeros(1, D, dtype=dtype), sig_fn(k), disable=True, **kw)
+        if c.calls <= nfe:
+            break
+        k -= 1
+    torch.manual_seed(seed)
+    sig = sig_fn(k)
+    x = torch.randn(n, *shape, dtype=dtype) * sig[0]
+    c = Counted(den_fn)
+    with torch.no_grad():
+        out = kd_fn(name)(c, x, sig, disable=True)
+    return out, c.calls
+
+
+def psld_run(model, sampler, nfe, n, seed0=0, dtype=torch.float64, backend="reference"):
+    res = pf.sample(model, n, sampler=sampler, nfe=nfe, seeds=torch.arange(seed0, seed0 + n), progress=False,
+                    dtype=dtype, backend=backend, batch_size=n)
+    return res.x, res.nfe
+
+
+def part_mixture(args):
+    from psld_fast.metrics import sliced_wasserstein_ci
+
+    print(f"[{now()}] mixture", flush=True)
+    nfes = (10, 20) if args.quick else (10, 20, 50)
+    n = 500 if args.quick else 2000
+    gm = mixture8()
+    ref = gm.sample_data(20000, generator=torch.Generator().manual_seed(1))
+    floor = sliced_wasserstein_ci(gm.sample_data(n, generator=torch.Generator().manual_seed(2)), ref, seed=0)
+    print(f"  floor (n = {n} exact draws vs 20000): {floor['value']:.4f} [{floor['lo']:.4f}, {floor['hi']:.4f}]")
+    den = gm.as_edm_denoiser()
+    kds = ("dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral", "heun", "dpmpp_3m_sde", "euler")
+    pss = ("reduced_oba", "sscs", "em", "rvv")
+    rows = []
+    for lib, names in (("k-diffusion", kds), ("psld_fast", pss)):
+        for name in names:
+            for nfe in nfes:
+                t0 = time.perf_counter()
+                if lib == "k-diffusion":
+                    x, spent = kd_run(name, nfe, den, (8,), n)
+                else:
+                    c = Counted(den)
+                    dm = pf.DenoiserModel(c, (8,), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+                    x, spent = psld_run(dm, name, nfe, n)
+                    assert c.calls == spent, (c.calls, spent)
+                ok = bool(torch.isfinite(x).all())
+                q = sliced_wasserstein_ci(x.reshape(n, -1), ref, seed=0) if ok else None
+                rows.append(dict(testbed="mixture8", library=lib, sampler=name, label=f"{lib} {name}", nfe=nfe,
+                                 nfe_spent=spent, sw=q["value"] if q else float("inf"), lo=q["lo"] if q else None,
+                                 hi=q["hi"] if q else None, n=n, seconds=time.perf_counter() - t0))
+                print(f"  {lib:11s} {name:16s} nfe {nfe:3d} ({spent}): SW {rows[-1]['sw']:.4f}", flush=True)
+    write_csv(rows, OUT / "mixture.csv")
+    by = {}
+    for r in rows:
+        note = f" ({r['nfe_spent']})" if r["nfe_spent"] != r["nfe"] else ""
+        txt = "diverged" if r["lo"] is None else f"{r['sw']:.4f} [{r['lo']:.4f}, {r['hi']:.4f}]{note}"
+        by.setdefault(r["label"], {})[r["nfe"]] = (r["sw"], txt)
+    lines = ["# 8-d Gaussian mixture: k-diffusion vs psld_fast (sliced W2, 95% CI)", "",
+             f"Command: `python bench/compare_kdiffusion.py --mixture` (git {git_revision()}).", "",
+             "8 components in 8-d, means N(0, 1), stds uniform 0.1 .. 0.3 (torch seed 0), equal weights; one exact "
+             "denoiser for both libraries (`as_edm_denoiser`, float64). n = "
+             f"{n} samples per cell; sliced W2 (256 projections) to 20000 exact draws with a 95% bootstrap CI "
+             "(`psld_fast.metrics.sliced_wasserstein_ci`). k-diffusion: Karras 0.002 .. 80, rho 7, default noise (torch "
+             "seed 0; Brownian tree for dpmpp_2m_sde / dpmpp_3m_sde); psld_fast: `DenoiserModel` + `sample` (defaults, "
+             f"quadratic grid, default start, seeds 0..n-1). **Floor** ({n} exact draws vs the reference): "
+             f"{floor['value']:.4f} [{floor['lo']:.4f}, {floor['hi']:.4f}]. Best per column in bold.", ""]
+    lines += md_table(by, list(nfes)) + [""]
+    (OUT / "mixture.md").write_text("\n".join(lines) + "\n")
+    (OUT / "mixture_floor.txt").write_text(f"{floor['value']:.6g} {floor['lo']:.6g} {floor['hi']:.6g}\n")
+
+
+# --------------------------------------------------------------------------------- learned
+def part_learned(args):
+    import compare_learned as cl
+    from psld_fast.learned import load_learned
+
+    print(f"[{now()}] learned", flush=True)
+    nfes = (10, 20) if args.quick else (10, 20, 50)
+    n = args.learned_n or (100 if args.quick else 500)
+    model = load_learned("digits")
+    model.eval()
+    den = pf.as_denoiser(model)
+    quality, real, acc = cl._digits_quality(argparse.Namespace(n_boot=100))
+    idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(5))[:n]
+    qf, fdf, cf = quality(real[idx])
+    print(f"  floor: {n} real digits: FD-dig {fdf:.3f}, SW {qf['value']:.4f}; classifier acc {acc:.4f}", flush=True)
+    smin, smax = den.sigma_min, SIGMA_MAX
+    rows = []
+    cells = [("k-diffusion", s) for s in ("dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral")] + \
+            [("psld_fast", s) for s in ("em", "sscs", "reduced_oba")]
+    for lib, name in cells:
+        for nfe in nfes:
+            t0 = time.perf_counter()
+            if lib == "k-diffusion":
+                x, spent = kd_run(name, nfe, den, model.shape, n, sigma_min=smin, sigma_max=smax, dtype=torch.float32)
+            else:
+                x, spent = psld_run(model, name, nfe, n, dtype=torch.float32, backend="auto")
+            wall = time.perf_counter() - t0
+            x = x.double().cpu()
+            ok = bool(torch.isfinite(x).all())
+            q, fd, conf = quality(x) if ok else (None, None, None)
+            rows.append(dict(testbed="digits", library=lib, sampler=name, label=f"{lib} {name}", nfe=nfe,
+                             nfe_spent=spent, fd_dig=fd if fd is not None else float("inf"),
+                             sw=q["value"] if q else None, sw_lo=q["lo"] if q else None, sw_hi=q["hi"] if q else None,
+                             confidence=conf, n=n, seconds=wall))
+            print(f"  {lib:11s} {name:16s} nfe {nfe:3d} ({spent}): FD-dig {rows[-1]['fd_dig']:.3f} "
+                  f"SW {rows[-1]['sw']} ({wall:.1f}s)", flush=True)
+    write_csv(rows, OUT / "learned.csv")
+    by_fd, by_sw = {}, {}
+    for r in rows:
+        note = f" ({r['nfe_spent']})" if r["nfe_spent"] != r["nfe"] else ""
+        by_fd.setdefault(r["label"], {})[r["nfe"]] = (r["fd_dig"], f"{r['fd_dig']:.3f}{note}")
+        if r["sw"] is not None:
+            by_sw.setdefault(r["label"], {})[r["nfe"]] = (r["sw"], f"{r['sw']:.4f} [{r['sw_lo']:.4f}, {r['sw_hi']:.4f}]")
+    lines = ["# Learned PSLD digits network: psld_fast natively vs k-diffusion through as_denoiser", "",
+             f"Command: `python bench/compare_kdiffusion.py --learned` (git {git_revision()}).", "",
+             "`load_learned('digits')` (small U-Net, EMA weights, 16x16). psld_fast samples it natively (its PSLD "
+             "process, T = 1, eps_end 1e-3, library defaults, quadratic grid, float32, seeds 0..n-1); k-diffusion runs "
+             f"its samplers unchanged on `psld_fast.as_denoiser(model)` (exact reverse lift) with Karras sigmas "
+             f"{smin:.4f} (sigma_y(eps_end)) .. 80, rho 7, float32, torch seed 0. n = {n} samples per cell. Metric: "
+             "FD-dig of bench/compare_learned.py (Frechet distance in the 64-d features of its digit classifier, "
+             f"train accuracy {acc:.4f}; functions imported from there), samples clipped to [-1, 1]. **Floor** "
+             f"({n} real digits vs all 1797): FD-dig {fdf:.3f}, SW {qf['value']:.4f}. Best per column in bold.", "",
+             "## FD-dig", ""] + md_table(by_fd, list(nfes)) + ["", "## Sliced W2 to the real digits [95% CI]", ""] + \
+        md_table(by_sw, list(nfes)) + [""]
+    (OUT / "learned.md").write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------- speed
+class _ZeroEps(torch.nn.Module):
+    """Zero-cost eps net / denoiser: returns a preallocated zero tensor of its input's shape."""
+
+    def __init__(self):
+        super().__init__()
+        self._z = None
+
+    def forward(self, u, *args, **kw):
+        if self._z is None or self._z.shape != u.shape or self._z.dtype != u.dtype:
+            self._z = torch.zeros_like(u)
+        return self._z
+
+
+class _SmallNet(torch.nn.Module):
+    """A small network: conv 3x3 C->32, SiLU, conv 3x3 32->C on images; MLP C-64-64-C on vectors."""
+
+    def __init__(self, C, image):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        if image:
+            self.f = torch.nn.Sequential(torch.nn.Conv2d(C, 32, 3, padding=1), torch.nn.SiLU(),
+                                         torch.nn.Conv2d(32, C, 3, padding=1))
+        else:
+            self.f = torch.nn.Sequential(torch.nn.Linear(C, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64),
+                                         torch.nn.SiLU(), torch.nn.Linear(64, C))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+    def forward(self, u, *args, **kw):
+        return self.f(u)
+
+
+def part_speed(args):
+    from _benchutil import header
+
+    import warnings
+
+    print(f"[{now()}] speed", flush=True)
+    warnings.simplefilter("ignore")  # zero-cost nets leave the data range (sample warns); timing only
+    dev = torch.device("cpu")
+    threads = torch.get_num_threads()
+    head = header("compare_kdiffusion --speed", dev, threads)
+    print(head, flush=True)
+    nfe = 20 if args.quick else 50
+    rounds = 3 if args.quick else 5
+    Bs = (1, 16) if args.quick else (1, 16, 64)
+    sde = pf.PSLD()
+    rows = []
+    for shape in ((3, 32, 32), (2,)):
+        C = shape[0]
+        for kind in ("zero", "net"):
+            for B in Bs:
+                if kind == "zero":
+                    eps_net, den_net = _ZeroEps(), _ZeroEps()
+                else:
+                    eps_net, den_net = _SmallNet(2 * C, len(shape) == 3), _SmallNet(C, len(shape) == 3)
+                native = pf.EpsModel(eps_net, sde=sde, shape=shape)
+                lifted = pf.DenoiserModel(den_net, shape, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+                den = (lambda net: (lambda x, sigma, **kw: net(x)))(den_net)
+                seeds = torch.arange(B)
+                sig = karras(nfe).float()
+                x0 = torch.randn(B, *shape) * 80.0
+
+                def psld_call(model):
+                    return lambda: pf.sample(model, B, sampler="reduced_oba", nfe=nfe, seeds=seeds, progress=False,
+                                             backend="auto")
+
+                def kd_call(name):
+                    return lambda: kd_fn(name)(den, x0.clone(), sig, disable=True)
+
+                fns = {"psld_fast native reduced_oba": psld_call(native),
+                       "psld_fast lifted reduced_oba": psld_call(lifted),
+                       "k-diffusion euler_ancestral": kd_call("euler_ancestral"),
+                       "k-diffusion dpmpp_2m": kd_call("dpmpp_2m"),
+                       "k-diffusion dpmpp_2m_sde (Brownian tree)": kd_call("dpmpp_2m_sde")}
+                with torch.no_grad():
+                    times = interleaved(fns, dev, rounds=rounds, warmup=1, min_rounds=rounds)
+                ratio = statistics.median(l / n_ for l, n_ in zip(times["psld_fast lifted reduced_oba"],
+                                                                  times["psld_fast native reduced_oba"]))
+                for name, t in times.items():
+                    rows.append(dict(shape="x".join(map(str, shape)), kind=kind, B=B, variant=name, nfe=nfe,
+                                     us_per_nfe_min=min(t) / nfe * 1e6, us_per_nfe_median=statistics.median(t) / nfe * 1e6,
+                                     rounds=len(t), lifted_over_native=ratio if "lifted" in name else None))
+                print(f"  {shape} {kind:4s} B {B:3d}: " + ", ".join(
+                    f"{k.split(' ', 1)[1][:22]} {min(v) / nfe * 1e6:.0f}" for k, v in times.items()) +
+                    f" us/NFE (min); lifted/native {ratio:.2f}", flush=True)
+    load_end = load_average()
+    write_csv(rows, OUT / "speed.csv")
+    lines = ["# Speed: per-NFE cost, psld_fast vs k-diffusion (CPU, interleaved rounds)", "",
+             f"Command: `python bench/compare_kdiffusion.py --speed` (git {git_revision()}).", "",
+             f"`{head.lstrip('# ')}`; load average at the end {load_end}.", "",
+             f"Each cell: one full sampling run of NFE {nfe} per variant per round, the variants interleaved round by "
+             f"round in one process (bench/_benchutil.interleaved), {rounds} rounds after 1 warm-up; microseconds per "
+             "NFE as min / median over rounds. psld_fast rows are `psld_fast.sample(..., backend='auto')` (CPU fused "
+             "kernels; the native PSLD model moves x and m, twice the data), k-diffusion rows its samplers unchanged "
+             "on Karras sigmas. **zero**: a zero-cost network (returns a preallocated zero tensor; for the lifted "
+             "model the denoiser, for the native model the eps net); **net**: a small network (images: conv 3x3 "
+             "C->32, SiLU, conv 32->C; 2-D: MLP C-64-64-C; the native PSLD net has 2C channels in and out, the "
+             "denoiser C). lifted/native = median over rounds of the per-round ratio (issue floor: <= 1.25 with the "
+             "zero-cost network).", "",
+             "| shape | network | B | " + " | ".join(fns) + " | lifted / native |",
+             "|---|---|---|" + "---|" * len(fns) + "---|"]
+    for shape in sorted({r["shape"] for r in rows}, reverse=True):
+        for kind in ("zero", "net"):
+            for B in Bs:
+                rs = [r for r in rows if r["shape"] == shape and r["kind"] == kind and r["B"] == B]
+                if not rs:
+                    continue
+                cells = [f"{r['us_per_nfe_min']:.0f} / {r['us_per_nfe_median']:.0f}" for r in rs]
+                rat = next(r["lifted_over_native"] for r in rs if r["lifted_over_native"] is not None)
+                lines.append(f"| {shape} | {kind} | {B} | " + " | ".join(cells) + f" | {rat:.2f} |")
+    (OUT / "speed.md").write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------- summary
+PLOT_LABELS = ("k-diffusion dpmpp_2m", "k-diffusion dpmpp_2m_sde", "k-diffusion euler_ancestral", "k-diffusion heun",
+               "k-diffusion dpmpp_3m_sde", "k-diffusion lms", "psld_fast reduced_oba", "psld_fast sscs", "psld_fast em", "psld_fast rvv",
+               "psld_fast reduced_oba (k_sampling, Karras sigmas)")
+
+
+def _panels():
+    """[(title, metric name, rows with 'label', 'nfe', 'value', floor or None)]"""
+    panels = []
+    ex = read_csv(OUT / "exact.csv")
+    for tb, title in (("a1", "(a1) 16-d Gaussian, var 1e-3..1"), ("a2", "(a2) stiff Gaussian, var 1e-5..1")):
+        rs = [dict(label=r["label"], nfe=int(r["nfe"]), value=float(r["w2"])) for r in ex if r["testbed"] == tb]
+        if rs:
+            panels.append((title, "exact W2", rs, None))
+    er = read_csv(OUT / "errors.csv")
+    for kind in ERROR_KINDS:
+        rs = [dict(label=r["label"], nfe=int(r["nfe"]), value=float(r["w2"])) for r in er if r["testbed"] == f"a1-{kind}"]
+        if rs:
+            panels.append((f"(a1) with {kind} denoiser error", "exact W2", rs, None))
+    mx = read_csv(OUT / "mixture.csv")
+    if mx:
+        fl = (OUT / "mixture_floor.txt")
+        floor = float(fl.read_text().split()[0]) if fl.exists() else None
+        panels.append(("8-d mixture", "sliced W2", [dict(label=r["label"], nfe=int(r["nfe"]), value=float(r["sw"]))
+                                                    for r in mx], floor))
+    le = read_csv(OUT / "learned.csv")
+    if le:
+        import re
+
+        md = (OUT / "learned.md").read_text() if (OUT / "learned.md").exists() else ""
+        hit = re.search(r"\*\*Floor\*\* \(\d+ real digits vs all 1797\): FD-dig ([0-9.]+)", md)
+        panels.append((f"learned PSLD digits net (n = {le[0]['n']})", "FD-dig",
+                       [dict(label=r["label"], nfe=int(r["nfe"]), value=float(r["fd_dig"])) for r in le],
+                       float(hit.group(1)) if hit else None))
+    return panels
+
+
+def plot(path: Path):
+    from psld_fast.plotting import PlotUnavailable, require_matplotlib, save_figure
+
+    try:
+        plt = require_matplotlib()
+    except PlotUnavailable as exc:
+        print(f"compare_kdiffusion: {path.name} not drawn: {exc}", file=sys.stderr)
+        return
+    panels = _panels()
+    if not panels:
+        return
+    cols = 3
+    rows_ = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_, cols, figsize=(5.2 * cols, 4.0 * rows_), squeeze=False)
+    handles = {}
+    for ax, (title, metric, rs, floor) in zip(axes.ravel(), panels):
+        labels = [l for l in dict.fromkeys(r["label"] for r in rs)
+                  if l in PLOT_LABELS or not any(l2 in PLOT_LABELS for l2 in {r["label"] for r in rs})]
+        for lab in labels:
+            cut = 50 if metric != "FD-dig" else math.inf  # W2 beyond 50: diverged, off the plot
+            pts = sorted((r["nfe"], r["value"]) for r in rs if r["label"] == lab and math.isfinite(r["value"]))
+            pts = [p for p in pts if p[1] < cut]
+            if not pts:
+                continue
+            i = PLOT_LABELS.index(lab) if lab in PLOT_LABELS else len(PLOT_LABELS)
+            kdl = lab.startswith("k-diffusion")
+            style = "-" if kdl else "--"
+            color = plt.cm.tab20((2 * i if i < 10 else 2 * (i - 10) + 1) % 20)
+            h, = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o" if kdl else "s", ms=3.5,
+                         lw=1.5, color=color, label=lab)
+            handles.setdefault(lab, h)
+        if floor is not None:
+            ax.axhline(floor, color="0.5", ls=":", lw=1)
+            handles.setdefault("data floor (law vs itself)", ax.lines[-1])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        nf = sorted({r["nfe"] for r in rs})
+        ax.set_xticks(nf)
+        ax.set_xticklabels([str(v) for v in nf])
+        ax.minorticks_off()
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(f"{metric} (lower is better)")
+        ax.grid(True, alpha=0.3)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.01))
+    fig.suptitle("psld_fast (dashed, squares) vs k-diffusion (solid, circles): same denoisers, NFE counted", fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+    save_figure(fig, path)
+
+
+def _best(rs, lib, nfe, key="value"):
+    c = [r for r in rs if r["label"].startswith(lib) and r["nfe"] == nfe and math.isfinite(r[key])]
+    return min(c, key=lambda r: r[key]) if c else None
+
+
+def _verdict_lines():
+    """What we win and what we lose, computed from the CSVs (so a rerun keeps the text true)."""
+    out = ["## What we win and what we lose", ""]
+    ex = read_csv(OUT / "exact.csv")
+    if ex:
+        for tb in ("a1", "a2"):
+            rs = [r for r in ex if r["testbed"] == tb]
+            ro = {int(r["nfe"]): float(r["w2"]) for r in rs if r["label"] == "psld_fast reduced_oba"}
+            for nfe in (20,):
+                kd20 = sorted((float(r["w2"]), r["sampler"]) for r in rs if r["library"] == "k-diffusion"
+                              and int(r["nfe"]) == nfe)
+                better = [f"{n} {w:.4f}" for w, n in kd20 if w < ro[nfe]]
+                out.append(f"- ({tb}) NFE {nfe}: lifted Reduced OBA (defaults, default start) {ro[nfe]:.4f}; best "
+                           f"k-diffusion {kd20[0][1]} {kd20[0][0]:.4f}. " + (
+                               "It is below every k-diffusion sampler." if not better else
+                               "k-diffusion samplers below it: " + ", ".join(better) + "."))
+            for nfe in (10, 50, 100):
+                kdb = min((float(r["w2"]), r["sampler"]) for r in rs if r["library"] == "k-diffusion" and int(r["nfe"]) == nfe)
+                psb = min((float(r["w2"]), r["label"][10:]) for r in rs if r["library"] == "psld_fast" and int(r["nfe"]) == nfe)
+                out.append(f"- ({tb}) NFE {nfe}: best psld_fast {psb[1]} {psb[0]:.4f} vs best k-diffusion {kdb[1]} "
+                           f"{kdb[0]:.4f} ({'we win' if psb[0] < kdb[0] else 'we lose'}, x{psb[0] / kdb[0]:.2f}).")
+        out.append("- On the exact Gaussians psld_fast wins at the lowest budgets (NFE 10-20: SSCS, Reduced OBA) and "
+                   "loses at NFE 50-100 to k-diffusion's multistep solvers (lms, dpmpp_2m, dpmpp_3m_sde), whose error "
+                   "falls faster with NFE; our best rows there are first-order-like. Per NFE, with counted calls.")
+    mx = read_csv(OUT / "mixture.csv")
+    if mx:
+        fl = (OUT / "mixture_floor.txt").read_text().split() if (OUT / "mixture_floor.txt").exists() else None
+        for nfe in sorted({int(r["nfe"]) for r in mx}):
+            kdb = min(((float(r["sw"]), r["sampler"], r["lo"], r["hi"]) for r in mx
+                       if r["library"] == "k-diffusion" and int(r["nfe"]) == nfe))
+            psb = min(((float(r["sw"]), r["sampler"], r["lo"], r["hi"]) for r in mx
+                       if r["library"] == "psld_fast" and int(r["nfe"]) == nfe))
+            overlap = float(psb[3]) >= float(kdb[2]) and float(kdb[3]) >= float(psb[2])
+            out.append(f"- 8-d mixture NFE {nfe}: best psld_fast {psb[1]} {psb[0]:.4f} [{float(psb[2]):.4f}, "
+                       f"{float(psb[3]):.4f}] vs best k-diffusion {kdb[1]} {kdb[0]:.4f} [{float(kdb[2]):.4f}, "
+                       f"{float(kdb[3]):.4f}]" + (" (CIs overlap: not resolved)" if overlap else "") + ".")
+        if fl:
+            out.append(f"  The sliced-W2 floor at this n is {float(fl[0]):.4f}: at NFE 50 every sampler is near it.")
+    le = read_csv(OUT / "learned.csv")
+    if le:
+        for nfe in sorted({int(r["nfe"]) for r in le}):
+            kdb = min((float(r["fd_dig"]), r["sampler"]) for r in le if r["library"] == "k-diffusion" and int(r["nfe"]) == nfe)
+            psb = min((float(r["fd_dig"]), r["sampler"]) for r in le if r["library"] == "psld_fast" and int(r["nfe"]) == nfe)
+            out.append(f"- learned digits net NFE {nfe}: best psld_fast (native) {psb[1]} FD-dig {psb[0]:.2f} vs best "
+                       f"k-diffusion (through as_denoiser) {kdb[1]} {kdb[0]:.2f} ({'we win' if psb[0] < kdb[0] else 'we lose'}).")
+    sp = read_csv(OUT / "speed.csv")
+    if sp:
+        rat = [float(r["lifted_over_native"]) for r in sp if r["lifted_over_native"] not in ("", None)]
+        zero = [r for r in sp if r["kind"] == "zero"]
+        big = max(zero, key=lambda r: (int(np.prod([int(v) for v in r["shape"].split("x")])) * int(r["B"])))
+        cell = {r["variant"]: float(r["us_per_nfe_min"]) for r in zero if r["shape"] == big["shape"] and r["B"] == big["B"]}
+        out.append(f"- Speed: lifted / native per NFE {min(rat):.2f} .. {max(rat):.2f} over every shape and batch "
+                   f"(floor <= 1.25: {'met' if max(rat) <= 1.25 else 'NOT met'}). Zero-cost network, ({big['shape']}) "
+                   f"B = {big['B']}: psld_fast reduced_oba {cell['psld_fast lifted reduced_oba']:.0f} us/NFE (lifted), "
+                   f"k-diffusion euler_ancestral {cell['k-diffusion euler_ancestral']:.0f}, dpmpp_2m "
+                   f"{cell['k-diffusion dpmpp_2m']:.0f} (no noise to draw), dpmpp_2m_sde with its Brownian tree "
+                   f"{cell['k-diffusion dpmpp_2m_sde (Brownian tree)']:.0f}. At small states psld_fast's per-NFE cost is "
+                   "the lowest; at large states a stochastic psld_fast step costs about what euler_ancestral does "
+                   "(the noise draw dominates) and more than deterministic dpmpp_2m.")
+    return out + [""]
+
+
+def summary_md(args):
+    panels = _panels()
+    plot(OUT / "kdiffusion.png")
+    lines = ["# psld_fast side by side with k-diffusion", "",
+             f"Regenerate: `python bench/compare_kdiffusion.py` (all parts; `--protocol --exact --mixture --errors "
+             f"--learned --speed` run one each). k-diffusion {kd().version}, run unchanged through "
+             "`psld_fast.peers.load_kdiffusion()`; one denoiser for both libraries in every cell; NFE counted by a call "
+             "counter on the denoiser. Details and every row: start_protocol.md, exact.md, mixture.md, errors.md, "
+             "learned.md, speed.md (and the CSVs) in this folder. Plot: `kdiffusion.png`.", "",
+             "![metric vs NFE](kdiffusion.png)", ""]
+    if (OUT / "start_protocol.md").exists():
+        txt = (OUT / "start_protocol.md").read_text().splitlines()
+        dec = [l for l in txt if l.startswith("- **") or l.startswith("`psld_fast.lift.DEFAULT_START")]
+        lines += ["## Start knob of lifted models (docs/any_model_protocol.md)", ""] + dec + [""]
+    lines += _verdict_lines()
+    lines += ["## Best of each library per cell", "",
+              "Per testbed and NFE: the best psld_fast row against the best k-diffusion row (all rows of the tables, "
+              "lambda_s variants and start=T included), and their ratio (< 1: psld_fast better).", "",
+              "| testbed | metric | NFE | best psld_fast | best k-diffusion | ratio |", "|---|---|---|---|---|---|"]
+    wins = losses = 0
+    for title, metric, rs, floor in panels:
+        for nfe in sorted({r["nfe"] for r in rs}):
+            a, b = _best(rs, "psld_fast", nfe), _best(rs, "k-diffusion", nfe)
+            if a is None or b is None:
+                continue
+            ratio = a["value"] / b["value"]
+            wins += ratio < 1
+            losses += ratio >= 1
+            lines.append(f"| {title} | {metric} | {nfe} | {a['label'][10:]} {fmt(a['value'])} | {b['label'][12:]} "
+                         f"{fmt(b['value'])} | {'**' if ratio < 1 else ''}{ratio:.2f}{'**' if ratio < 1 else ''} |")
+    lines += ["", f"psld_fast's best row is better in {wins} of {wins + losses} (testbed, NFE) cells and worse in "
+              f"{losses}.", ""]
+    for fn, head in (("exact.md", "## Exact Gaussian testbeds (exact W2)"), ("mixture.md", "## 8-d mixture"),
+                     ("errors.md", "## Controlled denoiser errors"), ("learned.md", "## Learned digits network"),
+                     ("speed.md", "## Speed")):
+        if (OUT / fn).exists():
+            body = (OUT / fn).read_text().splitlines()[1:]
+            body = [l.replace("## ", "### ", 1) if l.startswith("## ") else l for l in body]
+            lines += [head] + body + [""]
+    (OUT / "kdiffusion.md").write_text("\n".join(lines) + "\n")
+
 # ------------------------------------------------------------------------------------- main
 PARTS = ("protocol", "exact", "mixture", "errors", "learned", "speed")
 
@@ -467,6 +1079,7 @@ def main(argv=None):
         ap.add_argument(f"--{p}", action="store_true", help=f"run the {p} part")
     ap.add_argument("--quick", action="store_true", help="fewer cells (smoke run)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--learned-n", type=int, default=None, help="samples per cell of --learned (default 500)")
     ap.add_argument("--plot-only", action="store_true", help="only redraw kdiffusion.png / kdiffusion.md from the CSVs")
     args = ap.parse_args(argv)
     pin_threads(args.threads)
