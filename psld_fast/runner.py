@@ -311,7 +311,11 @@ def compiled_model(model: EpsModel, mode: str) -> EpsModel:
     shape.  The cache keeps the last ``COMPILE_CACHE_SIZE`` networks alive (a compiled network
     holds its original); :func:`clear_compile_cache` empties it.
     """
-    net = model.net if type(model) is EpsModel and model.net is not None else model
+    lifted = hasattr(model, "lifted") and getattr(model, "denoiser", None) is not None
+    if lifted:  # a lifted model: compile its denoiser, keep the fused lifted loop
+        net = model.denoiser
+    else:
+        net = model.net if type(model) is EpsModel and model.net is not None else model
     key = (id(net), mode)
     with _compile_lock:
         hit = _compiled.get(key)
@@ -327,6 +331,15 @@ def compiled_model(model: EpsModel, mode: str) -> EpsModel:
             _compiled[key] = (ref, compiled)
             while len(_compiled) > COMPILE_CACHE_SIZE:
                 _compiled.popitem(last=False)
+    if lifted:
+        import copy
+
+        twin = copy.copy(model)
+        twin.__dict__ = dict(model.__dict__)
+        twin._modules = dict(model._modules)
+        twin._modules.pop("denoiser", None)
+        twin.__dict__["denoiser"] = compiled
+        return twin
     return EpsModel(compiled, sde=model.sde, shape=model.shape, name=getattr(model, "name", None))
 
 
@@ -334,7 +347,8 @@ def warm_compiled(model: EpsModel, program: Program, B: int, dtype, device) -> f
     """Run the compiled network once on a (B, 2C, ...) state if this (network, shape, dtype) has not
     run yet, so that compilation happens here and not inside the timed loop; returns the seconds
     spent (0 when already warm)."""
-    key = (id(model.net), B, tuple(model.shape), dtype, str(device))
+    net = getattr(model, "denoiser", None)
+    key = (id(net if net is not None else model.net), B, tuple(model.shape), dtype, str(device))
     with _compile_lock:
         if key in _warmed:
             return 0.0
