@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from ._io import check_writable_dir, check_writable_file  # noqa: F401  (re-exported: used by the CLI modules)
+
 __all__ = ["OneLineParser", "DTYPES", "SeedList", "parse_seeds", "MAX_SEEDS", "INT64_MIN", "INT64_MAX", "add_model_args",
            "add_sampler_args", "add_threads_arg", "apply_threads", "default_threads", "load_model",
-           "resolve_device", "sampler_kwargs", "check_writable_file", "check_writable_dir", "join_negative_seeds"]
+           "resolve_device", "check_backend", "format_rate", "sampler_kwargs", "check_writable_file", "check_writable_dir", "join_negative_seeds"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -235,6 +237,26 @@ def resolve_device(text: str | None) -> torch.device:
     return device
 
 
+def format_rate(per_second: float) -> str:
+    """A rate for the speed lines: one decimal from 1/s up, else three significant digits (never
+    "0.0" for a slow run)."""
+    return f"{per_second:.1f}" if per_second >= 1 else f"{per_second:.3g}"
+
+
+def check_backend(args) -> None:
+    """``--backend`` (or ``$PSLD_FAST_BACKEND``) checked against the device and dtype before anything
+    is loaded: ValueError saying why it cannot run and what to do."""
+    from .ops import ENV_BACKEND, unavailable_reason
+
+    name, flag = args.backend, f"--backend {args.backend}"
+    if name is None:
+        name = os.environ.get(ENV_BACKEND) or "auto"
+        flag = f"{ENV_BACKEND}={name}"
+    why = unavailable_reason(name, resolve_device(getattr(args, "device", None)), DTYPES.get(getattr(args, "dtype", None)))
+    if why is not None:
+        raise ValueError(f"{flag}: {why}")
+
+
 def sampler_kwargs(args) -> dict:
     kw = dict(lambda_s=args.lambda_s, lambda_reading=args.lambda_reading, net_time=args.net_time,
               schedule=args.schedule, denoise=not args.no_denoise, split=args.split, coupling=args.coupling,
@@ -242,34 +264,3 @@ def sampler_kwargs(args) -> dict:
     if getattr(args, "ci_lambda", None) is not None:  # only the conjugate samplers take it
         kw["ci_lambda"] = args.ci_lambda
     return kw
-
-
-# ------------------------------------------------------------------------------------- output paths
-def check_writable_dir(folder: Path, what: str = "output folder", _file: Path | None = None) -> None:
-    """ValueError unless ``folder`` is (or can be created as) a writable folder."""
-    folder = Path(folder)
-    head = f"{what} {_file if _file is not None else folder}"
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{head}: {folder} is an existing file, not a folder; choose another path"
-                         if _file is not None else f"{head} is an existing file, not a folder; choose another path")
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"{head}: {probe} is an existing file, not a folder; choose another path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{head}: {probe} is not writable; choose a writable location")
-
-
-def check_writable_file(path: Path, suffixes: tuple[str, ...] | None = None, what: str = "output file") -> None:
-    """ValueError unless ``path`` names a file that can be written (checked before any work)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{what} {path} is an existing folder; give a file name"
-                         + (f" ending in {' or '.join(suffixes)}" if suffixes else ""))
-    if suffixes is not None and path.suffix.lower() not in suffixes:
-        raise ValueError(f"{what} {path}: unsupported suffix {path.suffix or '(none)'!r}; use one of "
-                         f"{', '.join(suffixes)}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{what} {path} exists and is not writable")
-    check_writable_dir(path.parent if str(path.parent) else Path("."), what=what, _file=path)
