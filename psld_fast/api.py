@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,9 +18,9 @@ import torch
 
 from .graphs import get_runner, use_cuda_graph
 from .guards import MAX_NFE, as_count, check_data_range, check_memory, seeds_int64, warn_at_caller
-from .models import EpsModel
+from .models import EpsModel, GaussianMixture, as_shape
 from .runner import (as_step_eps, compile_mode, compiled_model, nonfinite, raise_if_nonfinite,  # noqa: F401
-                     run_program, warm_compiled)
+                     run_program, warm_compiled, warn_if_training)
 from .samplers import ALL_SAMPLERS, compile_sampler
 
 __all__ = ["sample", "SampleResult", "DEFAULT_SEED", "make_seeds"]
@@ -50,9 +51,10 @@ class SampleResult:
 
     @property
     def samples_per_second(self) -> float:
-        """Samples per second of sampling: the total minus the network's one-off compilation."""
-        busy = self.timings.get("total", 0.0) - self.timings.get("net_compile", 0.0)
-        return self.x.shape[0] / max(busy, 1e-12)
+        """Samples per second of the sampling loop, ``timings["sampling"]``: the same time that gives
+        the per-NFE cost (``timings["sampling"] / nfe``), without the one-off compilation of the
+        sampler program (``timings["compile"]``) and of the network (``timings["net_compile"]``)."""
+        return self.x.shape[0] / max(self.timings.get("sampling", 0.0), 1e-12)
 
 
 def make_seeds(num_samples: int, seeds=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -73,7 +75,7 @@ def _as_model(model, sde, shape) -> EpsModel:
                 if isinstance(model.__dict__.get(k), dict):
                     model.__dict__[k] = dict(model.__dict__[k])
         if shape is not None:
-            model.shape = tuple(shape)
+            model.shape = as_shape(shape)
         if sde is not None:
             model.sde = sde
     elif callable(model):
@@ -83,6 +85,10 @@ def _as_model(model, sde, shape) -> EpsModel:
     if model.shape is None:
         raise ValueError("sample: the data shape of one sample is unknown; pass shape=(C, ...) "
                          "or wrap the network as EpsModel(net, sde, shape)")
+    if isinstance(model, GaussianMixture) and math.prod(model.shape) != model.means.shape[1]:
+        raise ValueError(f"shape={tuple(model.shape)} does not fit this analytic model: its samples hold "
+                         f"{model.means.shape[1]} values, not "
+                         f"{math.prod(model.shape)}")
     return model
 
 
@@ -149,6 +155,7 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     model = _as_model(model, sde, shape)
     device = _check_device(model, device)
+    warn_if_training(model)  # every path: eager CPU/GPU and CUDA graphs
     check_memory(num_samples, min(batch_size or 1024, num_samples), model.shape, dtype, device)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # re-issued at the caller's line below
