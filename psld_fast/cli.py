@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .api import sample
 from .cli_common import DTYPES as _DTYPES
-from .cli_common import (OneLineParser, add_model_args, add_sampler_args, add_threads_arg, apply_threads, check_writable_file,
+from .cli_common import (OneLineParser, add_model_args, add_sampler_args, add_threads_arg, apply_threads, check_backend, check_writable_file, format_rate,
                          join_negative_seeds, load_model, parse_seeds, resolve_device, sampler_kwargs)
 from .models import GaussianMixture, get_preset
 from .samplers import ALL_SAMPLERS, SAMPLER_SPECS
@@ -159,7 +159,8 @@ def cmd_sample(args) -> int:
     print(f"sampler    {args.sampler}  NFE {res.nfe}  schedule {args.schedule}  lambda_s {info['lambda_s']:g}"
           f"  net_time {info['net_time']}  split {info['split']}  coupling {info['coupling']}"
           + (f"  ci_lambda {info['ci_lambda']:g}" if info.get("ci_lambda") is not None else ""))
-    print(f"samples    {n}  wall {wall:.2f} s  ({res.samples_per_second:.1f} samples/s, "
+    print(f"samples    {n}  wall {wall:.2f} s  (sampling {res.timings['sampling']:.2f} s: "  # one timing for both rates
+          f"{format_rate(res.samples_per_second)} samples/s, "
           f"{1e3 * res.timings['sampling'] / max(res.nfe, 1):.2f} ms per NFE)")
     if "net_compile" in res.timings:
         print(f"compile    torch.compile(mode={args.compile!r}) of the network: "
@@ -219,6 +220,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+#: What an interrupted command leaves behind (every file is written atomically: nothing half-written).
+_INTERRUPTED = {
+    "generate": "; the finished sample files are kept: rerun the same command to resume",
+    "sweep": "; the finished cells are in sweep.csv: rerun the same command to resume",
+    "train": "; rerun the same command to resume from the last checkpoint",
+}
+
+
 def main(argv=None) -> int:
     """Run a subcommand; a mistake the user can fix is one line on stderr and exit code 2."""
     parser = build_parser()
@@ -238,6 +247,8 @@ def main(argv=None) -> int:
         apply_threads(args)
         if getattr(args, "device", None):  # every subcommand: checked before anything is loaded
             resolve_device(args.device)
+        if hasattr(args, "backend"):
+            check_backend(args)
         handler = getattr(args, "func", None) or {"sample": cmd_sample, "compare": cmd_compare,
                                                   "info": cmd_info}[args.command]
         return handler(args)
@@ -247,6 +258,9 @@ def main(argv=None) -> int:
             text += f": {exc.filename}"
         print(f"psld-fast {args.command}: error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT, no traceback
+        print(f"psld-fast {args.command}: interrupted{_INTERRUPTED.get(args.command, '')}", file=sys.stderr)
+        return 130
     finally:
         warnings.showwarning = previous
 

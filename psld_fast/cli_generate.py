@@ -16,7 +16,7 @@ from pathlib import Path
 from ._io import write_atomic
 from .cli_common import DTYPES as _DTYPES
 from .cli_common import (add_model_args, add_sampler_args, add_threads_arg, check_writable_dir, check_writable_file,
-                         load_model, parse_seeds, sampler_kwargs)
+                         format_rate, load_model, parse_seeds, sampler_kwargs)
 
 __all__ = ["register"]
 
@@ -149,7 +149,7 @@ def cmd_generate(args) -> int:
               f"device {s['device']}  backend {s['backend']}  ranks {s['world_size']}")
         print(f"samples    {s['requested']} requested: {s['written']} written, {s['skipped']} already there"
               + (f", {s['removed_temp_files']} stale temporary files removed" if s["removed_temp_files"] else ""))
-        rate = f"{s['samples_per_second']:.1f} samples/s" if s["written"] else "nothing to do"
+        rate = f"{format_rate(s['samples_per_second'])} samples/s" if s["written"] else "nothing to do"
         per_k = f", {1000.0 / s['samples_per_second']:.1f} s per 1000 samples" if s["written"] else ""
         print(f"time       {s['seconds']:.2f} s ({rate}{per_k})")
         print(f"wrote      {s['out_dir']}")

@@ -1,0 +1,183 @@
+"""What a new user hits (issue 20): errors that name the problem (one line, exit code 2 on the
+command line), checks made before the expensive work, warnings on every sampling path, a clean
+Ctrl-C and speed lines whose numbers agree."""
+import re
+import time
+import warnings
+
+import pytest
+import torch
+
+import psld_fast as pf
+from psld_fast.checkpoint import CheckpointError, load_psld_checkpoint
+from psld_fast.cli import main
+
+
+def _err(capsys, argv):
+    """Run the CLI in-process; the one stderr line of a mistake (exit code 2, no traceback)."""
+    code = None
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, (argv, code, err)
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# ------------------------------------------------------------------------ 1. truncated checkpoints
+@pytest.fixture(scope="module")
+def digits_bytes():
+    from psld_fast.learned import learned_path
+
+    return learned_path("digits").read_bytes()
+
+
+@pytest.mark.parametrize("cut", [3000, 5000, 20000, 70000, 1_000_000])
+def test_truncated_checkpoint_is_named_as_truncated(tmp_path, capsys, digits_bytes, cut):
+    """Cut between ~4 KB and ~70 KB, torch's zip reader fails with a bare EINVAL OSError."""
+    path = tmp_path / "t.ckpt"
+    path.write_bytes(digits_bytes[:cut])
+    err = _err(capsys, ["sample", "--checkpoint", str(path), "--no-progress", "--out", str(tmp_path / "o.png")])
+    assert err == f"psld-fast sample: error: {path} is truncated or corrupt (not a complete torch.save archive)" \
+        or err.startswith(f"psld-fast sample: error: {path} is truncated or corrupt (not a complete torch.save archive;"), err
+    with pytest.raises(CheckpointError, match=re.escape(f"{path} is truncated or corrupt")):
+        load_psld_checkpoint(path)
+    assert not (tmp_path / "o.png").exists()
+
+
+# --------------------------------------------------------------- 3. training mode, every path
+class _DropoutNet(torch.nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.lin, self.drop = torch.nn.Linear(width, width), torch.nn.Dropout(0.1)
+
+    def forward(self, u, tau):
+        return self.drop(self.lin(u))
+
+
+def _dropout_model(shape=(2,)):
+    net = _DropoutNet(2 * shape[0])
+    return net, pf.EpsModel(net, shape=shape)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_training_mode_network_warns_on_the_cpu_eager_path(backend):
+    net, model = _dropout_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pf.sample(model, 4, nfe=11, progress=False, backend=backend)
+        pf.sample(model, 4, nfe=11, progress=False, backend=backend)  # once per network
+    found = [w for w in caught if "training mode" in str(w.message)]
+    assert len(found) == 1, [str(w.message) for w in caught]
+    assert "_DropoutNet" in str(found[0].message) and "net.eval()" in str(found[0].message)
+    assert found[0].filename == __file__  # attributed to the caller's line
+    net2, model2 = _dropout_model()
+    net2.eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pf.sample(model2, 4, nfe=11, progress=False, backend=backend)
+    assert not [w for w in caught if "training mode" in str(w.message)]
+
+
+# --------------------------------------------------------------- 4. train checks --out up front
+def test_train_checks_its_output_folder_before_any_work(tmp_path, capsys, monkeypatch):
+    from psld_fast import train as T
+
+    def no_data(*a, **k):
+        raise AssertionError("the data was loaded before the output folder was checked")
+
+    monkeypatch.setattr(T, "make_data", no_data)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    t0 = time.perf_counter()
+    err = _err(capsys, ["train", "--out", str(blocker / "run"), "--steps", "100000", "--no-progress"])
+    assert "--out" in err and "is an existing file, not a folder" in err and time.perf_counter() - t0 < 5
+    err = _err(capsys, ["train", "--out", "/proc/psld_fast_run", "--no-progress"])  # os.access says yes for root
+    assert "/proc is not writable" in err, err
+    with pytest.raises(ValueError, match="training output folder"):
+        T.train(data="ring2d", out=str(blocker / "run"), steps=5, progress=False)
+    err = _err(capsys, ["train", "--out", str(tmp_path / "ok"), "--export", str(blocker / "x.pt"), "--no-progress"])
+    assert err.startswith("psld-fast train: error: --export"), err
+    assert "--net" in _err(capsys, ["train", "--out", str(tmp_path / "ok"), "--net", "{hidden: 3}", "--no-progress"])
+    assert not (tmp_path / "ok").exists()
+
+
+# ------------------------------------------------------------ 6. GPU backends asked for on CPU
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_backend_on_cpu_says_how(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    missing = str(tmp_path / "missing.ckpt")  # checked before the model is loaded
+    err = _err(capsys, ["sample", "--backend", "triton", "--checkpoint", missing])
+    assert err.startswith("psld-fast sample: error: --backend triton:") and "TRITON_INTERPRET=1" in err, err
+    err = _err(capsys, ["generate", "--backend", "cuda", "--seeds", "0-3", "--out", str(tmp_path / "g")])
+    assert "--backend cuda:" in err and "CUDA is not available here" in err and "'cpu'" in err, err
+    err = _err(capsys, ["sample", "--backend", "cpu", "--dtype", "float64"])
+    assert "float64 runs on backend 'reference'" in err
+    assert not (tmp_path / "g").exists()
+
+
+# ----------------------------------------------------------------------------------- 8. shapes
+def test_sample_shapes_are_checked_before_the_network_runs():
+    digits = pf.get_preset("digits")
+    with pytest.raises(ValueError, match=r"shape=\(1, 8, 8\) does not fit this analytic model: its samples hold 256"):
+        pf.sample(digits, 2, shape=(1, 8, 8), nfe=11, progress=False)
+    assert pf.sample(digits, 2, shape=(256,), nfe=11, progress=False).x.shape == (2, 256)  # same size: fine
+    for bad in [(-1, 8), (0, 8), (8, 0)]:
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            pf.EpsModel(lambda u, tau: u, shape=bad)
+        with pytest.raises(ValueError, match="must be an integer >= 1"):
+            pf.sample(lambda u, tau: u, 2, shape=bad, nfe=11, progress=False)
+    with pytest.raises(ValueError, match="tuple of ints"):
+        pf.EpsModel(lambda u, tau: u, shape="ab")
+    assert pf.EpsModel(lambda u, tau: u, shape=16).shape == (16,)
+
+
+def test_network_failing_on_its_first_call_names_the_shapes():
+    net = torch.nn.Linear(4, 4)
+    with pytest.raises(RuntimeError, match=r"first call, given u of shape \(2, 6\) \(a batch of samples of shape "
+                                           r"\(3,\).*mat1 and mat2"):
+        pf.sample(pf.EpsModel(lambda u, tau: net(u), shape=(3,)), 2, nfe=11, progress=False)
+
+
+# ------------------------------------------------------------------------------ 9. speed line
+def _fake_result(n, nfe, sampling, compile_s):
+    return pf.SampleResult(x=torch.zeros(n, 2), m=torch.zeros(n, 2), nfe=nfe, seeds=torch.arange(n),
+                           timings={"compile": compile_s, "sampling": sampling, "total": compile_s + sampling},
+                           sampler="reduced_oba", backend="cpu",
+                           program_info={"lambda_s": 1.0, "net_time": "start", "split": "additive",
+                                         "coupling": "joint"})
+
+
+@pytest.mark.parametrize("n,nfe,sampling,compile_s,rate", [(64, 50, 0.16, 0.42, "400.0"),
+                                                           (1, 100000, 121.0, 0.5, "0.00826")])
+def test_speed_line_rates_come_from_one_timing(tmp_path, capsys, monkeypatch, n, nfe, sampling, compile_s, rate):
+    import psld_fast.cli as cli
+
+    monkeypatch.setattr(cli, "sample", lambda *a, **k: _fake_result(n, nfe, sampling, compile_s))
+    assert main(["sample", "--model", "ring2d", "-n", str(n), "--nfe", str(nfe), "--no-quality", "--no-progress",
+                 "--out", str(tmp_path / "r.npz")]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("samples")][0]
+    m = re.search(r"sampling ([\d.]+) s: ([\d.e+-]+) samples/s, ([\d.]+) ms per NFE", line)
+    assert m is not None, line
+    assert m.group(2) == rate, line
+    assert float(m.group(3)) == pytest.approx(1e3 * sampling / nfe, abs=0.01)
+    assert _fake_result(n, nfe, sampling, compile_s).samples_per_second == pytest.approx(n / sampling)
+
+
+# ------------------------------------------------------------------ 10. lambda_s overflow
+def test_huge_lambda_s_blames_the_sampler_and_leaks_no_numpy_warning(tmp_path, capsys):
+    digits = pf.get_preset("digits")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(FloatingPointError, match="the sampler diverged: the state overflowed") as info:
+            pf.sample(digits, 4, nfe=50, lambda_s=1e6, progress=False)
+    assert "network" not in str(info.value).split("with finite")[0], info.value
+    messages = [str(w.message) for w in caught]
+    assert not [t for t in messages if "overflow encountered" in t or "infx" in t], messages
+    assert any("amplify" in t and "10^" in t for t in messages), messages
+    err = _err(capsys, ["sample", "--lambda-s", "1e6", "--no-progress", "--out", str(tmp_path / "x.png")])
+    assert "sampler diverged" in err and "lambda_s=1e+06" in err and "network returned" not in err
+    with pytest.raises(ValueError, match="beyond float32"):
+        pf.compile_sampler("reduced_oba", pf.PSLD(), 50, lambda_s=1e200)  # was an OverflowError traceback
