@@ -181,3 +181,140 @@ def test_huge_lambda_s_blames_the_sampler_and_leaks_no_numpy_warning(tmp_path, c
     assert "sampler diverged" in err and "lambda_s=1e+06" in err and "network returned" not in err
     with pytest.raises(ValueError, match="beyond float32"):
         pf.compile_sampler("reduced_oba", pf.PSLD(), 50, lambda_s=1e200)  # was an OverflowError traceback
+
+
+# ------------------------------------------------------------------------------------ 5. Ctrl-C
+def _start(argv, ready_marker):
+    """The CLI in a subprocess that prints ``ready_marker`` once the command is inside sample()."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, psld_fast.cli as c, psld_fast.api as a\n"
+            "orig = a.sample\n"
+            "def announced(*args, **kw):\n"
+            f"    print({ready_marker!r}, flush=True)\n"
+            "    return orig(*args, **kw)\n"
+            "c.sample = announced\n"
+            "import psld_fast.generate\n"
+            "psld_fast.api.sample = announced\n"
+            f"sys.exit(c.main({argv!r}))\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def _interrupt(proc, wait_for):
+    import signal
+
+    try:
+        assert wait_for(), "the command never got going"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, err.strip()
+
+
+def test_ctrl_c_in_sample_is_one_line_and_exit_130(tmp_path):
+    out = tmp_path / "s.npz"
+    proc = _start(["sample", "--model", "gaussian", "-n", "100000", "--nfe", "20000", "--no-progress",
+                   "--no-quality", "--out", str(out)], "sampling")
+    code, _, err = _interrupt(proc, lambda: proc.stdout.readline().strip() == "sampling" and time.sleep(0.5) is None)
+    assert code == 130 and err == "psld-fast sample: interrupted", (code, err)
+    assert not out.exists() and not list(tmp_path.iterdir())  # no temporary file left either
+
+
+def test_ctrl_c_in_generate_resumes_byte_identical(tmp_path, capsys):
+    argv = ["generate", "--model", "digits", "--seeds", "0-299", "--nfe", "11", "--batch-size", "4",
+            "--no-progress"]
+    run = tmp_path / "run"
+    proc = _start(argv + ["--out", str(run)], "sampling")
+
+    def some_files_written():
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 120 and proc.poll() is None:
+            if len(list(run.rglob("*.png"))) >= 8:
+                return True
+            time.sleep(0.05)
+        return False
+
+    code, _, err = _interrupt(proc, some_files_written)
+    assert code == 130, (code, err)
+    assert err == ("psld-fast generate: interrupted; the finished sample files are kept: rerun the same command "
+                   "to resume"), err
+    kept = sorted(p.relative_to(run) for p in run.rglob("*.png"))
+    assert 8 <= len(kept) < 300
+    assert main(argv + ["--out", str(run)]) == 0  # the resume
+    assert f"{len(kept)} already there" in capsys.readouterr().out
+    assert main(argv + ["--out", str(tmp_path / "ref")]) == 0  # uninterrupted
+    got = sorted(p.relative_to(run) for p in run.rglob("*") if p.is_file() and p.suffix == ".png")
+    ref = sorted(p.relative_to(tmp_path / "ref") for p in (tmp_path / "ref").rglob("*.png"))
+    assert got == ref and len(ref) == 300
+    assert all((run / p).read_bytes() == (tmp_path / "ref" / p).read_bytes() for p in ref)
+    assert not [p for p in run.rglob("*.tmp")]
+
+
+# ------------------------------------------------------------- 2, 11. fid: weights, inputs, -0
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory):
+    import numpy as np
+
+    from psld_fast.images import save_png
+
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        save_png(np.clip(rng.normal(0, 0.5, (3, 8, 8)), -1, 1).astype(np.float32), root / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04" + bytes(100)])
+def test_corrupt_inception_weights_are_one_line(tmp_path, capsys, tiny_images, content):
+    from psld_fast import fid as F
+
+    weights = tmp_path / F.INCEPTION_FILE
+    weights.write_bytes(content)
+    err = _err(capsys, ["fid", str(tiny_images), "--ref", str(tiny_images), "--inception-weights", str(weights),
+                        "--no-progress", "--cache-dir", str(tmp_path / "c")])
+    assert f"the Inception weights file {weights} ({len(content)} bytes) cannot be loaded" in err, err
+    assert "fetch " + F.INCEPTION_FILE + " again" in err and "--extractor psld-random-conv" in err
+    with pytest.raises(F.InceptionWeightsCorrupt):
+        F.make_extractor(F.INCEPTION, weights=weights)
+
+
+def test_missing_inception_weights_mention_the_offline_extractor(tmp_path, capsys, tiny_images, monkeypatch):
+    from psld_fast import fid as F
+
+    monkeypatch.delenv(F.ENV_WEIGHTS, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    err = _err(capsys, ["fid", str(tiny_images), "--ref", str(tiny_images), "--no-progress"])
+    assert F.INCEPTION_FILE in err and "--extractor psld-random-conv" in err
+
+
+def test_fid_inputs_are_checked_before_the_extractor_is_built(tmp_path, capsys, tiny_images, monkeypatch):
+    from psld_fast import fid as F
+
+    def no_extractor(*a, **k):
+        raise AssertionError("the extractor was built before the inputs were checked")
+
+    monkeypatch.setattr(F, "make_extractor", no_extractor)
+    err = _err(capsys, ["fid", str(tiny_images), "--ref", str(tmp_path / "nowhere"), "--extractor", F.RANDOM_CONV,
+                        "--no-progress"])
+    assert err == f"psld-fast fid: error: no such reference file or folder: {tmp_path / 'nowhere'}"
+    err = _err(capsys, ["fid", str(tmp_path / "nothing"), "--ref", str(tiny_images), "--no-progress"])
+    assert err == f"psld-fast fid: error: no such sample file or folder: {tmp_path / 'nothing'}"
+
+
+def test_fid_of_a_set_with_itself_prints_zero_not_minus_zero(tmp_path, capsys, tiny_images):
+    from psld_fast import fid as F
+
+    assert main(["fid", str(tiny_images), "--ref", str(tiny_images), "--extractor", F.RANDOM_CONV, "--no-progress",
+                 "--no-kid", "--cache-dir", str(tmp_path / "c")]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("FID")][0]
+    assert line.split()[1] == "0.0000", line
+    rng = __import__("numpy").random.default_rng(0)
+    f = rng.normal(size=(4, 64)) * 0.05  # fewer samples than features: rank-deficient covariances
+    mu, s = f.mean(0), __import__("numpy").cov(f, rowvar=False)
+    assert F.frechet_distance(mu, s, mu, s) == 0.0
