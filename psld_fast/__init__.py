@@ -9,6 +9,7 @@ and registers the compiled CPU/CUDA kernels when they were built (Triton is load
 from . import ops  # noqa: F401  defines torch.ops.psld_fast.affine_step_ / affine_step (cheap: no CUDA, no Triton)
 from .api import DEFAULT_SEED, SampleResult, make_seeds, sample
 from .grids import SCHEDULES, time_grid
+from .guards import set_threads
 from .models import EpsModel, GaussianMixture, ScoreModelAdapter, get_preset
 from .program import Program, Stage, affine_step_reference
 from .samplers import ALL_SAMPLERS, DETERMINISTIC_SAMPLERS, SAMPLERS, compile_sampler
@@ -27,4 +28,4 @@ def load_psld_checkpoint(*args, **kwargs):
 __all__ = ["PSLD", "sample", "SampleResult", "SAMPLERS", "DETERMINISTIC_SAMPLERS", "ALL_SAMPLERS",
            "SCHEDULES", "time_grid", "compile_sampler", "Program", "Stage", "affine_step_reference",
            "EpsModel", "ScoreModelAdapter", "GaussianMixture", "get_preset", "make_seeds",
-           "DEFAULT_SEED", "load_psld_checkpoint", "__version__"]
+           "DEFAULT_SEED", "load_psld_checkpoint", "set_threads", "__version__"]

@@ -13,10 +13,12 @@ from pathlib import Path
 import torch
 
 from ._io import check_writable_dir, check_writable_file  # noqa: F401  (re-exported: used by the CLI modules)
+from .guards import default_threads
 
 __all__ = ["OneLineParser", "DTYPES", "SeedList", "parse_seeds", "MAX_SEEDS", "INT64_MIN", "INT64_MAX", "add_model_args",
            "add_sampler_args", "add_threads_arg", "apply_threads", "default_threads", "load_model",
-           "resolve_device", "check_backend", "format_rate", "sampler_kwargs", "check_writable_file", "check_writable_dir", "join_negative_seeds"]
+           "resolve_device", "check_backend", "format_rate", "sampler_kwargs", "check_writable_file", "check_writable_dir", "join_negative_seeds",
+           "parse_int_list", "parse_float_list"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -104,6 +106,44 @@ def parse_seeds(text: str) -> SeedList:
     return seeds
 
 
+def parse_int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
+    """``--nfes 20,50,100`` -> [20, 50, 100]; ValueError naming ``flag`` for an empty list, a word or a
+    value below ``minimum``."""
+    parts = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not parts:
+        raise ValueError(f"{flag} {text!r}: give a comma-separated list of integers, e.g. 20,50,100")
+    out = []
+    for t in parts:
+        try:
+            v = int(t)
+        except ValueError:
+            raise ValueError(f"{flag} {text}: {t!r} is not an integer") from None
+        if v < minimum:
+            raise ValueError(f"{flag} {text}: {v} is below the smallest allowed value {minimum}")
+        out.append(v)
+    return out
+
+
+def parse_float_list(text: str, flag: str, minimum: float = 0.0, default_words=("default", "none")) -> list:
+    """``--lambdas 0.5,1,default`` -> [0.5, 1.0, None]; ValueError naming ``flag`` otherwise."""
+    parts = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not parts:
+        raise ValueError(f"{flag} {text!r}: give a comma-separated list of numbers (or 'default')")
+    out = []
+    for t in parts:
+        if t.lower() in default_words:
+            out.append(None)
+            continue
+        try:
+            v = float(t)
+        except ValueError:
+            raise ValueError(f"{flag} {text}: {t!r} is not a number (or 'default')") from None
+        if not v >= minimum or v != v or v in (float("inf"),):
+            raise ValueError(f"{flag} {text}: {t} is not a finite number >= {minimum:g}")
+        out.append(v)
+    return out
+
+
 def join_negative_seeds(argv: list[str]) -> list[str]:
     """``--seeds -5--2`` -> ``--seeds=-5--2`` (argparse would take '-5--2' for an option)."""
     out, i = [], 0
@@ -120,21 +160,6 @@ def join_negative_seeds(argv: list[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- threads
-def default_threads() -> int:
-    """CPU threads that do not oversubscribe a loaded machine: the cores not busy with other work
-    (cpu count minus the 1-minute load average, rounded), at least 1, at most torch's default."""
-    try:
-        ncpu = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        ncpu = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    free = int(ncpu - load + 0.5)
-    return max(1, min(torch.get_num_threads(), ncpu, free))
-
-
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the cores not busy with other work, from the load "

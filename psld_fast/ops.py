@@ -201,6 +201,7 @@ def resolve_backend(backend: str | None, device, dtype: torch.dtype | None = Non
         why = _unavailable(requested, device_type, dtype)
         if why is not None:
             raise RuntimeError(f"backend={requested!r} requested but {why}")
+        _log_fallback(f"psld_fast: using the {requested} step on {device_type} (requested)")
         return requested
     candidates = ("cuda", "triton") if device_type == "cuda" else ("cpu",) if device_type == "cpu" else ()
     reasons = []
@@ -211,8 +212,8 @@ def resolve_backend(backend: str | None, device, dtype: torch.dtype | None = Non
             chosen = name
             break
         reasons.append(f"{name}: {why}")
-    if reasons:
-        _log_fallback(f"psld_fast: using the {chosen} step on {device_type} ({'; '.join(reasons)})")
+    _log_fallback(f"psld_fast: using the {chosen} step on {device_type} (auto"
+                  + (f"; {'; '.join(reasons)})" if reasons else ")"))
     return chosen
 
 

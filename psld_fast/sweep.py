@@ -151,6 +151,17 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
     for s in samplers:
         if s not in ALL_SAMPLERS:
             raise ValueError(f"unknown sampler {s!r}; choose from {', '.join(ALL_SAMPLERS)}")
+    from .samplers import steps_for_nfe
+
+    for v in nfes:  # a budget that fits no sampler of the grid is a mistake, not a row of invalid cells
+        fits = []
+        for s in samplers:
+            try:
+                fits.append(steps_for_nfe(s, v, denoise))
+            except ValueError as exc:
+                last = exc
+        if not fits:
+            raise ValueError(f"sweep: nfe={v} fits none of the samplers ({last})")
     for t in net_times:
         if t is not None and t not in NET_TIMES:
             raise ValueError(f"unknown net_time {t!r}; choose from default, {', '.join(NET_TIMES)}")

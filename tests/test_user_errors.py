@@ -318,3 +318,97 @@ def test_fid_of_a_set_with_itself_prints_zero_not_minus_zero(tmp_path, capsys, t
     f = rng.normal(size=(4, 64)) * 0.05  # fewer samples than features: rank-deficient covariances
     mu, s = f.mean(0), __import__("numpy").cov(f, rowvar=False)
     assert F.frechet_distance(mu, s, mu, s) == 0.0
+
+
+# ------------------------------------------------------------------------- 11. smaller ones
+@pytest.mark.parametrize("nfes,needle", [("0,10", "--nfes 0,10: 0 is below the smallest allowed value 1"),
+                                         ("", "--nfes '': give a comma-separated list of integers"),
+                                         ("x,3", "--nfes x,3: 'x' is not an integer"),
+                                         ("2,10", "nfe=2 is too small for sampler 'naive_obab'")])
+def test_compare_nfes_are_checked_before_any_cell(capsys, monkeypatch, nfes, needle):
+    import psld_fast.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda args: (_ for _ in ()).throw(AssertionError("model loaded")))
+    err = _err(capsys, ["compare", "--samplers", "em,naive_obab", "--nfes", nfes])
+    assert needle in err, err
+
+
+def test_compare_says_why_a_cell_is_na(capsys):
+    assert main(["compare", "--model", "ring2d", "--samplers", "em,sscs", "--nfes", "11", "-n", "16",
+                 "--lambda-s", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "n/a" in out and "note: n/a for sscs: lambda_s is not defined for sscs" in out
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--nfes", "", "--nfes '': give a comma-separated list"),
+                                               ("--nfes", "ten", "'ten' is not an integer"),
+                                               ("--lambdas", "0.5,x", "--lambdas 0.5,x: 'x' is not a number"),
+                                               ("--lambdas", "-1", "not a finite number >= 0"),
+                                               ("--ci-lambdas", "nan", "not a finite number >= 0"),
+                                               ("--nfes", "1", "nfe=1 fits none of the samplers")])
+def test_sweep_grid_values_are_named(tmp_path, capsys, flag, value, needle):
+    err = _err(capsys, ["sweep", "--model", "ring2d", flag, value, "--out", str(tmp_path / "s"), "--no-progress"])
+    assert needle in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_reference_checked_before_the_model(tmp_path, capsys):
+    err = _err(capsys, ["sweep", "--checkpoint", str(tmp_path / "missing.ckpt"), "--ref", str(tmp_path / "nowhere"),
+                        "--out", str(tmp_path / "s")])
+    assert "--ref" in err and "no such reference file or folder" in err, err
+
+
+@pytest.mark.parametrize("seeds,needle", [("01", "got the string '01'"), (["0", "1"], "got strings"),
+                                          (b"01", "got the string")])
+def test_string_seeds_are_refused_with_a_clear_message(seeds, needle):
+    with pytest.raises(ValueError, match=needle):
+        pf.sample(pf.get_preset("ring2d"), 2, seeds=seeds, nfe=11, progress=False)
+
+
+def test_sample_out_in_an_unwritable_place_is_refused_before_sampling(capsys, monkeypatch):
+    import psld_fast.cli as cli
+
+    monkeypatch.setattr(cli, "sample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled first")))
+    err = _err(capsys, ["sample", "--out", "/proc/x.png", "--no-progress"])  # os.access says yes for root
+    assert err.startswith("psld-fast sample: error: --out /proc/x.png: /proc is not writable"), err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_logs_the_backend_before_or_after_the_subcommand(tmp_path, capsys, monkeypatch, where):
+    from psld_fast import ops
+
+    monkeypatch.setattr(ops, "_warned", set())  # each choice is logged once per process
+    argv = ["sample", "-n", "2", "--nfe", "11", "--no-progress", "--no-quality", "--backend", "reference",
+            "--out", str(tmp_path / "v.png")]
+    argv = (["-v"] + argv) if where == "before" else (argv + ["-v"])
+    try:
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert "psld-fast sample: using the reference step on cpu (requested)" in err, err
+    finally:
+        main(["info"])  # back to WARNING for the tests that follow
+        capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------- 12. threads
+def test_set_threads_auto_is_the_clis_load_aware_default(monkeypatch):
+    import os
+
+    from psld_fast import guards
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))  # a loaded 2-core machine
+        assert pf.set_threads("auto") == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        assert pf.set_threads("auto") == min(2, guards._TORCH_DEFAULT_THREADS)  # not stuck at the 1 set before
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert pf.set_threads() == 1
+        assert pf.set_threads(2) == 2 and torch.get_num_threads() == 2
+        for bad in (0, -1, "two", 1.5, True):
+            with pytest.raises(ValueError, match="set_threads"):
+                pf.set_threads(bad)
+    finally:
+        torch.set_num_threads(before)
