@@ -97,8 +97,7 @@ def _read(path: Any, map_location: Any, weights_only: bool, api_hint: bool = Tru
     except OSError as e:  # the zip reader seeking past the end of a cut file: EINVAL, no file name
         if isinstance(e, FileNotFoundError):
             raise
-        raise CheckpointError(f"{_name(path)} is truncated or corrupt (not a complete torch.save archive; "
-                              f"reading it failed with: {e.strerror or e})") from None
+        raise CheckpointError(f"{_name(path)} is truncated or corrupt (not a complete torch.save archive)") from None
     except Exception as e:  # anything else a malformed file triggers inside torch.load
         raise CheckpointError(f"{_name(path)} is not a readable PyTorch checkpoint "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None

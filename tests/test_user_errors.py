@@ -13,8 +13,9 @@ from psld_fast.checkpoint import CheckpointError, load_psld_checkpoint
 from psld_fast.cli import main
 
 
-def _err(capsys, argv):
-    """Run the CLI in-process; the one stderr line of a mistake (exit code 2, no traceback)."""
+def _err(capsys, argv, warnings_first=False):
+    """Run the CLI in-process; the one stderr line of a mistake (exit code 2, no traceback).
+    ``warnings_first``: one-line warnings may come before it (a sampler's stability warning)."""
     code = None
     try:
         code = main(argv)
@@ -22,7 +23,11 @@ def _err(capsys, argv):
         code = e.code
     err = capsys.readouterr().err.strip()
     assert code == 2, (argv, code, err)
-    assert "\n" not in err and "Traceback" not in err, err
+    assert "Traceback" not in err, err
+    if warnings_first:
+        *before, err = err.splitlines()
+        assert all(": warning: " in ln for ln in before), before
+    assert "\n" not in err, err
     return err
 
 
@@ -40,8 +45,7 @@ def test_truncated_checkpoint_is_named_as_truncated(tmp_path, capsys, digits_byt
     path = tmp_path / "t.ckpt"
     path.write_bytes(digits_bytes[:cut])
     err = _err(capsys, ["sample", "--checkpoint", str(path), "--no-progress", "--out", str(tmp_path / "o.png")])
-    assert err == f"psld-fast sample: error: {path} is truncated or corrupt (not a complete torch.save archive)" \
-        or err.startswith(f"psld-fast sample: error: {path} is truncated or corrupt (not a complete torch.save archive;"), err
+    assert err == f"psld-fast sample: error: {path} is truncated or corrupt (not a complete torch.save archive)", err
     with pytest.raises(CheckpointError, match=re.escape(f"{path} is truncated or corrupt")):
         load_psld_checkpoint(path)
     assert not (tmp_path / "o.png").exists()
@@ -177,7 +181,8 @@ def test_huge_lambda_s_blames_the_sampler_and_leaks_no_numpy_warning(tmp_path, c
     messages = [str(w.message) for w in caught]
     assert not [t for t in messages if "overflow encountered" in t or "infx" in t], messages
     assert any("amplify" in t and "10^" in t for t in messages), messages
-    err = _err(capsys, ["sample", "--lambda-s", "1e6", "--no-progress", "--out", str(tmp_path / "x.png")])
+    err = _err(capsys, ["sample", "--lambda-s", "1e6", "--no-progress", "--out", str(tmp_path / "x.png")],
+               warnings_first=True)
     assert "sampler diverged" in err and "lambda_s=1e+06" in err and "network returned" not in err
     with pytest.raises(ValueError, match="beyond float32"):
         pf.compile_sampler("reduced_oba", pf.PSLD(), 50, lambda_s=1e200)  # was an OverflowError traceback
@@ -412,3 +417,47 @@ def test_set_threads_auto_is_the_clis_load_aware_default(monkeypatch):
                 pf.set_threads(bad)
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------- the README's error examples
+def _readme_error_lines():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("Mistakes end with one line on stderr and exit code 2", 1)[1].split("```")[1]
+    return [ln for ln in block.splitlines() if ln.startswith("psld-fast ")]
+
+
+def test_readme_error_examples_are_what_the_commands_print(tmp_path, capsys, monkeypatch):
+    """Each example line of the README (run in a folder where its relative paths exist)."""
+    from psld_fast.learned import learned_path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "x.ckpt").write_bytes(learned_path("digits").read_bytes()[:5000])
+    (tmp_path / "runs" / "ring").write_text("")
+    cpu_only = not torch.cuda.is_available() and torch.version.cuda is None
+    commands = {
+        "--device cuda": (["sample", "--device", "cuda"], cpu_only),
+        "--backend triton": (["sample", "--backend", "triton"], cpu_only),
+        "runs/x.ckpt": (["sample", "--checkpoint", "runs/x.ckpt"], True),
+        "argument --seeds": (["sample", "--seeds", "9223372036854775808"], True),
+        "--out x.jpg": (["sample", "--out", "x.jpg"], True),
+        "-n 8 and --seeds": (["sample", "-n", "8", "--seeds", "0-3"], True),
+        "the sampler diverged": (["sample", "--lambda-s", "1e6", "--no-progress"], True),
+        "--nfes 0,10": (["compare", "--nfes", "0,10"], True),
+        "--out runs/ring": (["train", "--out", "runs/ring"], True),
+    }
+    lines = _readme_error_lines()
+    checked = 0
+    for key, (argv, applies) in commands.items():
+        line = [ln for ln in lines if key in ln]
+        assert len(line) == 1, (key, lines)
+        if not applies:
+            continue
+        expected = line[0].replace("torch 2.13.0+cpu", f"torch {torch.__version__}")
+        assert _err(capsys, argv, warnings_first=True) == expected
+        checked += 1
+    assert checked >= 7 and len(lines) == len(commands) + 1  # + the generate lock line (tests/test_generate.py)
+    assert not list(tmp_path.glob("samples/*"))
