@@ -138,6 +138,8 @@ def cmd_generate(args) -> int:
     model, source, name = _model_and_source(args)
     out = args.out or Path("out") / f"{name}_{args.sampler}_nfe{args.nfe}"
     check_writable_dir(out, "--out")
+    if args.json and Path(args.json).resolve() == Path(out).resolve():
+        raise ValueError(f"--json {args.json} is the output folder; give a file name, e.g. {Path(out) / 'summary.json'}")
     source["command"] = "psld-fast " + " ".join(sys.argv[1:]) if sys.argv else None
     summary = generate(model, out, args.seeds, fmt=args.fmt, batch_size=args.batch_size,
                        shard_size=args.shard_size, force=args.force, progress=not args.no_progress,

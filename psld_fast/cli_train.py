@@ -66,6 +66,15 @@ def cmd_train(args) -> int:
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--ckpt-every", args.ckpt_every)):
         if value < 1:
             raise ValueError(f"{flag} {value}: give an integer >= 1")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup}: give an integer >= 0")
+    for flag, value, ok, what in (("--lr", args.lr, args.lr > 0, "a number > 0"),
+                                  ("--grad-clip", args.grad_clip, args.grad_clip >= 0, "a number >= 0 (0: off)"),
+                                  ("--ema-decay", args.ema_decay, 0 <= args.ema_decay < 1, "a number in [0, 1)"),
+                                  ("--max-minutes", args.max_minutes, args.max_minutes is None or args.max_minutes > 0,
+                                   "a number > 0")):
+        if not ok or value != value:  # NaN fails every comparison
+            raise ValueError(f"{flag} {value}: give {what}")
     cfg = TrainConfig(data=args.data, arch=args.arch, net=_json_object(args.net, "--net"),
                       sde=_json_object(args.sde, "--sde"), out=str(out), steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,

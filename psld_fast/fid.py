@@ -607,6 +607,15 @@ def fid(samples, reference, *, inception_weights=None, extractor: str = INCEPTIO
     from .distributed import setup
 
     t0 = time.perf_counter()
+    for name, value, low in (("batch_size", batch_size, 1), ("kid_subsets", kid_subsets, 1),
+                             ("kid_subset_size", kid_subset_size, 2), ("kid_max_features", kid_max_features, 2)):
+        if value is None and name == "batch_size":
+            continue
+        if name != "batch_size" and not kid:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}"
+                             + (" (--" + name.replace("_", "-") + ")"))
     for path, what in ((samples, "sample"), (reference, "reference")):  # before the extractor is built
         if not isinstance(path, SampleSource) and not Path(path).exists():
             raise FileNotFoundError(f"no such {what} file or folder: {path}")

@@ -120,7 +120,8 @@ def make_data(spec: str, sde: PSLD):
         return _PointSource(spec, sde), {"kind": "preset", "name": spec, "source": "exact draws from get_preset"}
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"training data {spec!r}: not a preset ({', '.join(PRESETS)}, digits) nor a file")
+        raise FileNotFoundError(f"training data {spec!r}: not a preset ({', '.join(sorted(set(PRESETS) | {'digits8'}))}) "
+                                "nor a file")
     try:
         x = _load_array(path)
     except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:

@@ -461,3 +461,50 @@ def test_readme_error_examples_are_what_the_commands_print(tmp_path, capsys, mon
         checked += 1
     assert checked >= 7 and len(lines) == len(commands) + 1  # + the generate lock line (tests/test_generate.py)
     assert not list(tmp_path.glob("samples/*"))
+
+
+# ------------------------------------------------- the sweep: same defects in other commands
+@pytest.mark.parametrize("argv,needle", [
+    (["sweep", "--model", "ring2d", "-n", "0"], "num_samples must be an integer >= 2, got 0"),
+    (["sweep", "--model", "ring2d", "--n-boot", "0"], "n_boot must be an integer >= 2"),
+    (["sweep", "--model", "ring2d", "--schedules", "bogus"], "unknown schedule 'bogus'"),
+    (["sweep", "--model", "ring2d", "--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
+    (["train", "--ema-decay", "2"], "--ema-decay 2.0: give a number in [0, 1)"),
+    (["train", "--max-minutes", "-1"], "--max-minutes -1.0: give a number > 0"),
+    (["train", "--warmup", "-1"], "--warmup -1: give an integer >= 0"),
+    (["train", "--lr", "nan"], "--lr nan: give a number > 0"),
+])
+def test_bad_knobs_fail_before_any_cell_or_step(tmp_path, capsys, argv, needle):
+    """Were accepted: sweep marked every cell invalid (or ignored 0), train ran with them."""
+    err = _err(capsys, argv + ["--out", str(tmp_path / "o"), "--no-progress"])
+    assert needle in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--batch-size", "0", "batch_size must be an integer >= 1"),
+                                               ("--kid-subsets", "0", "kid_subsets must be an integer >= 1"),
+                                               ("--kid-subset-size", "0", "kid_subset_size must be an integer >= 2"),
+                                               ("--kid-max-features", "-1", "kid_max_features must be an integer >= 2")])
+def test_fid_counts_are_checked(capsys, tiny_images, flag, value, needle):
+    err = _err(capsys, ["fid", str(tiny_images), "--ref", str(tiny_images), "--extractor", "psld-random-conv",
+                        flag, value, "--no-progress"])
+    assert needle in err and f"({flag})" in err, err
+
+
+def test_generate_json_into_its_own_output_folder_is_refused_up_front(tmp_path, capsys):
+    out = tmp_path / "g"
+    err = _err(capsys, ["generate", "--seeds", "0-1", "--nfe", "3", "--out", str(out), "--json", str(out),
+                        "--no-progress"])
+    assert "is the output folder; give a file name" in err and not out.exists()
+
+
+def test_training_data_and_resume_checkpoint_errors_name_the_file(tmp_path, capsys, digits_bytes):
+    bad = tmp_path / "data.pt"
+    bad.write_bytes(b"not a tensor file")
+    err = _err(capsys, ["train", "--data", str(bad), "--out", str(tmp_path / "r"), "--no-progress"])
+    assert f"training data {bad}: not a readable" in err, err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.ckpt").write_bytes(digits_bytes[:5000])  # a resume from a cut checkpoint
+    err = _err(capsys, ["train", "--out", str(run), "--steps", "1", "--no-progress"])
+    assert err == f"psld-fast train: error: {run / 'last.ckpt'} is truncated or corrupt (not a complete torch.save archive)"
