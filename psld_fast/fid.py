@@ -236,6 +236,16 @@ def make_extractor(name: str = INCEPTION, *, weights=None, device=None, feature:
 # ------------------------------------------------------------------------------------- inputs
 def _npz_rows(path: Path) -> int:
     """Rows of ``x`` in an .npz without loading the array (reads the .npy header)."""
+    try:
+        return _npz_rows_unchecked(path)
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc}); truncated or "
+                         "another format?") from None
+
+
+def _npz_rows_unchecked(path: Path) -> int:
     with zipfile.ZipFile(path) as z:
         if "x.npy" not in z.namelist():
             return -1
@@ -252,8 +262,14 @@ def _npz_rows(path: Path) -> int:
 
 
 def _is_stats_npz(path: Path) -> bool:
-    with zipfile.ZipFile(path) as z:
-        names = set(z.namelist())
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc}); truncated or "
+                         "another format?") from None
     return {"mu.npy", "sigma.npy"} <= names
 
 
@@ -619,6 +635,9 @@ def fid(samples, reference, *, inception_weights=None, extractor: str = INCEPTIO
     for path, what in ((samples, "sample"), (reference, "reference")):  # before the extractor is built
         if not isinstance(path, SampleSource) and not Path(path).exists():
             raise FileNotFoundError(f"no such {what} file or folder: {path}")
+    source = samples if isinstance(samples, SampleSource) else list_samples(samples)  # unreadable shards: now
+    if Path(reference).is_file() and Path(reference).suffix == ".npz":
+        _is_stats_npz(Path(reference))
     ctx = setup(device)
     try:
         ex = make_extractor(extractor, weights=inception_weights, device=ctx.device)
@@ -631,7 +650,7 @@ def fid(samples, reference, *, inception_weights=None, extractor: str = INCEPTIO
                                              kid_max_features=kmax, seed=seed, progress=progress)
         if ref_info.get("warning"):
             warnings.append(ref_info["warning"])
-        st = compute_statistics(samples, ex, ctx, batch_size=batch_size, kid_max_features=kmax, seed=seed,
+        st = compute_statistics(source, ex, ctx, batch_size=batch_size, kid_max_features=kmax, seed=seed,
                                 progress=progress)
         warnings += st.pop("warnings", [])
         if save_stats is not None and ctx.is_main:

@@ -508,3 +508,23 @@ def test_training_data_and_resume_checkpoint_errors_name_the_file(tmp_path, caps
     (run / "last.ckpt").write_bytes(digits_bytes[:5000])  # a resume from a cut checkpoint
     err = _err(capsys, ["train", "--out", str(run), "--steps", "1", "--no-progress"])
     assert err == f"psld-fast train: error: {run / 'last.ckpt'} is truncated or corrupt (not a complete torch.save archive)"
+
+
+def test_unreadable_npz_inputs_of_fid_are_named_before_the_extractor(tmp_path, capsys, tiny_images, monkeypatch):
+    from psld_fast import fid as F
+
+    bad = tmp_path / "cut.npz"
+    bad.write_bytes(b"PK\x03\x04" + bytes(50))
+    monkeypatch.setattr(F, "make_extractor", lambda *a, **k: (_ for _ in ()).throw(AssertionError("extractor built")))
+    for argv in ([str(bad), "--ref", str(tiny_images)], [str(tiny_images), "--ref", str(bad)]):
+        err = _err(capsys, ["fid", *argv, "--extractor", "psld-random-conv", "--no-progress"])
+        assert err == f"psld-fast fid: error: {bad} is not a readable .npz file (BadZipFile: File is not a zip file); " \
+                      "truncated or another format?", err
+
+
+def test_generate_refuses_a_seed_string(tmp_path):
+    from psld_fast.generate import generate
+
+    with pytest.raises(ValueError, match="got the string '0-9'"):
+        generate(pf.get_preset("ring2d"), tmp_path / "g", "0-9", fmt="npz", progress=False)
+    assert not (tmp_path / "g").exists()
