@@ -19,6 +19,7 @@ import torch
 from .graphs import get_runner, use_cuda_graph
 from .guards import MAX_NFE, as_count, check_data_range, check_memory, seeds_int64, warn_at_caller
 from .models import EpsModel, GaussianMixture, as_shape
+from .sde import PSLD
 from .runner import (as_step_eps, compile_mode, compiled_model, nonfinite, raise_if_nonfinite,  # noqa: F401
                      run_program, warm_compiled, warn_if_training)
 from .samplers import ALL_SAMPLERS, compile_sampler
@@ -153,6 +154,12 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         raise ValueError(f"dtype must be one of {[str(d) for d in _STATE_DTYPES]}, got {dtype}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (it gets a dict after every stage), got {type(callback).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if sde is not None and not isinstance(sde, PSLD) and not all(hasattr(sde, a) for a in ("T", "M", "b")):
+        raise TypeError(f"sde must be a psld_fast.PSLD, got {type(sde).__name__}")
     model = _as_model(model, sde, shape)
     device = _check_device(model, device)
     warn_if_training(model)  # every path: eager CPU/GPU and CUDA graphs
@@ -222,7 +229,10 @@ def _check_device(model, device) -> torch.device:
     model_device = _model_device(model)
     if device is None:
         return model_device
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; use 'cpu', 'cuda' or 'cuda:<index>'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={str(device)!r} requested but CUDA is not available "
                            f"(torch {torch.__version__})")

@@ -528,3 +528,12 @@ def test_generate_refuses_a_seed_string(tmp_path):
     with pytest.raises(ValueError, match="got the string '0-9'"):
         generate(pf.get_preset("ring2d"), tmp_path / "g", "0-9", fmt="npz", progress=False)
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("kw,exc,needle", [(dict(device="bogus"), ValueError, "device='bogus' is not a device"),
+                                           (dict(sde="x"), TypeError, "sde must be a psld_fast.PSLD"),
+                                           (dict(callback=3), TypeError, "callback must be callable"),
+                                           (dict(generator=3), TypeError, "generator must be a torch.Generator")])
+def test_sample_arguments_are_named_before_any_work(kw, exc, needle):
+    with pytest.raises(exc, match=needle):
+        pf.sample(pf.get_preset("ring2d"), 4, nfe=11, progress=False, **kw)
