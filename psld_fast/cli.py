@@ -134,6 +134,8 @@ def cmd_sample(args) -> int:
     if args.seeds is not None and args.num_samples is not None and args.num_samples != len(args.seeds):
         raise ValueError(f"-n {args.num_samples} and --seeds ({len(args.seeds)} seeds) disagree; give one of them")
     n = len(args.seeds) if args.seeds is not None else (args.num_samples if args.num_samples is not None else 64)
+    if args.out is not None:  # suffix and place before the model is loaded (a checkpoint can take a while)
+        check_writable_file(args.out, SAMPLE_SUFFIXES, what="--out")
     model = load_model(args).to(device)
     name = args.checkpoint.stem if args.checkpoint else args.model
     out = _sample_out(args, model, name)

@@ -537,3 +537,11 @@ def test_generate_refuses_a_seed_string(tmp_path):
 def test_sample_arguments_are_named_before_any_work(kw, exc, needle):
     with pytest.raises(exc, match=needle):
         pf.sample(pf.get_preset("ring2d"), 4, nfe=11, progress=False, **kw)
+
+
+def test_sample_out_checked_before_the_checkpoint_is_read(tmp_path, capsys, monkeypatch):
+    import psld_fast.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda args: (_ for _ in ()).throw(AssertionError("model loaded")))
+    err = _err(capsys, ["sample", "--checkpoint", str(tmp_path / "big.ckpt"), "--out", str(tmp_path / "x.jpg")])
+    assert "--out" in err and "unsupported suffix '.jpg'" in err
