@@ -139,6 +139,10 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
             "max-autotune-no-cudagraphs": the network is captured inside our graph, which already
             removes the launch overhead, and torch.compile's own CUDA graphs cannot be captured
             inside another.
+    Never changes the network's mode (a dropout/batch-norm network in training mode gets one
+    RuntimeWarning, on every path) nor torch's thread count (call ``psld_fast.set_threads("auto")``
+    for the command line's load-aware default).
+
     Returns:
         :class:`SampleResult`.  Equivalent to :func:`psld_fast.reference.run_reference` with the
         Philox noise of :mod:`psld_fast.rng` (tested pathwise).
