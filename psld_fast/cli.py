@@ -250,9 +250,8 @@ def _configure_logging(args) -> None:
     log.setLevel(logging.INFO if args.verbose else logging.WARNING)
     handler = next((h for h in log.handlers if isinstance(h, _StderrHandler)), None)
     if handler is None:
-        handler = _StderrHandler()
+        handler = _StderrHandler()  # records still propagate (to a caller's own handlers, pytest's caplog)
         log.addHandler(handler)
-        log.propagate = False
     handler.setFormatter(_PrefixFormatter(f"psld-fast {args.command or ''}".strip()))
 
 
