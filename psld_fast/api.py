@@ -202,21 +202,23 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     t1 = time.perf_counter()
     runner = get_runner(model, program, backend, step_fn, batch=min(batch_size, num_samples), dtype=dtype,
                         device=device, stream=stream) if graphed else None
-    for start in range(0, num_samples, batch_size):
-        batch_seeds = all_seeds[start:start + batch_size].to(device)
-        if runner is not None:
-            u = runner.run(model, batch_seeds, batch_start=start, bar=bar)
-        else:
-            u = run_program(model, program, batch_seeds, step_fn, dtype=dtype, device=device,
-                            stream=stream, callback=callback, batch_start=start, bar=bar)
-        C = model.shape[0]
-        xs.append(u[:, :C])
-        ms.append(u[:, C:])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t_run = time.perf_counter() - t1
-    if bar is not None:
-        bar.close()
+    try:
+        for start in range(0, num_samples, batch_size):
+            batch_seeds = all_seeds[start:start + batch_size].to(device)
+            if runner is not None:
+                u = runner.run(model, batch_seeds, batch_start=start, bar=bar)
+            else:
+                u = run_program(model, program, batch_seeds, step_fn, dtype=dtype, device=device,
+                                stream=stream, callback=callback, batch_start=start, bar=bar)
+            C = model.shape[0]
+            xs.append(u[:, :C])
+            ms.append(u[:, C:])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t_run = time.perf_counter() - t1
+    finally:  # also on an error or Ctrl-C: the bar's line is cleared before the message
+        if bar is not None:
+            bar.close()
     timings = {"compile": t_compile, "sampling": t_run, "total": time.perf_counter() - t0}
     if mode is not None:
         timings["net_compile"] = t_net_compile
