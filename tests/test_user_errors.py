@@ -195,7 +195,9 @@ def _start(argv, ready_marker):
     import subprocess
     import sys
 
-    code = ("import sys, psld_fast.cli as c, psld_fast.api as a\n"
+    code = ("import signal, sys, psld_fast.cli as c, psld_fast.api as a\n"
+            # as in a terminal, even when the test runner was started with SIGINT ignored (a background job)
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "orig = a.sample\n"
             "def announced(*args, **kw):\n"
             f"    print({ready_marker!r}, flush=True)\n"
