@@ -10,6 +10,7 @@ from . import ops  # noqa: F401  defines torch.ops.psld_fast.affine_step_ / affi
 from .api import DEFAULT_SEED, SampleResult, make_seeds, sample
 from .grids import SCHEDULES, time_grid
 from .lift import CFGDenoiser, DenoiserModel, as_denoiser, vp_denoiser
+from .guards import set_threads
 from .models import EpsModel, GaussianMixture, ScoreModelAdapter, get_preset
 from .program import Program, Stage, affine_step_reference
 from .samplers import ALL_SAMPLERS, DETERMINISTIC_SAMPLERS, SAMPLERS, compile_sampler
@@ -28,5 +29,5 @@ def load_psld_checkpoint(*args, **kwargs):
 __all__ = ["PSLD", "sample", "SampleResult", "SAMPLERS", "DETERMINISTIC_SAMPLERS", "ALL_SAMPLERS",
            "SCHEDULES", "time_grid", "compile_sampler", "Program", "Stage", "affine_step_reference",
            "EpsModel", "ScoreModelAdapter", "GaussianMixture", "get_preset", "make_seeds",
-           "DEFAULT_SEED", "load_psld_checkpoint", "DenoiserModel", "vp_denoiser", "as_denoiser",
+           "DEFAULT_SEED", "load_psld_checkpoint", "set_threads", "DenoiserModel", "vp_denoiser", "as_denoiser",
            "CFGDenoiser", "__version__"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,9 +18,10 @@ import torch
 
 from .graphs import get_runner, use_cuda_graph
 from .guards import MAX_NFE, as_count, check_data_range, check_memory, seeds_int64, warn_at_caller
-from .models import EpsModel
+from .models import EpsModel, GaussianMixture, as_shape
+from .sde import PSLD
 from .runner import (as_step_eps, compile_mode, compiled_model, nonfinite, raise_if_nonfinite,  # noqa: F401
-                     run_program, warm_compiled)
+                     run_program, warm_compiled, warn_if_training)
 from .samplers import ALL_SAMPLERS, compile_sampler
 
 __all__ = ["sample", "SampleResult", "DEFAULT_SEED", "make_seeds"]
@@ -50,9 +52,10 @@ class SampleResult:
 
     @property
     def samples_per_second(self) -> float:
-        """Samples per second of sampling: the total minus the network's one-off compilation."""
-        busy = self.timings.get("total", 0.0) - self.timings.get("net_compile", 0.0)
-        return self.x.shape[0] / max(busy, 1e-12)
+        """Samples per second of the sampling loop, ``timings["sampling"]``: the same time that gives
+        the per-NFE cost (``timings["sampling"] / nfe``), without the one-off compilation of the
+        sampler program (``timings["compile"]``) and of the network (``timings["net_compile"]``)."""
+        return self.x.shape[0] / max(self.timings.get("sampling", 0.0), 1e-12)
 
 
 def make_seeds(num_samples: int, seeds=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -73,7 +76,7 @@ def _as_model(model, sde, shape) -> EpsModel:
                 if isinstance(model.__dict__.get(k), dict):
                     model.__dict__[k] = dict(model.__dict__[k])
         if shape is not None:
-            model.shape = tuple(shape)
+            model.shape = as_shape(shape)
         if sde is not None:
             model.sde = sde
     elif callable(model):
@@ -83,6 +86,10 @@ def _as_model(model, sde, shape) -> EpsModel:
     if model.shape is None:
         raise ValueError("sample: the data shape of one sample is unknown; pass shape=(C, ...) "
                          "or wrap the network as EpsModel(net, sde, shape)")
+    if isinstance(model, GaussianMixture) and math.prod(model.shape) != model.means.shape[1]:
+        raise ValueError(f"shape={tuple(model.shape)} does not fit this analytic model: its samples hold "
+                         f"{model.means.shape[1]} values, not "
+                         f"{math.prod(model.shape)}")
     return model
 
 
@@ -140,6 +147,10 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     A :class:`~psld_fast.lift.DenoiserModel` (any EDM/VE denoiser or VP network) is sampled through
     the exact lift, with the process of :meth:`~psld_fast.lift.DenoiserModel.process_for` (its
     trained sigma range) and, on CPU, the fused ``lifted_step_`` loop.
+    Never changes the network's mode (a dropout/batch-norm network in training mode gets one
+    RuntimeWarning, on every path) nor torch's thread count (call ``psld_fast.set_threads("auto")``
+    for the command line's load-aware default).
+
     Returns:
         :class:`SampleResult`.  Equivalent to :func:`psld_fast.reference.run_reference` with the
         Philox noise of :mod:`psld_fast.rng` (tested pathwise).
@@ -155,8 +166,15 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         raise ValueError(f"dtype must be one of {[str(d) for d in _STATE_DTYPES]}, got {dtype}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (it gets a dict after every stage), got {type(callback).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if sde is not None and not isinstance(sde, PSLD) and not all(hasattr(sde, a) for a in ("T", "M", "b")):
+        raise TypeError(f"sde must be a psld_fast.PSLD, got {type(sde).__name__}")
     model = _as_model(model, sde, shape)
     device = _check_device(model, device)
+    warn_if_training(model)  # every path: eager CPU/GPU and CUDA graphs
     check_memory(num_samples, min(batch_size or 1024, num_samples), model.shape, dtype, device)
     extra_args = _check_extra_args(extra_args, num_samples)
     process = model.process_for(sampler) if hasattr(model, "process_for") else model.sde
@@ -198,23 +216,25 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     t1 = time.perf_counter()
     runner = get_runner(model, program, backend, step_fn, batch=min(batch_size, num_samples), dtype=dtype,
                         device=device, stream=stream) if graphed else None
-    for start in range(0, num_samples, batch_size):
-        batch_seeds = all_seeds[start:start + batch_size].to(device)
-        if runner is not None:
-            u = runner.run(model, batch_seeds, batch_start=start, bar=bar)
-        else:
-            u = run_program(model, program, batch_seeds, step_fn, dtype=dtype, device=device,
-                            stream=stream, callback=callback, batch_start=start, bar=bar,
-                            extra_args=_slice_extra(extra_args, start, batch_size, num_samples, device),
-                            lifted_step_fn=lifted_fn)
-        C = model.shape[0]
-        xs.append(u[:, :C])
-        ms.append(u[:, C:])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t_run = time.perf_counter() - t1
-    if bar is not None:
-        bar.close()
+    try:
+        for start in range(0, num_samples, batch_size):
+            batch_seeds = all_seeds[start:start + batch_size].to(device)
+            if runner is not None:
+                u = runner.run(model, batch_seeds, batch_start=start, bar=bar)
+            else:
+                u = run_program(model, program, batch_seeds, step_fn, dtype=dtype, device=device,
+                                stream=stream, callback=callback, batch_start=start, bar=bar,
+                                extra_args=_slice_extra(extra_args, start, batch_size, num_samples, device),
+                                lifted_step_fn=lifted_fn)
+            C = model.shape[0]
+            xs.append(u[:, :C])
+            ms.append(u[:, C:])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t_run = time.perf_counter() - t1
+    finally:  # also on an error or Ctrl-C: the bar's line is cleared before the message
+        if bar is not None:
+            bar.close()
     timings = {"compile": t_compile, "sampling": t_run, "total": time.perf_counter() - t0}
     if mode is not None:
         timings["net_compile"] = t_net_compile
@@ -255,7 +275,10 @@ def _check_device(model, device) -> torch.device:
     model_device = _model_device(model)
     if device is None:
         return model_device
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device; use 'cpu', 'cuda' or 'cuda:<index>'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device={str(device)!r} requested but CUDA is not available "
                            f"(torch {torch.__version__})")

@@ -92,8 +92,12 @@ def _read(path: Any, map_location: Any, weights_only: bool, api_hint: bool = Tru
             raise CheckpointError(f"{_name(path)} is truncated or corrupt (not a complete torch.save archive)") from None
         raise CheckpointError(f"{_name(path)} is not a readable PyTorch checkpoint "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    except OSError:
+    except PermissionError:
         raise
+    except OSError as e:  # the zip reader seeking past the end of a cut file: EINVAL, no file name
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointError(f"{_name(path)} is truncated or corrupt (not a complete torch.save archive)") from None
     except Exception as e:  # anything else a malformed file triggers inside torch.load
         raise CheckpointError(f"{_name(path)} is not a readable PyTorch checkpoint "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
@@ -312,8 +316,10 @@ def load_psld_checkpoint(
         sde: a ``psld_fast.PSLD`` to attach; default: see the module docstring.
 
     Raises:
-        CheckpointError: the file is not a dict / has no state_dict / no score_fn weights / a layout that
-            does not match the network (missing, unexpected keys, shape mismatches).
+        CheckpointError: (a ValueError) the file is empty, truncated or corrupt ("PATH is truncated or
+            corrupt"), holds Python objects, is not a dict / has no state_dict / no score_fn weights / a
+            layout that does not match the network (missing, unexpected keys, shape mismatches).
+        FileNotFoundError, PermissionError: the file is missing or cannot be read.
     """
     from .models import EpsModel  # lazy: written alongside this module
     from .sde import PSLD

@@ -17,11 +17,12 @@ import torch
 from . import __version__
 from .api import sample
 from .cli_common import DTYPES as _DTYPES
-from .cli_common import (OneLineParser, add_model_args, add_sampler_args, add_threads_arg, apply_threads, check_writable_file,
-                         join_negative_seeds, load_model, parse_seeds, resolve_device, sampler_kwargs,
+from .cli_common import (OneLineParser, add_model_args, add_sampler_args, add_threads_arg, apply_threads, check_backend, check_writable_file, format_rate,
+                         join_negative_seeds, load_model, parse_int_list, parse_seeds, resolve_device, sampler_kwargs,
                          external_source, model_label)
+from .guards import MAX_NFE
 from .models import GaussianMixture, get_preset
-from .samplers import ALL_SAMPLERS, SAMPLER_SPECS
+from .samplers import ALL_SAMPLERS, SAMPLER_SPECS, steps_for_nfe
 
 __all__ = ["main", "build_parser", "parse_seeds"]
 
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         register = None
     if register is not None:
         register(sub)
+    for p in sub.choices.values():  # -v also after the subcommand (psld-fast sample -v)
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="log backend choices and fallbacks")
     return parser
 
 
@@ -131,6 +135,8 @@ def cmd_sample(args) -> int:
     if args.seeds is not None and args.num_samples is not None and args.num_samples != len(args.seeds):
         raise ValueError(f"-n {args.num_samples} and --seeds ({len(args.seeds)} seeds) disagree; give one of them")
     n = len(args.seeds) if args.seeds is not None else (args.num_samples if args.num_samples is not None else 64)
+    if args.out is not None:  # suffix and place before the model is loaded (a checkpoint can take a while)
+        check_writable_file(args.out, SAMPLE_SUFFIXES, what="--out")
     model = load_model(args).to(device)
     name = model_label(args)
     out = _sample_out(args, model, name)
@@ -160,7 +166,8 @@ def cmd_sample(args) -> int:
     print(f"sampler    {args.sampler}  NFE {res.nfe}  schedule {args.schedule}  lambda_s {info['lambda_s']:g}"
           f"  net_time {info['net_time']}  split {info['split']}  coupling {info['coupling']}"
           + (f"  ci_lambda {info['ci_lambda']:g}" if info.get("ci_lambda") is not None else ""))
-    print(f"samples    {n}  wall {wall:.2f} s  ({res.samples_per_second:.1f} samples/s, "
+    print(f"samples    {n}  wall {wall:.2f} s  (sampling {res.timings['sampling']:.2f} s: "  # one timing for both rates
+          f"{format_rate(res.samples_per_second)} samples/s, "
           f"{1e3 * res.timings['sampling'] / max(res.nfe, 1):.2f} ms per NFE)")
     if "net_compile" in res.timings:
         print(f"compile    torch.compile(mode={args.compile!r}) of the network: "
@@ -178,22 +185,34 @@ def cmd_sample(args) -> int:
 
 def cmd_compare(args) -> int:
     device = resolve_device(args.device)
-    model = load_model(args).to(device)
-    name = None if args.checkpoint or external_source(args) else args.model
-    if _reference_law(model, name) is None and name != "learned-digits":
-        print("compare needs a model with a known data law (an analytic preset or a shipped learned model)",
-              file=sys.stderr)
-        return 2
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
-    nfes = [int(v) for v in args.nfes.split(",")]
+    nfes = parse_int_list(args.nfes, "--nfes")
+    if not samplers:
+        raise ValueError(f"--samplers {args.samplers!r}: give a comma-separated list, e.g. em,reduced_oba")
+    if args.num_samples < 2:
+        raise ValueError(f"-n {args.num_samples}: the quality figure needs at least 2 samples per cell")
     for s in samplers:
         if s not in SAMPLER_SPECS:
-            print(f"unknown sampler {s!r}; choose from {', '.join(ALL_SAMPLERS)}", file=sys.stderr)
-            return 2
+            raise ValueError(f"--samplers: unknown sampler {s!r}; choose from {', '.join(ALL_SAMPLERS)}")
+        for nfe in nfes:  # every cell's budget, before the first cell is sampled
+            try:
+                steps_for_nfe(s, nfe, not args.no_denoise)
+            except ValueError as exc:
+                raise ValueError(f"--nfes {args.nfes}: {exc}") from None
+    if max(nfes) > MAX_NFE:
+        raise ValueError(f"--nfes {args.nfes}: {max(nfes)} is above the limit of {MAX_NFE} network evaluations per sample")
+    if args.checkpoint is not None or external_source(args) is not None:  # before the model is read
+        raise ValueError("compare needs a model with a known data law (an analytic preset or a shipped learned "
+                         "model), not a checkpoint, --diffusers or --denoiser model")
+    model = load_model(args).to(device)
+    name = args.model
+    if _reference_law(model, name) is None and name != "learned-digits":
+        raise ValueError(f"compare needs a model with a known data law; {name} has none")
     reference = "the 1797 training digits" if name == "learned-digits" else "the exact data law"
     print(f"model {model_label(args)} {tuple(model.shape)}, {args.num_samples} samples per cell, "
           f"sliced W2 to {reference} (95% CI)")
     print(f"{'sampler':14s} " + " ".join(f"{'NFE ' + str(v):>24s}" for v in nfes))
+    notes, noted = [], set()
     for s in samplers:
         cells = []
         for nfe in nfes:
@@ -202,9 +221,14 @@ def cmd_compare(args) -> int:
                              dtype=_DTYPES[args.dtype], device=device, progress=False, **sampler_kwargs(args))
                 q = _quality(model, res.x, name=name)
                 cells.append(f"{q['value']:.4f} [{q['lo']:.4f},{q['hi']:.4f}]")
-            except (ValueError, FloatingPointError) as exc:
+            except (ValueError, FloatingPointError) as exc:  # a knob this sampler does not take: n/a, said once
                 cells.append("diverged" if isinstance(exc, FloatingPointError) else "n/a")
+                if isinstance(exc, ValueError) and s not in noted:
+                    noted.add(s)
+                    notes.append(f"n/a for {s}: {' '.join(str(exc).split())}")
         print(f"{s:14s} " + " ".join(f"{c:>24s}" for c in cells), flush=True)
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -220,12 +244,54 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _configure_logging(args) -> None:
+    """psld_fast's log records on stderr as ``psld-fast CMD: message`` (INFO with -v, else WARNING),
+    whatever handlers the root logger already has."""
+    log = logging.getLogger("psld_fast")
+    log.setLevel(logging.INFO if args.verbose else logging.WARNING)
+    handler = next((h for h in log.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()  # records still propagate (to a caller's own handlers, pytest's caplog)
+        log.addHandler(handler)
+    handler.setFormatter(_PrefixFormatter(f"psld-fast {args.command or ''}".strip()))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment (not the one current when it was made)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _PrefixFormatter(logging.Formatter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def format(self, record) -> str:
+        text = " ".join(record.getMessage().split())
+        return f"{self.prefix}: {text[len('psld_fast: '):] if text.startswith('psld_fast: ') else text}"
+
+
+#: What an interrupted command leaves behind (every file is written atomically: nothing half-written).
+_INTERRUPTED = {
+    "generate": "; the finished sample files are kept: rerun the same command to resume",
+    "sweep": "; the finished cells are in sweep.csv: rerun the same command to resume",
+    "train": "; rerun the same command to resume from the last checkpoint",
+}
+
+
 def main(argv=None) -> int:
     """Run a subcommand; a mistake the user can fix is one line on stderr and exit code 2."""
     parser = build_parser()
     argv = join_negative_seeds(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    _configure_logging(args)
     if args.command is None:
         parser.print_help()
         return 0
@@ -239,6 +305,8 @@ def main(argv=None) -> int:
         apply_threads(args)
         if getattr(args, "device", None):  # every subcommand: checked before anything is loaded
             resolve_device(args.device)
+        if hasattr(args, "backend"):
+            check_backend(args)
         handler = getattr(args, "func", None) or {"sample": cmd_sample, "compare": cmd_compare,
                                                   "info": cmd_info}[args.command]
         return handler(args)
@@ -248,6 +316,9 @@ def main(argv=None) -> int:
             text += f": {exc.filename}"
         print(f"psld-fast {args.command}: error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's code for SIGINT, no traceback
+        print(f"psld-fast {args.command}: interrupted{_INTERRUPTED.get(args.command, '')}", file=sys.stderr)
+        return 130
     finally:
         warnings.showwarning = previous
 

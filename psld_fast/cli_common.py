@@ -12,9 +12,13 @@ from pathlib import Path
 
 import torch
 
+from ._io import check_writable_dir, check_writable_file  # noqa: F401  (re-exported: used by the CLI modules)
+from .guards import default_threads
+
 __all__ = ["OneLineParser", "DTYPES", "SeedList", "parse_seeds", "MAX_SEEDS", "INT64_MIN", "INT64_MAX", "add_model_args",
            "add_sampler_args", "add_threads_arg", "apply_threads", "default_threads", "load_model",
-           "resolve_device", "sampler_kwargs", "check_writable_file", "check_writable_dir", "join_negative_seeds"]
+           "resolve_device", "check_backend", "format_rate", "sampler_kwargs", "check_writable_file", "check_writable_dir", "join_negative_seeds",
+           "parse_int_list", "parse_float_list"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -102,6 +106,44 @@ def parse_seeds(text: str) -> SeedList:
     return seeds
 
 
+def parse_int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
+    """``--nfes 20,50,100`` -> [20, 50, 100]; ValueError naming ``flag`` for an empty list, a word or a
+    value below ``minimum``."""
+    parts = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not parts:
+        raise ValueError(f"{flag} {text!r}: give a comma-separated list of integers, e.g. 20,50,100")
+    out = []
+    for t in parts:
+        try:
+            v = int(t)
+        except ValueError:
+            raise ValueError(f"{flag} {text}: {t!r} is not an integer") from None
+        if v < minimum:
+            raise ValueError(f"{flag} {text}: {v} is below the smallest allowed value {minimum}")
+        out.append(v)
+    return out
+
+
+def parse_float_list(text: str, flag: str, minimum: float = 0.0, default_words=("default", "none")) -> list:
+    """``--lambdas 0.5,1,default`` -> [0.5, 1.0, None]; ValueError naming ``flag`` otherwise."""
+    parts = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not parts:
+        raise ValueError(f"{flag} {text!r}: give a comma-separated list of numbers (or 'default')")
+    out = []
+    for t in parts:
+        if t.lower() in default_words:
+            out.append(None)
+            continue
+        try:
+            v = float(t)
+        except ValueError:
+            raise ValueError(f"{flag} {text}: {t!r} is not a number (or 'default')") from None
+        if not v >= minimum or v != v or v in (float("inf"),):
+            raise ValueError(f"{flag} {text}: {t} is not a finite number >= {minimum:g}")
+        out.append(v)
+    return out
+
+
 def join_negative_seeds(argv: list[str]) -> list[str]:
     """``--seeds -5--2`` -> ``--seeds=-5--2`` (argparse would take '-5--2' for an option)."""
     out, i = [], 0
@@ -118,21 +160,6 @@ def join_negative_seeds(argv: list[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------- threads
-def default_threads() -> int:
-    """CPU threads that do not oversubscribe a loaded machine: the cores not busy with other work
-    (cpu count minus the 1-minute load average, rounded), at least 1, at most torch's default."""
-    try:
-        ncpu = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        ncpu = os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    free = int(ncpu - load + 0.5)
-    return max(1, min(torch.get_num_threads(), ncpu, free))
-
-
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the cores not busy with other work, from the load "
@@ -282,6 +309,26 @@ def resolve_device(text: str | None) -> torch.device:
     return device
 
 
+def format_rate(per_second: float) -> str:
+    """A rate for the speed lines: one decimal from 1/s up, else three significant digits (never
+    "0.0" for a slow run)."""
+    return f"{per_second:.1f}" if per_second >= 1 else f"{per_second:.3g}"
+
+
+def check_backend(args) -> None:
+    """``--backend`` (or ``$PSLD_FAST_BACKEND``) checked against the device and dtype before anything
+    is loaded: ValueError saying why it cannot run and what to do."""
+    from .ops import ENV_BACKEND, unavailable_reason
+
+    name, flag = args.backend, f"--backend {args.backend}"
+    if name is None:
+        name = os.environ.get(ENV_BACKEND) or "auto"
+        flag = f"{ENV_BACKEND}={name}"
+    why = unavailable_reason(name, resolve_device(getattr(args, "device", None)), DTYPES.get(getattr(args, "dtype", None)))
+    if why is not None:
+        raise ValueError(f"{flag}: {why}")
+
+
 def sampler_kwargs(args) -> dict:
     kw = dict(lambda_s=args.lambda_s, lambda_reading=args.lambda_reading, net_time=args.net_time,
               schedule=args.schedule, denoise=not args.no_denoise, split=args.split, coupling=args.coupling,
@@ -289,34 +336,3 @@ def sampler_kwargs(args) -> dict:
     if getattr(args, "ci_lambda", None) is not None:  # only the conjugate samplers take it
         kw["ci_lambda"] = args.ci_lambda
     return kw
-
-
-# ------------------------------------------------------------------------------------- output paths
-def check_writable_dir(folder: Path, what: str = "output folder", _file: Path | None = None) -> None:
-    """ValueError unless ``folder`` is (or can be created as) a writable folder."""
-    folder = Path(folder)
-    head = f"{what} {_file if _file is not None else folder}"
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{head}: {folder} is an existing file, not a folder; choose another path"
-                         if _file is not None else f"{head} is an existing file, not a folder; choose another path")
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"{head}: {probe} is an existing file, not a folder; choose another path")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{head}: {probe} is not writable; choose a writable location")
-
-
-def check_writable_file(path: Path, suffixes: tuple[str, ...] | None = None, what: str = "output file") -> None:
-    """ValueError unless ``path`` names a file that can be written (checked before any work)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{what} {path} is an existing folder; give a file name"
-                         + (f" ending in {' or '.join(suffixes)}" if suffixes else ""))
-    if suffixes is not None and path.suffix.lower() not in suffixes:
-        raise ValueError(f"{what} {path}: unsupported suffix {path.suffix or '(none)'!r}; use one of "
-                         f"{', '.join(suffixes)}")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{what} {path} exists and is not writable")
-    check_writable_dir(path.parent if str(path.parent) else Path("."), what=what, _file=path)

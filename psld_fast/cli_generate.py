@@ -16,7 +16,8 @@ from pathlib import Path
 from ._io import write_atomic
 from .cli_common import DTYPES as _DTYPES
 from .cli_common import (add_model_args, add_sampler_args, add_threads_arg, check_writable_dir, check_writable_file,
-                         load_model, parse_seeds, sampler_kwargs, external_source, model_label)
+                         format_rate, load_model, parse_float_list, parse_int_list, parse_seeds, sampler_kwargs,
+                         external_source, model_label)
 
 __all__ = ["register"]
 
@@ -141,6 +142,8 @@ def cmd_generate(args) -> int:
     model, source, name = _model_and_source(args)
     out = args.out or Path("out") / f"{name}_{args.sampler}_nfe{args.nfe}"
     check_writable_dir(out, "--out")
+    if args.json and Path(args.json).resolve() == Path(out).resolve():
+        raise ValueError(f"--json {args.json} is the output folder; give a file name, e.g. {Path(out) / 'summary.json'}")
     source["command"] = "psld-fast " + " ".join(sys.argv[1:]) if sys.argv else None
     summary = generate(model, out, args.seeds, fmt=args.fmt, batch_size=args.batch_size,
                        shard_size=args.shard_size, force=args.force, progress=not args.no_progress,
@@ -152,7 +155,7 @@ def cmd_generate(args) -> int:
               f"device {s['device']}  backend {s['backend']}  ranks {s['world_size']}")
         print(f"samples    {s['requested']} requested: {s['written']} written, {s['skipped']} already there"
               + (f", {s['removed_temp_files']} stale temporary files removed" if s["removed_temp_files"] else ""))
-        rate = f"{s['samples_per_second']:.1f} samples/s" if s["written"] else "nothing to do"
+        rate = f"{format_rate(s['samples_per_second'])} samples/s" if s["written"] else "nothing to do"
         per_k = f", {1000.0 / s['samples_per_second']:.1f} s per 1000 samples" if s["written"] else ""
         print(f"time       {s['seconds']:.2f} s ({rate}{per_k})")
         print(f"wrote      {s['out_dir']}")
@@ -211,15 +214,20 @@ def cmd_sweep(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.out is not None:
         check_writable_dir(args.out, "--out")
+    nfes = parse_int_list(args.nfes, "--nfes")  # the grid's numbers, before the model is loaded
+    parse_float_list(args.lambdas, "--lambdas")
+    parse_float_list(args.ci_lambdas, "--ci-lambdas")
+    if args.ref is not None and not Path(args.ref).exists():
+        raise ValueError(f"--ref {args.ref}: no such reference file or folder")
     model, source, name = _model_and_source(args)
     out = args.out or Path("out") / f"sweep_{name}"
     check_writable_dir(out, "--out")
-    lambdas = [None if v in ("default", "none") else float(v) for v in _csv(args.lambdas)]
+    lambdas = parse_float_list(args.lambdas, "--lambdas")
     net_times = [None if v in ("default", "none") else v for v in _csv(args.net_times)]
     splits = [None if v in ("default", "none") else v for v in _csv(args.splits)]
     couplings = [None if v in ("default", "none") else v for v in _csv(args.couplings)]
-    ci_lambdas = [None if v in ("default", "none") else float(v) for v in _csv(args.ci_lambdas)]
-    rows = sweep(model, out, _csv(args.samplers), [int(v) for v in _csv(args.nfes)], lambdas,
+    ci_lambdas = parse_float_list(args.ci_lambdas, "--ci-lambdas")
+    rows = sweep(model, out, _csv(args.samplers), nfes, lambdas,
                  net_times=net_times, schedules=_csv(args.schedules), splits=splits, couplings=couplings,
                  ci_lambdas=ci_lambdas, num_samples=args.num_samples,
                  seed=args.seed, reference=args.ref, inception_weights=args.inception_weights,

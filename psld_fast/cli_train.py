@@ -55,11 +55,28 @@ def cmd_train(args) -> int:
 
     from .train import TrainConfig, save_checkpoint_atomic, strip_checkpoint, train
 
+    from ._io import check_writable_dir, check_writable_file
+
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path("runs") / Path(args.data).stem
-    cfg = TrainConfig(data=args.data, arch=args.arch, net=json.loads(args.net) if args.net else {},
-                      sde=json.loads(args.sde) if args.sde else {}, out=str(out), steps=args.steps,
+    check_writable_dir(out, "--out")  # before any training step, not at the first checkpoint
+    if args.export is not None:
+        check_writable_file(args.export, what="--export")
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--ckpt-every", args.ckpt_every)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: give an integer >= 1")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup}: give an integer >= 0")
+    for flag, value, ok, what in (("--lr", args.lr, args.lr > 0, "a number > 0"),
+                                  ("--grad-clip", args.grad_clip, args.grad_clip >= 0, "a number >= 0 (0: off)"),
+                                  ("--ema-decay", args.ema_decay, 0 <= args.ema_decay < 1, "a number in [0, 1)"),
+                                  ("--max-minutes", args.max_minutes, args.max_minutes is None or args.max_minutes > 0,
+                                   "a number > 0")):
+        if not ok or value != value:  # NaN fails every comparison
+            raise ValueError(f"{flag} {value}: give {what}")
+    cfg = TrainConfig(data=args.data, arch=args.arch, net=_json_object(args.net, "--net"),
+                      sde=_json_object(args.sde, "--sde"), out=str(out), steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
                       ema_decay=args.ema_decay, ckpt_every=args.ckpt_every, seed=args.seed, device=args.device,
                       amp=not args.no_amp, resume=not args.no_resume, progress=not args.no_progress,
@@ -71,3 +88,16 @@ def cmd_train(args) -> int:
         summary["export"] = str(args.export)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def _json_object(text: str | None, flag: str) -> dict:
+    """``--net`` / ``--sde`` JSON as a dict; ValueError naming the flag otherwise."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {text!r}: not valid JSON ({exc}); give e.g. '{{\"hidden\": 256}}'") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} {text!r}: give a JSON object such as '{{\"hidden\": 256}}'")
+    return value

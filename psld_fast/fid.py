@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["fid", "frechet_distance", "kernel_inception_distance", "InceptionWeightsMissing",
+__all__ = ["fid", "frechet_distance", "kernel_inception_distance", "InceptionWeightsMissing", "InceptionWeightsCorrupt",
            "resolve_inception_weights", "make_extractor", "list_samples", "compute_statistics",
            "reference_statistics", "load_statistics", "save_statistics", "FeatureAccumulator",
            "register_random_conv", "INCEPTION_FILE", "INCEPTION_URL", "ENV_WEIGHTS"]
@@ -61,6 +61,15 @@ _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 class InceptionWeightsMissing(FileNotFoundError):
     """The Inception-v3 weights file for FID is not where it was looked for."""
+
+
+class InceptionWeightsCorrupt(ValueError):
+    """The Inception-v3 weights file exists but cannot be loaded (empty, truncated download, another file)."""
+
+
+#: The weight-free way to run the FID pipeline offline (numbers not comparable with published FIDs).
+_OFFLINE_HINT = (f"For an offline smoke test of the pipeline without the weights use --extractor {RANDOM_CONV} "
+                 "(its numbers are not comparable with published FIDs).")
 
 
 # ------------------------------------------------------------------------------ torch-fidelity
@@ -111,7 +120,7 @@ def resolve_inception_weights(path=None) -> Path:
         f"FID/KID need torch-fidelity's Inception-v3 weights, the file {INCEPTION_FILE}, and "
         f"psld-fast downloads nothing at run time: {where}. Fetch the file once on a machine with network access "
         f"({INCEPTION_URL}) and pass --inception-weights /path/to/{INCEPTION_FILE}, or set "
-        f"{ENV_WEIGHTS}=/path/to/{INCEPTION_FILE}, or put it at {hub}.")
+        f"{ENV_WEIGHTS}=/path/to/{INCEPTION_FILE}, or put it at {hub}. {_OFFLINE_HINT}")
 
 
 def _random_conv_class():
@@ -207,7 +216,17 @@ def make_extractor(name: str = INCEPTION, *, weights=None, device=None, feature:
     feature = feature or cls.get_default_feature_layer_for_metric("fid")
     identity["feature"] = feature
     device = torch.device(device) if device is not None else torch.device("cpu")
-    module = cls(name, [feature], **kwargs).eval().requires_grad_(False).to(device)
+    try:
+        module = cls(name, [feature], **kwargs).eval().requires_grad_(False).to(device)
+    except Exception as exc:  # noqa: BLE001  torch.load of a bad file: UnpicklingError, EOFError, RuntimeError, ...
+        if "feature_extractor_weights_path" not in kwargs:
+            raise
+        path = Path(kwargs["feature_extractor_weights_path"])
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise InceptionWeightsCorrupt(
+            f"the Inception weights file {path} ({path.stat().st_size} bytes) cannot be loaded "
+            f"({type(exc).__name__}: {first}); it is empty, truncated (an interrupted download is the usual "
+            f"cause) or another file: fetch {INCEPTION_FILE} again ({INCEPTION_URL}). {_OFFLINE_HINT}") from None
     ex = Extractor(module, name, feature, device, identity)
     ex.dim = int(ex(torch.zeros((1, 3, 32, 32), dtype=torch.uint8)).shape[1])
     identity["dim"] = ex.dim
@@ -217,6 +236,16 @@ def make_extractor(name: str = INCEPTION, *, weights=None, device=None, feature:
 # ------------------------------------------------------------------------------------- inputs
 def _npz_rows(path: Path) -> int:
     """Rows of ``x`` in an .npz without loading the array (reads the .npy header)."""
+    try:
+        return _npz_rows_unchecked(path)
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc}); truncated or "
+                         "another format?") from None
+
+
+def _npz_rows_unchecked(path: Path) -> int:
     with zipfile.ZipFile(path) as z:
         if "x.npy" not in z.namelist():
             return -1
@@ -233,8 +262,14 @@ def _npz_rows(path: Path) -> int:
 
 
 def _is_stats_npz(path: Path) -> bool:
-    with zipfile.ZipFile(path) as z:
-        names = set(z.namelist())
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc}); truncated or "
+                         "another format?") from None
     return {"mu.npy", "sigma.npy"} <= names
 
 
@@ -251,8 +286,9 @@ class SampleSource:
         return len(self.items)
 
 
-def list_samples(path) -> SampleSource:
-    """Enumerate the images of a folder (image files and npz shards, hidden files skipped) or one file."""
+def list_samples(path, what: str = "sample") -> SampleSource:
+    """Enumerate the images of a folder (image files and npz shards, hidden files skipped) or one file;
+    ``what`` ("sample" or "reference") names the input in the errors."""
     path = Path(path)
     src = SampleSource(path)
     if path.is_file():
@@ -265,7 +301,7 @@ def list_samples(path) -> SampleSource:
                       and f.lower().endswith(_IMAGE_EXT + (".npz",))]
         paths.sort(key=lambda p: p.relative_to(path).as_posix())
     else:
-        raise FileNotFoundError(f"no such sample file or folder: {path}")
+        raise FileNotFoundError(f"no such {what} file or folder: {path}")
     for p in paths:
         if p.suffix.lower() == ".npz":
             n = _npz_rows(p)
@@ -464,7 +500,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise ValueError(f"statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
                          f"sigma {s1.shape} vs {s2.shape}")
-    return float(fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)[KEY_METRIC_FID])
+    value = float(fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)[KEY_METRIC_FID])
+    # a squared distance: the square roots of the near-zero eigenvalues of s1 s2 (rank-deficient for
+    # fewer samples than features) carry errors of about sqrt(machine eps) * |s| each, so equal
+    # statistics can come out as -2e-8 (printed "-0.0000"); within that bound the value is 0 (a
+    # clearly negative one, broken statistics, is kept)
+    tol = mu1.size * np.sqrt(np.finfo(np.float64).eps) * (abs(np.trace(s1)) + abs(np.trace(s2))) + 1e-12
+    if -tol < value < 0.0:
+        value = 0.0
+    return value
 
 
 def kernel_inception_distance(f1, f2, *, subsets: int = 100, subset_size: int = 1000, seed: int = 2020) -> dict:
@@ -539,7 +583,7 @@ def reference_statistics(reference, extractor: Extractor, ctx=None, *, cache_dir
         if st["mu"].shape[0] != extractor.dim:
             raise ValueError(f"{ref}: statistics of dimension {st['mu'].shape[0]}, the extractor gives {extractor.dim}")
         return st, info
-    src = list_samples(ref)
+    src = list_samples(ref, "reference")
     key_obj = {"path": str(ref.resolve()), "files": hashlib.sha256(json.dumps(src.files).encode()).hexdigest(),
                "n": len(src.items), "extractor": extractor.identity, "kid_max_features": kid_max_features,
                "seed": seed, "version": 1}
@@ -579,6 +623,21 @@ def fid(samples, reference, *, inception_weights=None, extractor: str = INCEPTIO
     from .distributed import setup
 
     t0 = time.perf_counter()
+    for name, value, low in (("batch_size", batch_size, 1), ("kid_subsets", kid_subsets, 1),
+                             ("kid_subset_size", kid_subset_size, 2), ("kid_max_features", kid_max_features, 2)):
+        if value is None and name == "batch_size":
+            continue
+        if name != "batch_size" and not kid:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}"
+                             + (" (--" + name.replace("_", "-") + ")"))
+    for path, what in ((samples, "sample"), (reference, "reference")):  # before the extractor is built
+        if not isinstance(path, SampleSource) and not Path(path).exists():
+            raise FileNotFoundError(f"no such {what} file or folder: {path}")
+    source = samples if isinstance(samples, SampleSource) else list_samples(samples)  # unreadable shards: now
+    if Path(reference).is_file() and Path(reference).suffix == ".npz":
+        _is_stats_npz(Path(reference))
     ctx = setup(device)
     try:
         ex = make_extractor(extractor, weights=inception_weights, device=ctx.device)
@@ -591,7 +650,7 @@ def fid(samples, reference, *, inception_weights=None, extractor: str = INCEPTIO
                                              kid_max_features=kmax, seed=seed, progress=progress)
         if ref_info.get("warning"):
             warnings.append(ref_info["warning"])
-        st = compute_statistics(samples, ex, ctx, batch_size=batch_size, kid_max_features=kmax, seed=seed,
+        st = compute_statistics(source, ex, ctx, batch_size=batch_size, kid_max_features=kmax, seed=seed,
                                 progress=progress)
         warnings += st.pop("warnings", [])
         if save_stats is not None and ctx.is_main:

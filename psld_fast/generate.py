@@ -433,6 +433,9 @@ def generate(model, out_dir, seeds, *, fmt: str = "png", batch_size: int | None 
     if not isinstance(model, EpsModel):
         raise TypeError(f"generate needs an EpsModel (wrap a network as EpsModel(net, sde, shape)), got "
                         f"{type(model).__name__}")
+    if isinstance(seeds, (str, bytes)):  # "0-99" would iterate as the seeds 0, 9, 9
+        raise ValueError(f"seeds must be integers, got the string {seeds!r}; pass e.g. range(100) "
+                         "(on the command line: --seeds 0-99)")
     seed_list = list(dict.fromkeys(int(s) for s in seeds))
     if not seed_list:
         raise ValueError("no seeds given")

@@ -40,7 +40,8 @@ Training mode: ``sample`` never changes the network's mode (it does not call ``.
 would mutate the caller's module).  The ``training`` flag is part of the signature, so switching
 modes captures another graph; a module in training mode that holds dropout or batch-norm layers is
 sampled as it is (random dropout masks, batch statistics and, for batch norm, running statistics
-updated on every call, inside a graph too) and a warning is logged once: call ``net.eval()`` first.
+updated on every call, inside a graph too) with one RuntimeWarning per network, on every sampling path
+(:func:`psld_fast.runner.warn_if_training`): call ``net.eval()`` first.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ import torch
 
 from .models import EpsModel
 from .program import Program
-from .runner import as_step_eps, nonfinite, raise_if_nonfinite, run_program
+from .runner import as_step_eps, nonfinite, raise_if_nonfinite, run_program, warn_if_training
 
 __all__ = ["GraphRunner", "get_runner", "use_cuda_graph", "clear_cache", "cache_info",
            "cache_capacity", "program_hash", "ENV_CACHE", "DEFAULT_CACHE_SIZE"]
@@ -72,7 +73,6 @@ KERNEL_BACKENDS = ("cuda", "triton")
 _lock = threading.RLock()
 _cache: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
 _logged: set[tuple] = set()
-_MODE_SENSITIVE = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)
 
 
 # ----------------------------------------------------------------------------------------- policy
@@ -184,7 +184,7 @@ def get_runner(model, program: Program, backend: str, step_fn, *, batch: int, dt
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     net, method = _net_object(model)
-    _warn_if_training(net)
+    warn_if_training(model)  # sample() warns first, on every path; once per network
     key = (id(net), method, _tensor_fingerprint(net), int(batch), tuple(model.shape), dtype, str(device),
            backend, int(stream), program_hash(program))
     with _lock:
@@ -200,15 +200,6 @@ def get_runner(model, program: Program, backend: str, step_fn, *, batch: int, dt
         while len(_cache) > capacity:
             _cache.popitem(last=False)
         return runner
-
-
-def _warn_if_training(net) -> None:
-    if isinstance(net, torch.nn.Module) and net.training and any(
-            isinstance(m, _MODE_SENSITIVE) for m in net.modules()):
-        _log_once(("training", id(net)),
-                  f"psld_fast: the network ({type(net).__name__}) is in training mode and has dropout or "
-                  "batch-norm layers: it is sampled as it is (random masks, batch statistics, running "
-                  "statistics updated); call net.eval() before sampling")
 
 
 # ----------------------------------------------------------------------------------------- runner
@@ -266,7 +257,14 @@ class GraphRunner:
             if self.state == "warm":
                 self._try_capture(model)
             if self.state == "captured":
-                return self._replay(seeds, batch_start, check)
+                try:
+                    return self._replay(seeds, batch_start, check)
+                except FloatingPointError:
+                    # the graph flags only the first NaN/Inf network output; the eager rerun (same
+                    # seeds: same path) tells a failing network from a sampler whose state overflowed
+                    run_program(model, self.program, seeds, self.step_fn, dtype=self.dtype, device=self.device,
+                                stream=self.stream, batch_start=batch_start, check=True)
+                    raise
             return self._eager(model, seeds, batch_start, check, warm_up=self.state == "new")
 
     def _side(self):

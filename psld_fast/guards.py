@@ -10,6 +10,8 @@
   ``no_grad`` wrapper), i.e. the user's line that called ``sample``.
 * :func:`check_data_range`: one warning per run when the samples leave the data range by orders of
   magnitude (a sampler diverging at a very low NFE).
+* :func:`default_threads` and :func:`set_threads`: a CPU thread count that does not oversubscribe a
+  loaded machine (the command line's default, offered to Python users as ``set_threads("auto")``).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 __all__ = ["MAX_NFE", "DIVERGENCE_FACTOR", "as_count", "seeds_int64", "check_memory", "warn_at_caller",
-           "check_data_range"]
+           "check_data_range", "default_threads", "set_threads"]
 
 #: Largest NFE budget ``sample`` accepts (a program holds one stage per NFE; 10^5 NFE is ~1000x the
 #: budgets the samplers are meant for and compiles in well under a second).
@@ -60,13 +62,17 @@ def seeds_int64(seeds, num_samples: int) -> torch.Tensor:
             raise ValueError(f"seeds must lie in the int64 range [-2**63, 2**63-1]; got {int(t.max())}")
         values = t
     else:
+        if isinstance(seeds, (str, bytes)):  # np.asarray("01") is a 0-d string array, not two seeds
+            raise ValueError(f"seeds must be integers, got the string {seeds!r}; pass e.g. range(n) or [0, 1]"
+                             " (on the command line: --seeds 0-63)")
         try:
             arr = np.asarray(seeds)
         except OverflowError:
             arr = np.asarray(list(seeds), dtype=object)
-        if arr.dtype.kind in "fcb" or (arr.dtype.kind == "O" and not all(
+        if arr.dtype.kind in "fcbUSV" or (arr.dtype.kind == "O" and not all(
                 isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in arr.reshape(-1))):
-            raise ValueError(f"seeds must be integers, got {arr.dtype if arr.dtype.kind != 'O' else 'objects'}")
+            raise ValueError("seeds must be integers, got " + {"O": "objects", "U": "strings", "S": "bytes",
+                                                                 "V": "structured values"}.get(arr.dtype.kind, str(arr.dtype)))
         if arr.dtype.kind in "uO":
             bad = _out_of_range(arr.reshape(-1))
             if bad:
@@ -113,6 +119,45 @@ def check_memory(num_samples: int, batch_size: int, shape, dtype: torch.dtype, d
             f"{need / gib:.1f} GiB on {device} (results {result / gib:.1f} GiB + a batch of {batch_size}), "
             f"{avail / gib:.1f} GiB are available; draw fewer samples per call (psld-fast generate writes "
             "any number of samples in batches)")
+
+
+# ------------------------------------------------------------------------------------- threads
+#: torch's own default thread count, read once at import (before anyone lowers it).
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def default_threads() -> int:
+    """CPU threads that do not oversubscribe a loaded machine: the cores not busy with other work
+    (cpu count minus the 1-minute load average, rounded), at least 1, at most torch's default."""
+    try:
+        ncpu = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        ncpu = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    free = int(ncpu - load + 0.5)
+    return max(1, min(_TORCH_DEFAULT_THREADS, ncpu, free))
+
+
+def set_threads(n="auto") -> int:
+    """Set torch's CPU thread count for sampling (process-wide, like ``torch.set_num_threads``);
+    returns the count set.
+
+    ``"auto"`` is the command line's default: ``OMP_NUM_THREADS`` when set, else
+    :func:`default_threads` (the cores not busy with other work).  ``sample`` itself never changes
+    the thread count (it is global to the process, shared with the caller's other work): on a
+    loaded machine torch's default of one thread per core runs many times slower than this, so call
+    ``psld_fast.set_threads("auto")`` once before sampling.
+    """
+    if n == "auto":
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        n = int(env) if env.isdigit() and int(env) >= 1 else default_threads()
+    elif isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"set_threads: give 'auto' or an integer >= 1, got {n!r}")
+    torch.set_num_threads(int(n))
+    return int(n)
 
 
 def _caller_stacklevel() -> int:

@@ -15,8 +15,26 @@ from torch import nn
 
 from .sde import HSM_JITTER, PSLD
 
-__all__ = ["EpsModel", "ScoreModelAdapter", "GaussianMixture", "PRESETS", "get_preset",
+__all__ = ["EpsModel", "ScoreModelAdapter", "GaussianMixture", "PRESETS", "get_preset", "as_shape",
            "hsm_cholesky_tensor"]
+
+
+def as_shape(shape, what: str = "shape") -> tuple[int, ...]:
+    """The shape of one data sample as a tuple of ints >= 1 (an int n means (n,)); ValueError naming
+    ``what`` otherwise (a zero or negative size would only fail later, deep in an allocation, or give
+    an empty result)."""
+    import operator
+
+    try:
+        dims = (operator.index(shape),)
+    except TypeError:
+        try:
+            dims = tuple(operator.index(d) for d in shape)
+        except TypeError:
+            raise ValueError(f"{what}={shape!r}: give the shape of one sample as a tuple of ints, e.g. (3, 32, 32)") from None
+    if not dims or any(isinstance(d, bool) or d < 1 for d in dims):
+        raise ValueError(f"{what}={tuple(dims)}: every size of one sample's shape must be an integer >= 1")
+    return tuple(int(d) for d in dims)
 
 
 class EpsModel(nn.Module):
@@ -32,7 +50,8 @@ class EpsModel(nn.Module):
         super().__init__()
         self.net = net
         self.sde = sde if sde is not None else PSLD()
-        self.shape = tuple(shape) if shape is not None else getattr(net, "data_shape", None)
+        shape = shape if shape is not None else getattr(net, "data_shape", None)
+        self.shape = as_shape(shape) if shape is not None else None
         self.name = name or type(net).__name__
 
     def forward(self, u: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

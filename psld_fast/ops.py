@@ -28,7 +28,8 @@ import torch
 
 from .program import affine_step_reference, lifted_step_reference
 
-__all__ = ["affine_step_", "affine_step", "resolve_backend", "get_step_fn", "get_lifted_step_fn", "BACKENDS",
+__all__ = ["affine_step_", "affine_step", "resolve_backend", "unavailable_reason", "get_step_fn",
+           "get_lifted_step_fn", "BACKENDS",
            "HAS_CPU_KERNEL", "HAS_CUDA_KERNEL", "HAS_TRITON", "has_triton"]
 
 logger = logging.getLogger("psld_fast")
@@ -161,10 +162,10 @@ def _unavailable(backend: str, device_type: str, dtype) -> str | None:
     if backend == "reference":
         return None
     if dtype is not None and dtype not in KERNEL_DTYPES:
-        return f"the kernels support float32/float16/bfloat16 states, not {dtype}"
+        return f"the kernels support float32/float16/bfloat16 states, not {dtype} (float64 runs on backend 'reference')"
     if backend == "cpu":
         if device_type != "cpu":
-            return f"tensor is on {device_type}"
+            return f"the state is on {device_type}; the C++ CPU kernel takes CPU tensors: use backend 'cuda', 'triton' or 'auto'"
         return None if HAS_CPU_KERNEL else _COMPILED_NOTE
     if backend == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         ok, why = _triton_status()  # Triton's interpreter runs the kernel on CPU tensors (slowly)
@@ -175,11 +176,32 @@ def _unavailable(backend: str, device_type: str, dtype) -> str | None:
                                              "set it before the first import")
         return why
     if device_type != "cuda":
-        return f"tensor is on {device_type}"
+        return _not_on_cuda(backend, device_type)
     if backend == "cuda":
         return None if HAS_CUDA_KERNEL else _COMPILED_NOTE
     ok, why = _triton_status()
     return None if ok else why
+
+
+def _not_on_cuda(backend: str, device_type: str) -> str:
+    """Why the GPU backend ``backend`` cannot run a state on ``device_type``, with the way out."""
+    where = (f"the state is on {device_type}" + ("" if torch.cuda.is_available() else
+             f" and CUDA is not available here (torch {torch.__version__}"
+             f"{', a CPU-only build' if torch.version.cuda is None else ', no GPU visible'})"))
+    if backend == "triton":
+        return (f"{where}; the Triton kernel runs on CUDA tensors, or on CPU tensors through Triton's "
+                "interpreter (slow, for testing): set TRITON_INTERPRET=1 in the environment before starting, "
+                "or use backend 'cpu' / 'auto'")
+    return f"{where}; the CUDA kernel needs a CUDA device (device='cuda'); on CPU use backend 'cpu' or 'auto'"
+
+
+def unavailable_reason(backend: str, device, dtype: torch.dtype | None = None) -> str | None:
+    """Why ``backend`` cannot run a state on ``device`` (of ``dtype``), or None when it can (for
+    checks made before any work, e.g. by the command line)."""
+    name = str(backend).strip().lower()
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; expected one of {BACKENDS}"
+    return None if name == "auto" else _unavailable(name, torch.device(device).type, dtype)
 
 
 def resolve_backend(backend: str | None, device, dtype: torch.dtype | None = None) -> str:
@@ -198,6 +220,7 @@ def resolve_backend(backend: str | None, device, dtype: torch.dtype | None = Non
         why = _unavailable(requested, device_type, dtype)
         if why is not None:
             raise RuntimeError(f"backend={requested!r} requested but {why}")
+        _log_fallback(f"psld_fast: using the {requested} step on {device_type} (requested)")
         return requested
     candidates = ("cuda", "triton") if device_type == "cuda" else ("cpu",) if device_type == "cpu" else ()
     reasons = []
@@ -208,8 +231,8 @@ def resolve_backend(backend: str | None, device, dtype: torch.dtype | None = Non
             chosen = name
             break
         reasons.append(f"{name}: {why}")
-    if reasons:
-        _log_fallback(f"psld_fast: using the {chosen} step on {device_type} ({'; '.join(reasons)})")
+    _log_fallback(f"psld_fast: using the {chosen} step on {device_type} (auto"
+                  + (f"; {'; '.join(reasons)})" if reasons else ")"))
     return chosen
 
 

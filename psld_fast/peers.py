@@ -54,8 +54,16 @@ def _torchvision_broken() -> str | None:
     for name in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
         del sys.modules[name]  # a half-imported torchvision
     for name in _TV:
-        sys.modules[name] = None  # find_spec -> None, import -> ImportError
+        sys.modules[name] = None  # find_spec -> None, import -> ImportError (undone by _forget_torchvision)
     return reason
+
+
+def _forget_torchvision() -> None:
+    """Drop the 'unavailable' marks again, so that later imports in this process see torchvision's
+    own error as before (the peers already imported what they needed)."""
+    for name in _TV:
+        if name in sys.modules and (sys.modules[name] is None or isinstance(sys.modules[name], _Unavailable)):
+            del sys.modules[name]
 
 
 def _import_with_placeholder(names):
@@ -64,6 +72,7 @@ def _import_with_placeholder(names):
     reason = _torchvision_broken()
     if reason is None:
         return [importlib.import_module(n) for n in names]
+    _forget_torchvision()
     mods = {}
     for name in _TV:
         mod = _Unavailable(name)
@@ -76,8 +85,7 @@ def _import_with_placeholder(names):
     try:
         return [importlib.import_module(n) for n in names]
     finally:
-        for name in _TV:
-            sys.modules[name] = None
+        _forget_torchvision()
 
 
 def import_diffusers():
@@ -87,8 +95,12 @@ def import_diffusers():
     try:
         import diffusers
         from diffusers.models.unets import unet_2d  # noqa: F401  (lazy in diffusers: import it here)
+        from diffusers.schedulers import scheduling_ddpm  # noqa: F401
+        diffusers.UNet2DModel, diffusers.DDPMScheduler  # resolve the lazy names now
     except ImportError as exc:
         raise ImportError(f"diffusers is not installed or failed to import ({exc}); {PEERS_HINT}") from exc
+    finally:
+        _forget_torchvision()
     return diffusers
 
 

@@ -25,11 +25,13 @@ import weakref
 
 import torch
 
+from .guards import warn_at_caller
 from .models import EpsModel
 from .program import Program
 
-__all__ = ["run_program", "nonfinite", "raise_if_nonfinite", "as_step_eps", "check_eps", "stage_taus",
-           "compiled_model", "compile_mode", "clear_compile_cache", "COMPILE_MODES"]
+__all__ = ["run_program", "nonfinite", "raise_if_nonfinite", "as_step_eps", "check_eps", "first_call", "stage_taus",
+           "compiled_model", "compile_mode", "clear_compile_cache", "COMPILE_MODES", "warn_if_training",
+           "MODE_SENSITIVE"]
 
 log = logging.getLogger("psld_fast")
 
@@ -56,8 +58,10 @@ def run_program(model, program: Program, seeds: torch.Tensor, step_fn, *, dtype,
               lifted_step_fn=lifted_step_fn, init_x=init_x, init_tau=init_tau)
     u = _loop(model, program, seeds, step_fn, callback=callback, batch_start=batch_start, bar=bar, **kw)
     if check and not bool(torch.isfinite(u).all()):  # the batch's one host sync
-        bad_stage = _first_bad_stage(model, program, seeds, step_fn, **kw)
-        raise_if_nonfinite(bad_stage, bad_stage < 0, program, batch_start)
+        kind, stage = _first_bad_stage(model, program, seeds, step_fn, **kw)
+        if kind == "network":
+            raise_if_nonfinite(stage, False, program, batch_start)
+        raise_if_nonfinite(-1, True, program, batch_start, state_stage=stage)
     return u
 
 
@@ -109,19 +113,24 @@ def _loop(model, program, seeds, step_fn, *, dtype, device, stream, callback=Non
             _init_from_x(model, program, u, init_x, init_tau, seeds, step_fn, stream)
             continue
         if tau is not None:
-            eps = net(u, tau, **extra_args) if extra_args else net(u, tau)
-            if callback is not None:
-                y_call, denoised = _denoised_estimate(model, u, eps, stage.tau)
             if not checked:
+                eps = first_call(net, u, tau, model.shape, extra_args)
                 check_eps(eps, u, k)
                 checked = True
+            else:
+                eps = net(u, tau, **extra_args) if extra_args else net(u, tau)
+            if callback is not None:
+                y_call, denoised = _denoised_estimate(model, u, eps, stage.tau)
             if lower and eps.dtype == torch.float64:
                 eps = eps.float()
             if first_bad is not None and not bool(torch.isfinite(eps).all()):
-                first_bad.append(k)
+                first_bad.append(("network", k))  # its input, the state, was finite (checked below)
                 return u
             nfe += 1
         step_fn(u, eps, seeds, stage.coef, k, stream)
+        if first_bad is not None and not bool(torch.isfinite(u).all()):
+            first_bad.append(("state", k))  # finite inputs, non-finite result: the sampler overflowed
+            return u
         if callback is not None:
             info = {"stage": k, "nfe": nfe, "tau": stage.tau, "u": u, "batch_start": batch_start}
             if tau is not None:
@@ -201,7 +210,7 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
             if lower and D.dtype == torch.float64:
                 D = D.float()
             if first_bad is not None and not bool(torch.isfinite(D).all()):
-                first_bad.append(k)
+                first_bad.append(("network", k))
                 return u
             nfe += 1
         if callback is not None:  # copies: the step overwrites y (and D, when the denoiser returned y)
@@ -209,6 +218,9 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
             if sig[k] is not None:
                 info.update(x=y.clone(), sigma=lp.sigmas[k], denoised=D.clone())
         lifted_step_fn(u, D, y if lp.writes_y[k] else None, seeds, coef, k, stream)
+        if first_bad is not None and not bool(torch.isfinite(u).all()):
+            first_bad.append(("state", k))  # finite inputs, non-finite result: the sampler overflowed
+            return u
         if callback is not None:
             callback(info)
         if bar is not None and sig[k] is not None:
@@ -216,12 +228,58 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
     return u
 
 
-def _first_bad_stage(model, program, seeds, step_fn, **kw) -> int:
-    """Rerun the batch (same seeds: same path) checking every network output; the first stage
-    whose output held NaN/Inf, or -1 when all were finite (the state itself overflowed)."""
-    first_bad: list[int] = []
+#: Layers whose output depends on the mode: sampled in training mode they give random dropout
+#: masks, batch statistics, and (batch norm) running statistics updated by every call.
+MODE_SENSITIVE = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)
+_warned_training: "weakref.WeakSet" = weakref.WeakSet()
+_warned_lock = threading.Lock()
+
+
+def warn_if_training(model) -> bool:
+    """One RuntimeWarning (at the caller's line) per network sampled while a dropout or batch-norm
+    layer in it is in training mode; ``sample`` never switches the mode itself (``.eval()`` would
+    change the caller's module).  Called by ``sample`` on every path: eager CPU/GPU and CUDA graphs.
+    Returns whether the network is in that state."""
+    net = model.net if type(model) is EpsModel and isinstance(model.net, torch.nn.Module) else model
+    if not isinstance(net, torch.nn.Module):
+        return False
+    layers = [m for m in net.modules() if isinstance(m, MODE_SENSITIVE) and m.training]
+    if not layers:
+        return False
+    with _warned_lock:
+        if net in _warned_training:
+            return True
+        _warned_training.add(net)
+    warn_at_caller(f"the network ({type(net).__name__}) is in training mode and has dropout or batch-norm "
+                   f"layers ({type(layers[0]).__name__}): it is sampled as it is (random masks, batch "
+                   "statistics, running statistics updated); call net.eval() before sampling", RuntimeWarning)
+    return True
+
+
+def first_call(net, u: torch.Tensor, tau: torch.Tensor, shape, extra_args=None) -> torch.Tensor:
+    """The batch's first network call; a RuntimeError inside the network (typically a shape mismatch
+    such as "mat1 and mat2 shapes cannot be multiplied") is re-raised naming the shapes it was given,
+    so that a wrong ``shape=`` is found at once.  Out-of-memory errors pass through unchanged."""
+    try:
+        return net(u, tau, **extra_args) if extra_args else net(u, tau)
+    except RuntimeError as exc:
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RuntimeError(
+            f"the network failed on its first call, given u of shape {tuple(u.shape)} (a batch of samples of "
+            f"shape {tuple(shape)}, x and m stacked on dim 1) and tau of shape {tuple(tau.shape)}: {first}. "
+            "Is the sample shape right (shape= of sample / EpsModel)?") from exc
+
+
+def _first_bad_stage(model, program, seeds, step_fn, **kw) -> tuple[str, int]:
+    """Rerun the batch (same seeds: same path) checking every network output and every state:
+    ("network", k) when stage k's network returned NaN/Inf for a finite state, ("state", k) when
+    stage k's step turned a finite state and network output into NaN/Inf (the sampler diverged),
+    ("state", -1) when the rerun stayed finite."""
+    first_bad: list[tuple[str, int]] = []
     _loop(model, program, seeds, step_fn, first_bad=first_bad, **kw)
-    return first_bad[0] if first_bad else -1
+    return first_bad[0] if first_bad else ("state", -1)
 
 
 def nonfinite(t: torch.Tensor) -> torch.Tensor:
@@ -235,16 +293,24 @@ def nonfinite(t: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(t.sum(dtype=torch.float32))
 
 
-def raise_if_nonfinite(bad_stage: int, state_bad: bool, program: Program, batch_start: int) -> None:
-    """FloatingPointError for a batch whose network output (first at ``bad_stage`` >= 0) or final
-    state (``state_bad``) held NaN/Inf."""
+def raise_if_nonfinite(bad_stage: int, state_bad: bool, program: Program, batch_start: int,
+                       state_stage: int | None = None) -> None:
+    """FloatingPointError for a batch whose network output (first at ``bad_stage`` >= 0) or state
+    (``state_bad``; first non-finite after stage ``state_stage`` when known) held NaN/Inf."""
     if bad_stage >= 0:
         raise FloatingPointError(
             f"the network returned NaN/Inf at stage {bad_stage} (tau={program.stages[bad_stage].tau:.6g}) "
-            f"for the batch starting at sample {batch_start}")
+            f"for the batch starting at sample {batch_start}, although its input state was finite")
     if state_bad:
-        raise FloatingPointError("sampling produced NaN/Inf in the state although the network outputs were finite "
-                                 "(the step coefficients overflowed the state dtype?)")
+        info = program.info
+        where = (f" at stage {state_stage} of {len(program.stages)}" if state_stage is not None and state_stage >= 0
+                 else "")
+        knobs = f"{program.sampler} at NFE {program.nfe}" + (
+            f" with lambda_s={info['lambda_s']:g}" if info.get("lambda_s") not in (None, 1.0) else "")
+        raise FloatingPointError(
+            f"the sampler diverged: the state overflowed to NaN/Inf{where} for the batch starting at sample "
+            f"{batch_start}, with finite network outputs ({knobs}); use a smaller lambda_s, more NFE or "
+            "another sampler")
 
 
 def as_step_eps(eps: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -178,7 +178,7 @@ class _Steps:
                  coupling: str = "sequential", lambda_form: str = "std", pf: bool = False):
         self.sde = sde
         self.lx = lambda_s if lambda_form == "std" else math.sqrt(lambda_s)
-        self.cx = 1.0 + self.lx ** 2 if reading == "marginal" else 2.0
+        self.cx = 1.0 + self.lx * self.lx if reading == "marginal" else 2.0  # inf, not OverflowError, if huge
         self.ou = split == "ou"
         self.joint = coupling == "joint"
         # pf: the probability-flow ODE's A and B (spec 4.6), halved score terms, no O:
@@ -324,8 +324,25 @@ def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, de
                 ci_lambda=ci_lambda, sde=sde.to_dict())
     program = Program(sampler=sampler, stages=pb.finish(), grid=grid, info=info)
     info["nfe"] = program.nfe
+    _check_coefficients(program)
     _warn_if_amplifying(program, sde, spec)
     return program
+
+
+#: Largest magnitude of a step coefficient: the kernels compute in float32.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_coefficients(program: Program) -> None:
+    """ValueError when a step coefficient is NaN/Inf or beyond float32 (e.g. lambda_s = 1e30): such a
+    program cannot run on the kernels, and would only fail later as NaN in the state."""
+    for k, stage in enumerate(program.stages):
+        coef = np.asarray(stage.coef, dtype=np.float64)
+        if not np.all(np.isfinite(coef)) or np.abs(coef).max(initial=0.0) > _FLOAT32_MAX:
+            info = program.info
+            raise ValueError(f"{program.sampler} at NFE {program.nfe} with lambda_s={info['lambda_s']:g}: the "
+                             f"step coefficients of stage {k} are beyond float32 (the noise scale grows like "
+                             "lambda_s); use a much smaller lambda_s (it is meant to be of order 1)")
 
 
 def _check_ci_lambda(sampler, sde, grid, lam):
@@ -383,19 +400,33 @@ def _warn_if_amplifying(program: Program, sde: PSLD, spec: SamplerSpec):
         return
     from .exact import step_spectral_radii
 
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"):  # huge lambda_s: radii beyond float range must not warn from numpy
         radii = step_spectral_radii(program, sde, _PROBE_VARS, spec.evals_per_step)  # (steps, probes)
-    amp = np.prod(np.maximum(radii, 1.0), axis=0)
-    worst = int(np.argmax(amp))
-    if not amp[worst] > _AMPLIFICATION_LIMIT:
+        # the product of the radii above 1, in log10 (a product of 1e5 radii overflows float64)
+        log_amp = np.sum(np.log10(np.maximum(np.nan_to_num(radii, nan=np.inf), 1.0)), axis=0)
+    worst = int(np.argmax(log_amp))
+    if not log_amp[worst] > np.log10(_AMPLIFICATION_LIMIT):
         return
     info = program.info
     warnings.warn(f"{program.sampler} at NFE {program.nfe} ({info['schedule']} grid): the step maps amplify "
-                  f"data directions of variance {_PROBE_VARS[worst]:g} by {amp[worst]:.3g}x over the run "
-                  f"(largest per-step spectral radius {radii[:, worst].max():.2f}) where the exact reverse flow "
+                  f"data directions of variance {_PROBE_VARS[worst]:g} by {_times(log_amp[worst])} over the run "
+                  f"(largest per-step spectral radius {_number(radii[:, worst].max())}) where the exact reverse flow "
                   f"contracts; expect large errors for low-variance data. Use more NFE, the quadratic "
                   f"schedule, or another reading." + _friction_hint(program.sampler, sde, program.grid, info["split"]),
                   RuntimeWarning, stacklevel=4)
+
+
+def _times(log10_factor: float) -> str:
+    """A factor given by its log10 as text: '7.01x', '3.2e+45x', '10^812x', 'more than 10^308x'."""
+    if not np.isfinite(log10_factor):
+        return "more than 10^308x (beyond float64)"
+    if log10_factor < 300:
+        return f"{10.0 ** log10_factor:.3g}x"
+    return f"10^{log10_factor:.0f}x"
+
+
+def _number(v: float) -> str:
+    return f"{v:.2f}" if np.isfinite(v) and abs(v) < 1e6 else (f"{v:.3g}" if np.isfinite(v) else "beyond float64")
 
 
 def _step_times(sde: PSLD, grid, n):

@@ -151,6 +151,17 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
     for s in samplers:
         if s not in ALL_SAMPLERS:
             raise ValueError(f"unknown sampler {s!r}; choose from {', '.join(ALL_SAMPLERS)}")
+    from .samplers import steps_for_nfe
+
+    for v in nfes:  # a budget that fits no sampler of the grid is a mistake, not a row of invalid cells
+        fits = []
+        for s in samplers:
+            try:
+                fits.append(steps_for_nfe(s, v, denoise))
+            except ValueError as exc:
+                last = exc
+        if not fits:
+            raise ValueError(f"sweep: nfe={v} fits none of the samplers ({last})")
     for t in net_times:
         if t is not None and t not in NET_TIMES:
             raise ValueError(f"unknown net_time {t!r}; choose from default, {', '.join(NET_TIMES)}")
@@ -164,6 +175,18 @@ def sweep(model, out_dir, samplers, nfes, lambdas=(None,), *, net_times=(None,),
         raise ValueError("sweep: a non-analytic model is scored by FID, which needs a reference (--ref: a statistics "
                          ".npz with mu/sigma or a folder of reference images) and Inception weights "
                          "(--inception-weights or PSLD_FAST_INCEPTION_WEIGHTS)")
+    # the per-cell knobs, before the first cell (a bad one would only mark every cell "invalid")
+    if num_samples is not None:
+        num_samples = as_count(num_samples, "num_samples", minimum=2)
+    if batch_size is not None:
+        batch_size = as_count(batch_size, "batch_size")
+    if metric == "sw2" and (isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 2):
+        raise ValueError(f"n_boot must be an integer >= 2 (bootstrap replicates), got {n_boot!r}")
+    from .grids import time_grid
+
+    for sch in schedules:
+        if isinstance(sch, str):
+            time_grid(sch, 1, model.sde)  # unknown names and bad power:<p> fail here
     n = int(num_samples or (1024 if metric == "sw2" else 10000))
     device = torch.device(device) if device is not None else (
         next(iter(list(model.parameters()) + list(model.buffers())), torch.empty(0)).device)

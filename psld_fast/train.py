@@ -34,7 +34,7 @@ import torch
 from .models import EpsModel, _transition_entries, hsm_cholesky_tensor
 from .nets.small import build_net, count_params, default_config
 from .sde import PSLD
-from ._io import write_atomic
+from ._io import check_writable_dir, write_atomic
 
 __all__ = ["TrainConfig", "hsm_loss", "perturb", "train", "load_trained_checkpoint", "make_data",
            "save_checkpoint_atomic", "strip_checkpoint"]
@@ -120,21 +120,38 @@ def make_data(spec: str, sde: PSLD):
         return _PointSource(spec, sde), {"kind": "preset", "name": spec, "source": "exact draws from get_preset"}
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"training data {spec!r}: not a preset ({', '.join(PRESETS)}, digits) nor a file")
-    if path.suffix == ".npy":
-        import numpy as np
-
-        x = torch.from_numpy(np.load(path))
-    elif path.suffix == ".npz":
-        import numpy as np
-
-        with np.load(path) as f:
-            x = torch.from_numpy(f["x"])
-    else:
-        x = torch.load(path, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"training data {spec!r}: not a preset ({', '.join(sorted(set(PRESETS) | {'digits8'}))}) "
+                                "nor a file")
+    try:
+        x = _load_array(path)
+    except (OSError, ValueError, KeyError, RuntimeError, EOFError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ValueError(f"training data {spec}: not a readable .npy, .npz (with an 'x' array) or .pt tensor "
+                         f"file ({detail})") from None
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"training data {spec}: holds a {type(x).__name__}, not an array of examples")
     if x.dim() < 2:
         raise ValueError(f"training data {spec}: expected (N, ...) examples, got shape {tuple(x.shape)}")
     return _ArraySource(x), {"kind": "array", "path": str(path), "n": int(x.shape[0])}
+
+
+def _load_array(path: Path):
+    if path.suffix == ".npy":
+        import numpy as np
+
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    if path.suffix == ".npz":
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f:
+                raise KeyError(f"no 'x' array; it holds {', '.join(f.files) or 'nothing'}")
+            return torch.from_numpy(f["x"])
+    from .checkpoint import _read
+
+    return _read(path, "cpu", True, api_hint=False)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -168,7 +185,9 @@ def load_trained_checkpoint(path, *, use_ema: bool = True, map_location="cpu", n
     requested one is absent."""
     from .checkpoint import CheckpointError, extract_score_fn_state_dict
 
-    ckpt = path if isinstance(path, Mapping) else torch.load(path, map_location=map_location, weights_only=True)
+    from .checkpoint import _read
+
+    ckpt = _read(path, map_location, True)  # a Mapping is passed through; a bad file: one-line CheckpointError
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None
     if not isinstance(hp, Mapping) or "model" not in hp or "arch" not in hp["model"]:
         raise CheckpointError(f"{path}: no hyper_parameters['model']['arch']: not a psld_fast.train checkpoint "
@@ -243,6 +262,8 @@ def train(cfg: TrainConfig | dict | None = None, **kwargs) -> dict:
         cfg = TrainConfig(**{**cfg, **kwargs})
     elif kwargs:
         cfg = TrainConfig(**{**asdict(cfg), **kwargs})
+    out = Path(cfg.out)
+    check_writable_dir(out, "training output folder")  # before the data, the network or any step
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sde = PSLD(**cfg.sde)
     source, data_info = make_data(cfg.data, sde)
@@ -254,7 +275,6 @@ def train(cfg: TrainConfig | dict | None = None, **kwargs) -> dict:
         if len(shape) != 3 or shape[1] != shape[2]:
             raise ValueError(f"arch 'unet' needs square images (C, H, H), got data shape {shape}")
         net_cfg = default_config("unet", channels=shape[0], size=shape[1], **cfg.net)
-    out = Path(cfg.out)
     ckpt_path = out / "last.ckpt"
     torch.manual_seed(cfg.seed)
     net = build_net(net_cfg, sde).to(device)
@@ -265,7 +285,12 @@ def train(cfg: TrainConfig | dict | None = None, **kwargs) -> dict:
                "train": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "device", "resume")}}
     step, history, elapsed0 = 0, [], 0.0
     if cfg.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        from .checkpoint import CheckpointError, _read
+
+        ck = _read(ckpt_path, "cpu", True, api_hint=False)
+        if not isinstance(ck, Mapping) or not isinstance(ck.get("hyper_parameters"), Mapping) or \
+                "model" not in ck["hyper_parameters"]:
+            raise CheckpointError(f"{ckpt_path} is not a psld_fast.train checkpoint; use another --out or --no-resume")
         if ck["hyper_parameters"]["model"] != net_cfg:
             raise ValueError(f"{ckpt_path}: holds a different network config ({ck['hyper_parameters']['model']}); "
                              "use another --out or --no-resume")

@@ -100,5 +100,6 @@ def test_fused_loop_is_batch_invariant_with_an_elementwise_network(sampler, devi
 
 def test_explicit_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(RuntimeError, match="backend='triton' requested but tensor is on cpu"):
+    with pytest.raises(RuntimeError, match="backend='triton' requested but the state is on cpu") as info:
         ops.resolve_backend("triton", "cpu")
+    assert "set TRITON_INTERPRET=1" in str(info.value)  # says how, not only why

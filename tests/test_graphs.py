@@ -183,19 +183,22 @@ def test_runner_serialises_threads(ring, monkeypatch):
     assert peak[0] == 1 and sorted(calls) == sorted(list(range(4)) * 5)
 
 
-def test_training_mode_network_is_warned_about_once(ring, caplog):
+def test_training_mode_network_is_warned_about_once(ring):
+    import warnings
+
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.1))
     model = pf.EpsModel(lambda u, tau: net(u), sde=ring.sde, shape=(2,))
     model_net = pf.EpsModel(net, sde=ring.sde, shape=(2,))
     program = compile_sampler("em", ring.sde, 11)
-    with caplog.at_level(logging.WARNING, logger="psld_fast"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for _ in range(2):
             graphs.get_runner(model_net, program, "cpu", None, batch=2, dtype=torch.float32, device="cpu")
         graphs.get_runner(model, program, "cpu", None, batch=2, dtype=torch.float32, device="cpu")
         net.eval()
         graphs.get_runner(model_net, program, "cpu", None, batch=2, dtype=torch.float32, device="cpu")
-    warnings = [r for r in caplog.records if "training mode" in r.getMessage()]
-    assert len(warnings) == 1 and "Sequential" in warnings[0].getMessage()
+    found = [w for w in caught if "training mode" in str(w.message)]
+    assert len(found) == 1 and "Sequential" in str(found[0].message) and found[0].filename == __file__
 
 
 # ------------------------------------------------------------------------------------------ GPU

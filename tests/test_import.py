@@ -37,3 +37,15 @@ def test_the_suite_writes_no_user_cache():
     home_cache = os.path.join(os.path.expanduser("~"), ".cache")
     assert not str(fid._cache_dir()).startswith(home_cache), fid._cache_dir()
     assert not os.environ["TRITON_CACHE_DIR"].startswith(os.path.expanduser("~"))
+
+
+def test_the_suite_leaves_no_inductor_cache_in_tmpdir():
+    """torch.compile's cache defaults to $TMPDIR/torchinductor_<user>, which outlives the session."""
+    import os
+    import tempfile
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    default = os.path.join(tempfile.gettempdir(), "torchinductor_")
+    assert not cache_dir().startswith(default), cache_dir()
+    assert os.path.dirname(cache_dir()) == os.path.dirname(os.environ["TRITON_CACHE_DIR"])  # the session's folder

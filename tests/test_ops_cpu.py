@@ -308,10 +308,13 @@ def test_resolve_backend_auto_and_explicit(monkeypatch):
     assert ops.resolve_backend(None, "cpu") == expected
     assert ops.resolve_backend("auto", "cpu", torch.float64) == "reference"
     assert ops.resolve_backend("reference", "cpu") == "reference"
-    with pytest.raises(RuntimeError, match="backend='cuda' requested but .*tensor is on cpu"):
+    with pytest.raises(RuntimeError, match="backend='cuda' requested but .*the state is on cpu") as info:
         ops.resolve_backend("cuda", "cpu")
+    assert "needs a CUDA device" in str(info.value)
+    if not torch.cuda.is_available():
+        assert "CUDA is not available here" in str(info.value)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # with it, Triton may run on CPU tensors
-    with pytest.raises(RuntimeError, match="backend='triton' requested but .*tensor is on cpu"):
+    with pytest.raises(RuntimeError, match="backend='triton' requested but .*the state is on cpu.*TRITON_INTERPRET=1"):
         ops.resolve_backend("triton", "cpu")
     with pytest.raises(ValueError, match="unknown backend"):
         ops.resolve_backend("fastest", "cpu")
