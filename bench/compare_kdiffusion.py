@@ -51,7 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psld_fast as pf  # noqa: E402
 from _benchutil import device_name, git_revision, interleaved, load_average, pin_threads  # noqa: E402
-from psld_fast.exact import gaussian_w2_1d, lifted_stage_maps, lifted_program_x_law  # noqa: E402
+from psld_fast.exact import gaussian_w2_1d  # noqa: E402
+from psld_fast.lift import lifted_program_x_law, lifted_stage_maps  # noqa: E402
 from psld_fast.lift import lift_terms  # noqa: E402
 from psld_fast.peers import load_kdiffusion  # noqa: E402
 
@@ -128,7 +129,7 @@ class DenoiserError:
     def r(self, s):
         return self.r_data * np.exp(-np.asarray(s, dtype=np.float64) / self.s_scale) + self.r_noise
 
-    def affine(self, a, c, s):  # for psld_fast.exact.lifted_stage_maps: D = a y + c
+    def affine(self, a, c, s):  # for psld_fast.lift.lifted_stage_maps: D = a y + c
         r = float(self.r(s))
         if self.kind == "additive":
             return a, c + r * self.U
@@ -430,7 +431,7 @@ def part_protocol(args):
              f"Command: `python bench/compare_kdiffusion.py --protocol{' --quick' if args.quick else ''}` "
              f"(git {git_revision()}).", "",
              "Exact W2 of the output x-law (moments through the program; the clamped Gaussian denoiser is affine, "
-             "`psld_fast.exact.lifted_program_x_law`) to the data law. Denoiser range 0.002 .. 80; quadratic grid; "
+             "`psld_fast.lift.lifted_program_x_law`) to the data law. Denoiser range 0.002 .. 80; quadratic grid; "
              "every sampler at its defaults; the largest budget <= NFE the sampler fits. "
              "(a1) 16-d Gaussian, variances log-spaced 1e-3 .. 1, means 0.5 N(0,1) (torch seed 0); "
              "(a2) 16-d, variances 1e-5 .. 1, mean 0.", "",
@@ -558,7 +559,7 @@ def part_exact(args):
              "(laws by the probe rows of the module doc; dpmpp_sde / dpmpp_2m_sde / dpmpp_3m_sde with their default "
              "Brownian-tree noise, exact Brownian-increment law). psld_fast: `DenoiserModel` (range 0.002 .. 80, the "
              f"default start {pf.lift.DEFAULT_START}) and the program `sample` runs (quadratic grid, defaults), exact law "
-             "by `psld_fast.exact.lifted_program_x_law`; `start=T` is the issue's reading; `k_sampling` is the "
+             "by `psld_fast.lift.lifted_program_x_law`; `start=T` is the issue's reading; `k_sampling` is the "
              "k-diffusion-signature entry point on the same Karras sigmas as k-diffusion. Best per column in bold.", ""]
     for name in testbeds():
         lines += [f"## ({name}) " + ("16-d Gaussian, variances 1e-3 .. 1, means 0.5 N(0,1)" if name == "a1"

@@ -15,8 +15,7 @@ from .program import Program
 from .sde import PSLD
 
 __all__ = ["gaussian_eps_affine", "program_output_moments", "gaussian_w2_1d", "sampler_error",
-           "program_x_law", "RelativeEpsError", "stage_maps", "step_spectral_radii",
-           "lifted_stage_maps", "lifted_program_x_law"]
+           "program_x_law", "RelativeEpsError", "stage_maps", "step_spectral_radii"]
 
 
 def gaussian_eps_affine(sde: PSLD, tau: float, mu: np.ndarray, var: np.ndarray):
@@ -74,11 +73,13 @@ class RelativeEpsError:
         return out.reshape(eps.shape)
 
 
-def stage_maps(program: Program, sde: PSLD, mu, var, eps_error=None):
+def stage_maps(program: Program, sde: PSLD, mu, var, eps_error=None, eps_affine=None):
     """Per stage the affine map of the per-coordinate state on Gaussian data: ``z <- A z + b + noise``.
 
-    Yields ``(A (D, 2, 2), b (D, 2), noise_cov (2, 2))``; ``eps_error`` (e.g. :class:`RelativeEpsError`)
-    replaces the exact eps by ``eps_error.matrix(tau) @ eps``.
+    Yields ``(A (D, 2, 2), b (D, 2), noise_cov (2, 2))``.  The eps of a network stage is the exact
+    Gaussian eps (:func:`gaussian_eps_affine`) unless ``eps_affine(tau) -> (E (D, 2, 2), e0 (D, 2))``
+    gives another eps that is affine in z (e.g. a lifted denoiser, :func:`psld_fast.lift.lifted_stage_maps`);
+    ``eps_error`` (e.g. :class:`RelativeEpsError`) then replaces that eps by ``eps_error.matrix(tau) @ eps``.
     """
     mu = np.asarray(mu, dtype=np.float64).ravel()
     var = np.asarray(var, dtype=np.float64).ravel()
@@ -87,7 +88,10 @@ def stage_maps(program: Program, sde: PSLD, mu, var, eps_error=None):
         A = np.broadcast_to(stage.P, (D, 2, 2)).copy()
         b = np.zeros((D, 2))
         if stage.uses_network:
-            E, e0 = gaussian_eps_affine(sde, stage.tau, mu, var)
+            if eps_affine is None:
+                E, e0 = gaussian_eps_affine(sde, stage.tau, mu, var)
+            else:
+                E, e0 = eps_affine(stage.tau)
             if eps_error is not None:
                 G = eps_error.matrix(stage.tau)
                 E, e0 = G @ E, np.einsum("dij,dj->di", G, e0)
@@ -96,21 +100,22 @@ def stage_maps(program: Program, sde: PSLD, mu, var, eps_error=None):
         yield A, b, stage.R1 @ stage.R1.T + stage.R2 @ stage.R2.T
 
 
-def program_output_moments(program: Program, sde: PSLD, mu, var, eps_error=None):
+def program_output_moments(program: Program, sde: PSLD, mu, var, eps_error=None, eps_affine=None):
     """Exact per-coordinate mean (D, 2) and covariance (D, 2, 2) of a program's final state
-    (with the exact eps, or the controlled error ``eps_error``)."""
+    (with the exact eps, another affine eps ``eps_affine``, or the controlled error ``eps_error``;
+    see :func:`stage_maps`)."""
     D = np.asarray(mu).size
     mean = np.zeros((D, 2))
     cov = np.zeros((D, 2, 2))
-    for A, b, noise in stage_maps(program, sde, mu, var, eps_error):
+    for A, b, noise in stage_maps(program, sde, mu, var, eps_error, eps_affine):
         mean = np.einsum("dij,dj->di", A, mean) + b
         cov = A @ cov @ np.transpose(A, (0, 2, 1)) + noise
     return mean, cov
 
 
-def program_x_law(program: Program, sde: PSLD, mu, var, eps_error=None):
+def program_x_law(program: Program, sde: PSLD, mu, var, eps_error=None, eps_affine=None):
     """Per-coordinate mean and variance (each (D,)) of the program's output x."""
-    mean, cov = program_output_moments(program, sde, mu, var, eps_error)
+    mean, cov = program_output_moments(program, sde, mu, var, eps_error, eps_affine)
     return mean[:, 0], cov[:, 0, 0]
 
 
@@ -144,58 +149,3 @@ def sampler_error(program: Program, sde: PSLD, mu, var) -> float:
     """Exact W2 distance between the program's x-law and the data law N(mu, diag(var))."""
     mean, cov = program_output_moments(program, sde, mu, var)
     return gaussian_w2_1d(mean[:, 0], cov[:, 0, 0], np.ravel(mu), np.ravel(var))
-
-
-# ------------------------------------------------------------------ lifted (position-space) denoisers
-def lifted_stage_maps(program: Program, sde: PSLD, mu, var, sigma_min: float = 0.0,
-                      sigma_max: float = math.inf, denoiser_error=None):
-    """Per stage the affine map ``z <- A z + b + noise`` of a program run on a position-space
-    denoiser lifted to PSLD (:class:`psld_fast.lift.DenoiserModel`) on Gaussian data N(mu, diag var).
-
-    The lift's eps is ``E z - e D(y, s)`` with ``y = w0 x + w1 m`` (:func:`psld_fast.lift.lift_terms`)
-    and the exact Gaussian denoiser ``D(y, s) = (var y + s^2 mu) / (var + s^2)`` called at
-    ``s = clamp(sigma_y(tau), sigma_min, sigma_max)`` (as ``DenoiserModel.denoise`` clamps), so eps
-    stays affine in z: ``eps = (E - a e w^T) z - c e`` with ``D = a y + c``.  Where no clamping is
-    active this is the native exact eps (:func:`stage_maps`).  ``denoiser_error(y_coef a, c, s)`` may
-    return a modified ``(a, c)`` per coordinate (an affine error on the denoiser, e.g. an additive
-    ``D + r(s) U`` or a relative error on the VE eps ``(y - D) / s``).  Yields ``(A, b, noise_cov)``
-    as :func:`stage_maps`.
-    """
-    import torch
-
-    from .lift import lift_terms
-
-    mu = np.asarray(mu, dtype=np.float64).ravel()
-    var = np.asarray(var, dtype=np.float64).ravel()
-    D = mu.shape[0]
-    for stage in program.stages:
-        A = np.broadcast_to(stage.P, (D, 2, 2)).copy()
-        b = np.zeros((D, 2))
-        if stage.uses_network:
-            t = {k: float(v) for k, v in lift_terms(sde, torch.tensor([stage.tau], dtype=torch.float64)).items()}
-            s = min(max(t["sigma"], sigma_min), sigma_max)
-            a = var / (var + s * s)                       # D = a y + c per coordinate
-            c = s * s * mu / (var + s * s)
-            if denoiser_error is not None:
-                a, c = denoiser_error(a, c, s)
-            E = np.array([[t["E00"], t["E01"]], [t["E10"], t["E11"]]])
-            e = np.array([t["e0"], t["e1"]])
-            w = np.array([t["w0"], t["w1"]])
-            Ez = E[None] - a[:, None, None] * np.outer(e, w)[None]   # (D, 2, 2)
-            A = A + stage.Q[None] @ Ez
-            b = -c[:, None] * (stage.Q @ e)[None]
-        yield A, b, stage.R1 @ stage.R1.T + stage.R2 @ stage.R2.T
-
-
-def lifted_program_x_law(program: Program, sde: PSLD, mu, var, sigma_min: float = 0.0,
-                         sigma_max: float = math.inf, denoiser_error=None):
-    """Exact per-coordinate mean and variance (each (D,)) of a program's output x when it samples
-    the lift of the exact Gaussian denoiser with sigma clamped to ``[sigma_min, sigma_max]``
-    (see :func:`lifted_stage_maps`)."""
-    Dn = np.asarray(mu).size
-    mean = np.zeros((Dn, 2))
-    cov = np.zeros((Dn, 2, 2))
-    for A, b, noise in lifted_stage_maps(program, sde, mu, var, sigma_min, sigma_max, denoiser_error):
-        mean = np.einsum("dij,dj->di", A, mean) + b
-        cov = A @ cov @ np.transpose(A, (0, 2, 1)) + noise
-    return mean[:, 0], cov[:, 0, 0]

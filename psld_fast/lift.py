@@ -47,7 +47,8 @@ from .sde import PSLD
 
 __all__ = ["DenoiserModel", "vp_denoiser", "as_denoiser", "CFGDenoiser", "VPDenoiser", "PSLDDenoiser",
            "load_diffusers", "load_denoiser_factory", "with_class_label",
-           "lift_terms", "sigma_y", "tau_for_sigma", "lifted_coefficients", "LiftedProgram", "STARTS"]
+           "lift_terms", "sigma_y", "tau_for_sigma", "lifted_coefficients", "LiftedProgram", "STARTS",
+           "gaussian_lift_eps_affine", "lifted_stage_maps", "lifted_program_x_law"]
 
 #: Where a lifted model's sampling starts: "T" (the process's own T and stationary prior; the
 #: denoiser's sigma is clamped to its trained range) or "sigma_max" (the process truncated at
@@ -120,6 +121,57 @@ def tau_for_sigma(sde: PSLD, sigma) -> np.ndarray:
         lo = np.where(big, lo, mid)
     tau = np.exp(0.5 * (lo + hi))
     return tau.reshape(np.shape(sigma)) if np.ndim(sigma) else tau[0]
+
+
+# ----------------------------------------------------------- exact laws on Gaussian data (oracle)
+def gaussian_lift_eps_affine(sde: PSLD, mu, var, sigma_min: float = 0.0, sigma_max: float = math.inf,
+                             denoiser_error=None):
+    """The lifted exact Gaussian denoiser's eps as an affine map of z, for
+    :func:`psld_fast.exact.stage_maps` (``eps_affine``): ``tau -> (E (D, 2, 2), e0 (D, 2))``.
+
+    The lift's eps is ``E z - e D(y, s)`` with ``y = w0 x + w1 m`` (:func:`lift_terms`) and the exact
+    denoiser of N(mu, diag var) data ``D(y, s) = (var y + s^2 mu) / (var + s^2)`` called at
+    ``s = clamp(sigma_y(tau), sigma_min, sigma_max)`` (as :meth:`DenoiserModel.denoise` clamps), so
+    eps stays affine in z: ``eps = (E - a e w^T) z - c e`` with ``D = a y + c``.  Where no clamping is
+    active this is the native exact eps.  ``denoiser_error(a, c, s)`` may return a modified
+    ``(a, c)`` per coordinate (an affine error on the denoiser, e.g. an additive ``D + r(s) U``).
+    """
+    mu = np.asarray(mu, dtype=np.float64).ravel()
+    var = np.asarray(var, dtype=np.float64).ravel()
+
+    def eps_affine(tau: float):
+        t = _scalar_terms(sde, tau)
+        s = min(max(t["sigma"], sigma_min), sigma_max)
+        a = var / (var + s * s)
+        c = s * s * mu / (var + s * s)
+        if denoiser_error is not None:
+            a, c = denoiser_error(a, c, s)
+        E = np.array([[t["E00"], t["E01"]], [t["E10"], t["E11"]]])
+        e = np.array([t["e0"], t["e1"]])
+        w = np.array([t["w0"], t["w1"]])
+        return E[None] - a[:, None, None] * np.outer(e, w)[None], -c[:, None] * e[None]
+
+    return eps_affine
+
+
+def lifted_stage_maps(program, sde: PSLD, mu, var, sigma_min: float = 0.0, sigma_max: float = math.inf,
+                      denoiser_error=None):
+    """Per stage the affine map ``z <- A z + b + noise`` of a program run on the lifted exact
+    Gaussian denoiser (:func:`gaussian_lift_eps_affine`); as :func:`psld_fast.exact.stage_maps`."""
+    from .exact import stage_maps
+
+    return stage_maps(program, sde, mu, var,
+                      eps_affine=gaussian_lift_eps_affine(sde, mu, var, sigma_min, sigma_max, denoiser_error))
+
+
+def lifted_program_x_law(program, sde: PSLD, mu, var, sigma_min: float = 0.0, sigma_max: float = math.inf,
+                         denoiser_error=None):
+    """Exact per-coordinate mean and variance (each (D,)) of a program's output x on the lifted
+    exact Gaussian denoiser with sigma clamped to ``[sigma_min, sigma_max]``."""
+    from .exact import program_x_law
+
+    return program_x_law(program, sde, mu, var,
+                         eps_affine=gaussian_lift_eps_affine(sde, mu, var, sigma_min, sigma_max, denoiser_error))
 
 
 # --------------------------------------------------------------------------------- DenoiserModel

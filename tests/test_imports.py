@@ -21,12 +21,12 @@ LAYERS = {
     0: "util", 1: "core", 2: "kernels", 3: "models", 4: "runner", 5: "workflows", 6: "cli",
 }
 LAYER_OF = {
-    **dict.fromkeys(["_io", "guards"], 0),
+    **dict.fromkeys(["_io", "guards", "peers"], 0),
     **dict.fromkeys(["sde", "grids", "rng", "program", "conjugate", "samplers", "reference", "exact"], 1),
     **dict.fromkeys(["ops", "triton_step"], 2),
     **dict.fromkeys(["models", "datasets", "nets", "nets.ncsnpp", "nets.small", "checkpoint", "lift"], 3),
     **dict.fromkeys(["runner", "graphs", "api", "k_sampling"], 4),
-    **dict.fromkeys(["peers", "generate", "distributed", "fid", "sweep", "metrics", "images", "plotting", "train",
+    **dict.fromkeys(["generate", "distributed", "fid", "sweep", "metrics", "images", "plotting", "train",
                      "learned"], 5),
     **dict.fromkeys(["cli", "cli_common", "cli_generate", "cli_train", "__main__"], 6),
 }
