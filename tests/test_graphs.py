@@ -116,6 +116,55 @@ def test_cache_key_follows_the_network_not_its_wrapper():
     assert graphs.cache_info()["size"] == 1  # the dead network's entry is dropped
 
 
+def test_cache_key_is_the_wrapper_when_it_has_hooks():
+    """Issue 19's reproducer: two wrappers of one network, one with a forward hook.  The graph
+    captures the wrapper's forward, hooks included, so they must not share a runner (the eager loop
+    calls the hooked wrapper and the bare network of the other)."""
+    net = torch.nn.Identity()
+    plain = pf.EpsModel(net, shape=(2,))
+    hooked = pf.EpsModel(net, shape=(2,))
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    first = _runner(plain)
+    assert _runner(hooked) is not first
+    assert _runner(hooked) is _runner(hooked)
+    assert _runner(pf.EpsModel(net, shape=(2,))) is first  # hook-free wrappers still share
+    handle = net.register_forward_pre_hook(lambda module, args: None)  # a hook on the net itself
+    assert _runner(plain) is not first
+    handle.remove()
+    assert _runner(plain) is first
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out)
+    try:  # a global hook: the eager loop calls the wrapper, so the key names the wrapper
+        assert _runner(plain) is not first
+    finally:
+        handle.remove()
+    assert _runner(plain) is first
+
+
+def test_cache_key_holds_autocast_and_tf32():
+    """Autocast and TF32 select the kernels a capture bakes in: each setting gets its own graph."""
+    model = pf.EpsModel(torch.nn.Identity(), shape=(2,))
+    first = _runner(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = _runner(model)
+        assert bf16 is not first and _runner(model) is bf16
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert _runner(model) not in (first, bf16)
+    assert _runner(model) is first
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = not previous
+    try:
+        assert _runner(model) is not first
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = not previous
+    try:
+        assert _runner(model) is not first
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    assert _runner(model) is first
+
+
 def test_cache_key_sees_replaced_parameters():
     net = torch.nn.Linear(4, 4)
     model = pf.EpsModel(net, shape=(2,))
