@@ -95,6 +95,25 @@ def make_inputs(case: StepCase, device="cpu", guard: int = 0):
     return u, eps, seeds_for(case.batch, device), ubuf, ebuf
 
 
+def run_shared_case(case: StepCase, op, device, assert_close) -> None:
+    """Apply ``op(u, eps, seeds, coef, step, stream)`` in place to the case's inputs (on their offset
+    storages: a clone would realign them) and compare with affine_step_reference: bit for bit
+    without noise when ``assert_close`` is None, else ``assert_close(got, expected, what)``."""
+    from psld_fast.program import affine_step_reference
+
+    u, eps, seeds, _, _ = make_inputs(case, device)
+    expected = affine_step_reference(u, eps, seeds, case.coef, 3, 1)
+    eps0 = None if eps is None else eps.clone()
+    op(u, eps, seeds, case.coef, 3, 1)
+    if eps is not None:
+        assert torch.equal(eps, eps0), f"{case.id}: eps was written"
+    if assert_close is None:
+        assert torch.equal(u, expected), \
+            f"{case.id}: not bit-exact, max err {float((u.float() - expected.float()).abs().max()):.3g}"
+    else:
+        assert_close(u, expected, case.id)
+
+
 def _shared_cases() -> list[StepCase]:
     f32, f16, bf16 = DTYPES
     cases = []
