@@ -9,6 +9,8 @@
 #   build        the extension in place, for the visible GPU's architecture only
 #   kernels      which fused-step kernels import (fails without the CUDA kernel or Triton)
 #   tests_gpu    the test files that exercise the GPU paths, without -x (every failure is listed)
+#   emulated     the CUDA kernel against its CPU emulation (tools/emulated_vs_device.py): per
+#                coefficient kind, cases bit-equal and the largest difference (printed in the log)
 #   bench_step, bench_step_bf16, bench_step_small, bench_sampler   the benchmarks
 #   bench_sweep  the small-half shape sweep on CUDA/Triton; bench_bandwidth  1/8/64 MB vs copy
 #   cpu_isa      the host CPU kernel's AVX-512 path (bit-exact tests forced onto it, then its ns/element)
@@ -39,7 +41,7 @@ export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-8}"
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
 
-read -r -a STEPS <<< "${PSLD_GPU_CHECK_STEPS:-env build kernels tests_gpu bench_step bench_step_bf16 bench_step_small bench_sampler bench_overhead tests_compile cpu_isa bench_bandwidth bench_sweep tests_rest}"
+read -r -a STEPS <<< "${PSLD_GPU_CHECK_STEPS:-env build kernels tests_gpu emulated bench_step bench_step_bf16 bench_step_small bench_sampler bench_overhead tests_compile cpu_isa bench_bandwidth bench_sweep tests_rest}"
 GPU_TESTS=(tests/test_ops_cuda.py tests/test_triton_step.py tests/test_graphs.py tests/test_backends.py
            tests/test_rng.py tests/test_api.py)
 START=$(date +%s)
@@ -86,6 +88,10 @@ step_tests_rest() {
   _pytest tests "${ignore[@]}"
 }
 
+step_emulated() {
+  "$PY" tools/emulated_vs_device.py --build-dir "$OUT_DIR/cuda_emulation"
+}
+
 step_bench_step() {
   "$PY" bench/bench_step.py --csv "$OUT_DIR/bench_step.csv"
 }
@@ -125,7 +131,7 @@ step_bench_sweep() {
 }
 
 # Per-step limits (seconds), each further cut to the time left before the deadline.
-declare -A LIMIT=([env]=30 [build]=240 [kernels]=30 [tests_gpu]=150 [tests_rest]=120 [bench_step]=60
+declare -A LIMIT=([env]=30 [build]=240 [kernels]=30 [tests_gpu]=150 [emulated]=60 [tests_rest]=120 [bench_step]=60
                   [bench_step_bf16]=30 [bench_step_small]=30 [bench_sampler]=90 [bench_overhead]=30
                   [tests_compile]=60 [cpu_isa]=45 [bench_bandwidth]=30 [bench_sweep]=60)
 
@@ -185,6 +191,9 @@ summary() {
   for name in "${STEPS[@]}"; do
     printf '%-18s %-8s %6s  %s\n' "$name" "${STATUS[$name]}" "${SECS[$name]:--}" "${NOTE[$name]:-}"
   done
+  if [[ -f "$OUT_DIR/emulated.log" ]]; then
+    grep -E "^(coef kind|[a-z0-9_]+ +[0-9]+ +[0-9]+ |emulated vs device)" "$OUT_DIR/emulated.log" | head -12
+  fi
   if [[ -f "$OUT_DIR/bench_step.log" ]]; then
     grep -E "^ +[0-9]+x" "$OUT_DIR/bench_step.log" | head -20
   fi

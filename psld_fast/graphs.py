@@ -15,8 +15,12 @@ whole loop (all stages) in one ``torch.cuda.CUDAGraph`` and replays it with a si
   ``check=False``).
 
 A graph is valid for one signature: batch size, data shape, dtype, device, backend, Philox stream,
-sampler program (a hash of every stage's tau and coefficients) and network (its identity, guarded by
-a weak reference, plus the addresses of its parameters and buffers, which the graph reads in place).
+sampler program (a hash of every stage's tau and coefficients), network (its identity, guarded by
+a weak reference, plus the addresses of its parameters and buffers, which the graph reads in place,
+and its forward hooks) and the numerics a capture bakes in (autocast on the device and its dtype,
+TF32 for matmuls and convolutions).  The network is the object the eager loop calls
+(``runner._callable``): a plain ``EpsModel`` stands for its inner ``net`` only when the wrapper has
+no hooks, since a capture of a hooked wrapper records the hooks too.
 Graphs live in a small LRU cache (``PSLD_FAST_GRAPH_CACHE`` entries, default 4).
 
 Life of a signature: its first batch runs eagerly on the runner's own side stream.  That run is the warm-up (it
@@ -57,9 +61,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import EpsModel
 from .program import Program
-from .runner import as_step_eps, nonfinite, raise_if_nonfinite, run_program, warn_if_training
+from .runner import _callable, as_step_eps, nonfinite, raise_if_nonfinite, run_program, warn_if_training
 
 __all__ = ["GraphRunner", "get_runner", "use_cuda_graph", "clear_cache", "cache_info",
            "cache_capacity", "program_hash", "ENV_CACHE", "DEFAULT_CACHE_SIZE"]
@@ -144,12 +147,33 @@ def _purge_dead() -> None:
 
 def _net_object(model):
     """The object whose identity names the network: the user's net inside a plain EpsModel wrapper
-    (``sample`` builds a fresh wrapper per call around a bare callable), the instance behind a bound
-    method, else the model itself."""
-    net = model.net if type(model) is EpsModel and model.net is not None else model
+    (``sample`` builds a fresh wrapper per call around a bare callable) when the eager loop calls
+    that net directly (``runner._callable``: no hooks on the wrapper), the instance behind a bound
+    method, else the model itself (a hooked wrapper: the graph records its hooks)."""
+    net = _callable(model)
     if inspect.ismethod(net):
         return net.__self__, getattr(net.__func__, "__qualname__", "")
     return net, ""
+
+
+def _hooks_fingerprint(*objs) -> tuple:
+    """Identities of the forward (pre-)hooks of ``objs`` (modules) and the global ones: a capture
+    records them, so adding or removing one needs a new graph."""
+    dicts = [torch.nn.modules.module._global_forward_pre_hooks, torch.nn.modules.module._global_forward_hooks]
+    for obj in objs:
+        if isinstance(obj, torch.nn.Module):
+            dicts += [obj._forward_pre_hooks, obj._forward_hooks]
+    return tuple(tuple(id(h) for h in d.values()) for d in dicts)
+
+
+def _numerics_fingerprint(device: torch.device) -> tuple:
+    """Autocast on ``device``'s type (enabled, dtype) and TF32 flags: a capture bakes in the kernels
+    they select, so a graph captured under one setting must not replay under another."""
+    dev = device.type
+    autocast = torch.is_autocast_enabled(dev)
+    return (autocast, torch.get_autocast_dtype(dev) if autocast else None,
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision())
 
 
 def _weak(obj):
@@ -185,8 +209,9 @@ def get_runner(model, program: Program, backend: str, step_fn, *, batch: int, dt
         device = torch.device("cuda", torch.cuda.current_device())
     net, method = _net_object(model)
     warn_if_training(model)  # sample() warns first, on every path; once per network
-    key = (id(net), method, _tensor_fingerprint(net), int(batch), tuple(model.shape), dtype, str(device),
-           backend, int(stream), program_hash(program))
+    key = (id(net), method, _tensor_fingerprint(net), _hooks_fingerprint(model, net), int(batch),
+           tuple(model.shape), dtype, str(device), backend, int(stream), program_hash(program),
+           _numerics_fingerprint(device))
     with _lock:
         _purge_dead()
         entry = _cache.get(key)

@@ -116,6 +116,55 @@ def test_cache_key_follows_the_network_not_its_wrapper():
     assert graphs.cache_info()["size"] == 1  # the dead network's entry is dropped
 
 
+def test_cache_key_is_the_wrapper_when_it_has_hooks():
+    """Issue 19's reproducer: two wrappers of one network, one with a forward hook.  The graph
+    captures the wrapper's forward, hooks included, so they must not share a runner (the eager loop
+    calls the hooked wrapper and the bare network of the other)."""
+    net = torch.nn.Identity()
+    plain = pf.EpsModel(net, shape=(2,))
+    hooked = pf.EpsModel(net, shape=(2,))
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    first = _runner(plain)
+    assert _runner(hooked) is not first
+    assert _runner(hooked) is _runner(hooked)
+    assert _runner(pf.EpsModel(net, shape=(2,))) is first  # hook-free wrappers still share
+    handle = net.register_forward_pre_hook(lambda module, args: None)  # a hook on the net itself
+    assert _runner(plain) is not first
+    handle.remove()
+    assert _runner(plain) is first
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: out)
+    try:  # a global hook: the eager loop calls the wrapper, so the key names the wrapper
+        assert _runner(plain) is not first
+    finally:
+        handle.remove()
+    assert _runner(plain) is first
+
+
+def test_cache_key_holds_autocast_and_tf32():
+    """Autocast and TF32 select the kernels a capture bakes in: each setting gets its own graph."""
+    model = pf.EpsModel(torch.nn.Identity(), shape=(2,))
+    first = _runner(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = _runner(model)
+        assert bf16 is not first and _runner(model) is bf16
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert _runner(model) not in (first, bf16)
+    assert _runner(model) is first
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = not previous
+    try:
+        assert _runner(model) is not first
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = not previous
+    try:
+        assert _runner(model) is not first
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    assert _runner(model) is first
+
+
 def test_cache_key_sees_replaced_parameters():
     net = torch.nn.Linear(4, 4)
     model = pf.EpsModel(net, shape=(2,))
@@ -215,18 +264,23 @@ def _gpu_backends():
             "triton"]
 
 
-def _need_backend(backend):
-    if backend == "triton" and not ops.has_triton():
+@pytest.fixture(params=_gpu_backends())
+def backend(request):
+    """The step backend of the graph tests (tests/test_graphs_emulated.py runs them with "cpu" and
+    the interpreted "triton" under a fake torch.cuda)."""
+    if request.param == "triton" and not ops.has_triton():
         pytest.skip("Triton unavailable")
+    return request.param
 
 
 def _assert_same(actual, expected, backend, what, across_batch_sizes=False):
-    """Replay vs eager.  Same batch shape with the CUDA kernel: bit for bit (same kernels, same
-    arguments, same order).  Triton's libdevice normals, or results computed at different batch
+    """Replay vs eager.  Same batch shape with the CUDA kernel (or the C++ CPU one under the fake
+    torch.cuda of tests/test_graphs_emulated.py): bit for bit (same kernels, same arguments, same
+    order).  Triton's libdevice normals, or results computed at different batch
     sizes: 1e-4 (a batch size changes the network's cuBLAS kernels and reduction splits in the
     analytic mixture's float64 matmuls, and its softmax amplifies that; the fused step itself is
     batch-invariant, tested bit for bit in test_ops_cuda.py / test_triton_step.py)."""
-    if backend == "cuda" and not across_batch_sizes:
+    if backend in ("cuda", "cpu") and not across_batch_sizes:
         assert torch.equal(actual, expected), f"{what}: max diff {(actual - expected).abs().max():.3g}"
     else:
         assert_close_verbose(actual, expected, atol=1e-4, rtol=1e-4, what=what)
@@ -242,10 +296,8 @@ def _entry():
     return entry
 
 
-@pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("sampler", ["em", "reduced_oba"])
 def test_replay_matches_eager_and_is_reused(device, digits, backend, sampler):
-    _need_backend(backend)
     kw = dict(sampler=sampler, backend=backend, device=device)
     s1, s2 = torch.arange(100, 132), torch.arange(7000, 7032)
     eager1 = _sample(digits, 32, seeds=s1, cuda_graph=False, **kw)
@@ -263,9 +315,7 @@ def test_replay_matches_eager_and_is_reused(device, digits, backend, sampler):
     assert not torch.equal(other.x, graphed.x)
 
 
-@pytest.mark.parametrize("backend", _gpu_backends())
 def test_smaller_last_batch_is_padded(device, digits, backend):
-    _need_backend(backend)
     seeds = torch.arange(40) * 7 + 3
     kw = dict(sampler="reduced_oba", backend=backend, device=device, seeds=seeds)
     eager = _sample(digits, 40, cuda_graph=False, **kw)
@@ -349,9 +399,7 @@ def test_nan_is_detected_through_the_graph(device, digits):
     assert torch.isfinite(_sample(net, 8, **kw).x).all()  # the flag is reset at every replay
 
 
-@pytest.mark.parametrize("backend", _gpu_backends())
 def test_small_ncsnpp_replay_matches_eager(device, backend):
-    _need_backend(backend)
     from psld_fast.nets.ncsnpp import NCSNpp
 
     net = NCSNpp.from_preset("small").to(device).eval().requires_grad_(False)
@@ -365,9 +413,7 @@ def test_small_ncsnpp_replay_matches_eager(device, backend):
     assert_close_verbose(graphed.x, eager.x, atol=1e-4, rtol=1e-4, what="NCSN++ replay vs eager")
 
 
-@pytest.mark.parametrize("backend", _gpu_backends())
 def test_no_host_sync_in_the_loop(device, digits, backend):
-    _need_backend(backend)
     program = compile_sampler("reduced_oba", digits.sde, 21)
     step_fn = get_step_fn(backend)
     seeds = torch.arange(16, device=device)

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from _step_cases import SHARED_CASES, run_shared_case
 from _tolerances import NORMAL_TOL, STEP_TOL, assert_close_verbose
 from psld_fast import ops
 from psld_fast.program import affine_step_reference
@@ -71,6 +72,18 @@ def test_step_matches_reference(device, state_dtype, eps_dtype, half_numel):
     seeds = _seeds(3, device)
     assert_close_verbose(_step(u, eps, seeds, COEF), affine_step_reference(u, eps, seeds, COEF, 3, 1),
                          **STEP_TOL[state_dtype], what=f"{state_dtype}/{eps_dtype}/D={half_numel}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", SHARED_CASES, ids=lambda c: c.id)
+def test_shared_cases(device, case):
+    """The case matrix every kernel runs (tests/_step_cases.py): the CUDA vector path with R = 0,
+    P = 0 and eps None, storage offsets, batches up to 65, the small-half layouts; bit for bit
+    without noise."""
+    def close(got, expected, what):
+        assert_close_verbose(got, expected, **STEP_TOL[case.state_dtype], what=what)
+
+    run_shared_case(case, torch.ops.psld_fast.affine_step_, device, None if case.exact else close)
 
 
 @needs_kernel

@@ -16,7 +16,7 @@ from test_ops_cpu import (  # noqa: F401  (re-run here with this module's `devic
     test_bad_arguments_raise_clearly, test_batch_invariance, test_eps_none, test_image_batch,
     test_mutation_semantics, test_non_contiguous_eps_is_handled, test_non_contiguous_u_is_rejected,
     test_opcheck, test_p_zero_does_not_read_garbage_state, test_philox_words_bit_exact_and_normals_close,
-    test_r_zero_is_bit_exact, test_step_matches_reference,
+    test_r_zero_is_bit_exact, test_shared_cases, test_step_matches_reference,
 )
 
 pytestmark = pytest.mark.skipif(not (ops.HAS_CUDA_KERNEL and torch.cuda.is_available()),
@@ -63,6 +63,29 @@ def test_misaligned_inputs(device, state_dtype, which):
     expected = affine_step_reference(u, eps, seeds, COEF, 3, 1)
     torch.ops.psld_fast.affine_step_(u, eps, seeds, COEF, 3, 1)
     assert_close_verbose(u, expected, **STEP_TOL[state_dtype], what=f"misaligned {which}")
+
+
+@pytest.mark.parametrize("coef_kind", ["two_draws", "one_draw", "p0"])
+@pytest.mark.parametrize("state_dtype,eps_dtype", [(torch.float32, torch.float32), (torch.float16, torch.bfloat16),
+                                                   (torch.bfloat16, torch.float32), (torch.float32, None)], ids=str)
+def test_alignment_does_not_change_bits(device, state_dtype, eps_dtype, coef_kind):
+    """The vector instantiation (aligned storage) and the scalar one (offset by one element) give the
+    same bits: the noise sum's rounding is spelled out (__fmul_rn / __fmaf_rn / __fadd_rn), so ptxas
+    cannot contract the two differently.  tests/test_cuda_emulated.py checks the same on the CPU."""
+    from _step_cases import COEFS
+
+    coef = COEFS[coef_kind]
+    for shape in ((3, 2, 3072), (65, 2, 8), (4, 6, 32, 32)):
+        u = _state(shape, state_dtype, device)
+        eps = None if eps_dtype is None else _state(shape, eps_dtype, device, seed=1)
+        seeds = _seeds(shape[0], device)
+        aligned = _step(u, eps, seeds, coef)
+        shifted_u = _offset_by_one(u)
+        shifted_eps = None if eps is None else _offset_by_one(eps)
+        torch.ops.psld_fast.affine_step_(shifted_u, shifted_eps, seeds, coef, 3, 1)
+        assert torch.equal(aligned, shifted_u), \
+            f"{shape} {state_dtype}/{eps_dtype} {coef_kind}: aligned and misaligned storage differ, max " \
+            f"{float((aligned.float() - shifted_u.float()).abs().max()):.3g}"
 
 
 def test_wrong_device_raises(device):

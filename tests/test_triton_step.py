@@ -27,6 +27,7 @@ if not torch.cuda.is_available():  # effective only if triton has not been impor
 
 from psld_fast.program import affine_step_reference  # noqa: E402
 from _devices import triton_device_params
+from _step_cases import COEFS, SHARED_CASES, StepCase, make_inputs, run_shared_case
 
 try:
     import triton  # noqa: F401
@@ -237,6 +238,74 @@ def test_small_halves_flat_layout(device, shape, draws, monkeypatch):
     monkeypatch.setattr(triton_step, "launch_config", per_sample)
     blocked, _ = _run(u, eps, seeds, coef, step=5, stream=1)
     assert torch.equal(flat, blocked)
+
+
+@pytest.mark.parametrize("case", SHARED_CASES, ids=lambda c: c.id)
+def test_shared_cases(device, case):
+    """The case matrix every kernel runs (tests/_step_cases.py), storage offsets included."""
+    if triton_step is None:
+        pytest.skip("triton is not installed")
+
+    def close(got, expected, what):
+        try:
+            _assert_close(got, expected, case.state_dtype)
+        except AssertionError as exc:
+            raise AssertionError(f"{what}: {exc}") from None
+
+    run_shared_case(case, op, device, close)
+
+
+def _offset_by_one(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t whose storage starts one element later: not 16-byte aligned."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = flat[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("which", ["u", "eps", "both"])
+@pytest.mark.parametrize("state_dtype", DTYPES, ids=str)
+def test_misaligned_inputs(device, state_dtype, which):
+    """Storages that start off a 16-byte boundary (tests/test_ops_cuda.py's test for the CUDA kernel)."""
+    gen = torch.Generator().manual_seed(77)
+    u = torch.randn((4, 6, 16, 16), generator=gen).to(device=device, dtype=state_dtype)
+    eps = torch.randn(u.shape, generator=gen).to(device=device, dtype=torch.float16)
+    seeds = _seeds(4, gen).to(device)
+    if which in ("u", "both"):
+        u = _offset_by_one(u)
+    if which in ("eps", "both"):
+        eps = _offset_by_one(eps)
+    coef = _coef(gen)
+    expected = affine_step_reference(u, eps, seeds, coef, 3, 1)
+    op(u, eps, seeds, coef, 3, 1)
+    _assert_close(u, expected, state_dtype, torch.float16)
+
+
+@pytest.mark.parametrize("D", [1023, 1024, 1025, 3076, 4097])
+def test_gpu_launch_configuration_under_the_interpreter(D, monkeypatch):
+    """The interpreter normally runs the CPU launch table (one big flat block); here the GPU's is
+    forced (BLOCK 1024 per sample from FLAT_BELOW on, the flat 1024-pair blocks below it), with
+    masks at the block edges, for a few dtype pairs, both draw variants, P = 0 and eps None."""
+    if triton_step is None or not triton_step.INTERPRETED:
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)")
+    original = triton_step.launch_config
+    used = []
+
+    def gpu_table(D_, device_type, B=1):
+        used.append(original(D_, "cuda", B))
+        return used[-1]
+
+    monkeypatch.setattr(triton_step, "launch_config", gpu_table)
+    f32, f16, bf16 = DTYPES
+    for state, eps, kind in ((f32, f32, "two_draws"), (bf16, f16, "one_draw"), (f16, None, "p0_two"),
+                             (f32, bf16, "r0")):
+        case = StepCase(3, D, state, eps, kind)
+        u, e, seeds, _, _ = make_inputs(case)
+        expected = affine_step_reference(u, e, seeds, case.coef, 3, 1)
+        op(u, e, seeds, case.coef, 3, 1)
+        _assert_close(u, expected, state, eps or f32)
+    assert used and all(cfg == original(D, "cuda", 3) for cfg in used)
+    assert used[0][2] == (D < triton_step.FLAT_BELOW), used[0]
 
 
 def test_launch_config_layouts():

@@ -1,0 +1,288 @@
+"""The CUDA kernel's own device code, run on the CPU.
+
+csrc/affine_step_cuda.cuh holds everything the CUDA kernel computes and decides (the element step,
+the grid-stride thread bodies, vector width, two-draw variant and grid); tests/cuda_emulation/
+harness.cpp compiles it with g++ through a small shim (cuda_shim.h: __device__, threadIdx, ...,
+__fadd_rn, __fmaf_rn, float2, dim3) and runs every thread of the chosen launch.  So without a GPU:
+
+* the case matrix (_step_cases.emulation_matrix: 6696 cases, every state/eps dtype pair, eps None,
+  half sizes 1..4097, batches up to 65, storage offsets breaking 16-byte alignment, P = 0, R = 0 /
+  one draw / two) agrees with affine_step_reference (bit for bit without noise) and the C++ CPU
+  kernel, takes the vector path exactly when the .cu should, never accesses a misaligned vector
+  (the harness raises where a GPU would fault) and writes nothing outside u;
+* the scalar and vector instantiations give the same bits (the noise sum's rounding is fixed);
+* the Philox counter of element j is (j, step, stream, 0) (normals and words);
+* states of more than 2^31 and 2^32 elements (sparse: lazily committed memory, a few threads run)
+  index correctly.
+
+Not covered here (tests/test_ops_cuda.py on a GPU): nvcc's code generation, libdevice's logf and
+sincosf (the harness uses glibc's), the real launch.  The harness is built per session into a
+temporary folder (~40 s on 2 cores); ``PSLD_FAST_EMULATION_SANITIZE=undefined`` builds it with
+UBSan instead, aborting on the first report (.ci/run does that once);
+``PSLD_FAST_EMULATION_STRIDE=n`` runs every n-th case of the matrix (the UBSan run uses 3).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _step_cases import DTYPES, SHARED_CASES, StepCase, emulation_matrix, make_inputs, seeds_for
+from _tolerances import NORMAL_TOL, STEP_TOL, assert_close_verbose
+from psld_fast import ops
+from psld_fast.program import affine_step_reference
+from psld_fast.rng import box_muller, philox4x32, philox_normals, seeds_to_key, uint32_to_uniform
+
+HERE = Path(__file__).resolve().parent
+HARNESS = HERE / "cuda_emulation"
+CSRC = HERE.parent / "csrc"
+ENV_SANITIZE = "PSLD_FAST_EMULATION_SANITIZE"
+ENV_STRIDE = "PSLD_FAST_EMULATION_STRIDE"
+GUARD = 64  # NaN elements before and after each tensor's storage: stray writes show there
+
+PAIRS = [(s, e) for s in DTYPES for e in (*DTYPES, None)]
+
+
+def _name(t):
+    return "none" if t is None else str(t).replace("torch.", "")
+
+
+def build_harness(build_dir: Path, sanitize: str = "") -> None:
+    """Compile tests/cuda_emulation/harness.cpp (with csrc/bindings.cpp for the argument checks)
+    and load it: registers torch.ops.psld_cuda_emu.*"""
+    from torch.utils.cpp_extension import load
+
+    cflags = ["-O2", "-g0", "-std=c++17", "-ffp-contract=off"]
+    ldflags = []
+    name = "psld_cuda_emu"
+    if sanitize:
+        cflags += [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        ldflags += [f"-fsanitize={sanitize}"]
+        name += "_" + sanitize.replace(",", "_")
+    load(name, [str(HARNESS / "harness.cpp"), str(CSRC / "bindings.cpp")], extra_cflags=cflags,
+         extra_ldflags=ldflags, extra_include_paths=[str(CSRC), str(HARNESS)],
+         build_directory=str(build_dir), is_python_module=False, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    assert ops.HAS_CPU_KERNEL, "psld_fast._C is not built: the emulated kernel is compared with it"
+    t0 = time.perf_counter()
+    build_harness(tmp_path_factory.mktemp("cuda_emulation"), os.environ.get(ENV_SANITIZE, ""))
+    print(f"\nemulation harness built in {time.perf_counter() - t0:.1f} s")
+    return torch.ops.psld_cuda_emu
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: torch's intra-op threads only cost here (5x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------- the launch plan
+def expected_plan(case: StepCase, u: torch.Tensor, eps: torch.Tensor | None) -> list[int]:
+    """What the .cu's launcher must choose, restated: 16-byte state packs when D allows them and
+    every pointer is aligned to its pack (eps packs of min(vec * itemsize, 16) bytes)."""
+    vec = 16 // u.element_size()
+    vector = case.D % vec == 0 and u.data_ptr() % 16 == 0 and (
+        eps is None or eps.data_ptr() % min(vec * eps.element_size(), 16) == 0)
+    vec = vec if vector else 1
+    noise = any(c != 0.0 for c in case.coef[8:])
+    two = noise and any(c != 0.0 for c in case.coef[12:])
+    blocks = min((case.batch * (case.D // vec) + 255) // 256, 2**16)
+    return [vec, int(two), blocks]
+
+
+def run_case(emu, case: StepCase) -> list[str]:
+    """Emulated kernel vs reference and CPU kernel for one case; the failures (empty: passed)."""
+    u, eps, seeds, ubuf, ebuf = make_inputs(case, guard=GUARD)
+    ubuf0 = ubuf.clone()
+    ebuf0 = None if ebuf is None else ebuf.clone()
+    ref = affine_step_reference(torch.zeros_like(u) if not case.reads_state else u, eps, seeds, case.coef, 3, 1)
+    cpu = u.clone()
+    torch.ops.psld_fast.affine_step_(cpu, eps, seeds, case.coef, 3, 1)
+    want_plan = expected_plan(case, u, eps)
+    try:
+        plan = emu.affine_step_(u, eps, seeds, case.coef, 3, 1)
+    except RuntimeError as exc:
+        return [f"{case.id}: raised {str(exc).splitlines()[0]}"]
+    bad = []
+    if plan != want_plan:
+        bad.append(f"{case.id}: launch [vec, two_draws, blocks] = {plan}, expected {want_plan}")
+    n, start = u.numel(), GUARD + case.u_offset
+    if not (torch.equal(ubuf[:start].isnan(), ubuf0[:start].isnan())
+            and torch.equal(ubuf[start + n:].isnan(), ubuf0[start + n:].isnan())):
+        bad.append(f"{case.id}: wrote outside u")
+    if ebuf is not None and not torch.equal(ebuf.nan_to_num(7.0), ebuf0.nan_to_num(7.0)):
+        bad.append(f"{case.id}: wrote into eps")
+    tol = STEP_TOL[case.state_dtype]
+    checks = (("reference", ref, 1), ("CPU kernel", cpu, 2))  # two kernels: one ulp each way
+    for what, expected, k in checks:
+        if case.exact:
+            if not torch.equal(u, expected):
+                err = (u.float() - expected.float()).abs().max()
+                bad.append(f"{case.id}: not bit-exact vs the {what} without noise (max err {float(err):.3g})")
+        else:
+            try:
+                assert_close_verbose(u, expected, atol=k * tol["atol"], rtol=k * tol["rtol"], what=case.id)
+            except AssertionError as exc:
+                bad.append(f"vs the {what}: {exc}")
+    return bad
+
+
+def _report(cases, failures, seconds):
+    head = "\n".join(failures[:12])
+    return f"{len(failures)} failures in {len(cases)} cases ({seconds:.1f} s); first ones:\n{head}"
+
+
+@pytest.mark.parametrize("state_dtype,eps_dtype", PAIRS, ids=[f"{_name(s)}-{_name(e)}" for s, e in PAIRS])
+def test_case_matrix(emu, state_dtype, eps_dtype):
+    """558 cases per dtype pair (6696 in all): see the module docstring."""
+    cases = emulation_matrix(state_dtype, eps_dtype)[::int(os.environ.get(ENV_STRIDE, "1"))]
+    t0 = time.perf_counter()
+    failures = [f for case in cases for f in run_case(emu, case)]
+    seconds = time.perf_counter() - t0
+    assert not failures, _report(cases, failures, seconds)
+    vectors = sum(expected_plan(c, *make_inputs(c)[:2])[0] > 1 for c in cases)
+    assert vectors >= len(cases) // 8, f"only {vectors} of {len(cases)} cases take the vector path"
+
+
+@pytest.mark.parametrize("case", SHARED_CASES, ids=lambda c: c.id)
+def test_shared_cases(emu, case):
+    """The cases every kernel runs (tests/_step_cases.py)."""
+    failures = run_case(emu, case)
+    assert not failures, "\n".join(failures)
+
+
+# ------------------------------------------------------------------ scalar vs vector instantiation
+@pytest.mark.parametrize("state_dtype,eps_dtype", [(torch.float32, torch.float32), (torch.float16, torch.bfloat16),
+                                                   (torch.bfloat16, torch.float32), (torch.float32, None)], ids=str)
+@pytest.mark.parametrize("coef_kind", ["two_draws", "one_draw", "p0"])
+def test_scalar_and_vector_paths_agree_bitwise(emu, state_dtype, eps_dtype, coef_kind):
+    """A sample's bits do not depend on its tensor's alignment: the same data through the vector
+    instantiation (aligned) and the scalar one (storage offset by one element) are equal."""
+    for batch, D in ((3, 3072), (65, 8), (2, 4096)):
+        case = StepCase(batch, D, state_dtype, eps_dtype, coef_kind)
+        u, eps, seeds, _, _ = make_inputs(case)
+        ua, ub = u.clone(), make_inputs(StepCase(batch, D, state_dtype, eps_dtype, coef_kind, 1, 1))[0]
+        ub.copy_(u)
+        eb = None
+        if eps is not None:
+            eb = make_inputs(StepCase(batch, D, state_dtype, eps_dtype, coef_kind, 1, 1))[1]
+            eb.copy_(eps)
+        plan_a = emu.affine_step_(ua, eps, seeds, case.coef, 5, 2)
+        plan_b = emu.affine_step_(ub, eb, seeds, case.coef, 5, 2)
+        assert plan_a[0] > 1 and plan_b[0] == 1, f"expected vector vs scalar, got {plan_a} / {plan_b}"
+        assert torch.equal(ua, ub), f"{case.id}: vector and scalar instantiations differ: max " \
+                                    f"{float((ua.float() - ub.float()).abs().max()):.3g}"
+
+
+# ---------------------------------------------------------------------------- noise counter mapping
+@pytest.mark.parametrize("D", [1, 7, 1024, 4097])
+def test_noise_is_the_counter_of_each_element(emu, D):
+    """With P = Q = 0 and R1 (or R2) the identity, the state is the normals of Philox counter
+    (j, step, stream, 0) under the sample's seed: element j of sample s gets exactly its own."""
+    seeds = seeds_for(8)
+    step, stream = 2**32 + 9, 5  # the counter takes step's low 32 bits
+    n = philox_normals(seeds, D, step, stream)
+    for draw, coef in ((0, [0.0] * 8 + [1.0, 0.0, 0.0, 1.0] + [0.0] * 4), (1, [0.0] * 12 + [1.0, 0.0, 0.0, 1.0])):
+        for u in (torch.empty(8, 2, D), make_inputs(StepCase(8, D, torch.float32, None, "p0", 1))[0]):
+            u.fill_(float("nan"))
+            emu.affine_step_(u, None, seeds, coef, step, stream)
+            for half in (0, 1):
+                ref = n[2 * draw + half]
+                err = (u[:, half] - ref).abs()
+                bound = NORMAL_TOL * (1 + ref.abs())
+                assert bool((err <= bound).all()), \
+                    f"draw {draw} half {half} D={D}: max err {float(err.max()):.3g} at {int(err.argmax())}"
+
+
+def test_philox_test_kernel_words_and_normals(emu):
+    seeds = seeds_for(6)
+    words, normals = emu.philox_test(seeds, 1000, 7, 3)
+    k0, k1 = seeds_to_key(seeds)
+    ref_words = philox4x32(torch.arange(1000)[None], 7, 3, 0, k0[:, None], k1[:, None])
+    ref_normals = philox_normals(seeds, 1000, 7, 3)
+    for q in range(4):
+        assert torch.equal(words[..., q], ref_words[q]), f"Philox word {q} differs"
+        err = (normals[..., q] - ref_normals[q]).abs()
+        assert bool((err <= NORMAL_TOL * (1 + ref_normals[q].abs())).all()), f"normal {q}"
+    cpu_words, _ = torch.ops.psld_fast.philox_test(seeds, 1000, 7, 3)
+    assert torch.equal(words, cpu_words)
+
+
+# ----------------------------------------------------------------------------------- sparse states
+def _pattern(s: torch.Tensor, j: torch.Tensor, h: int, salt: int) -> torch.Tensor:
+    """harness.cpp's pattern(): the input values at the probed elements (exact in float32)."""
+    v = (s * 7919 + j * 104729 + h * 15485863 + salt * 32452843) % 2001
+    return (v - 1000).to(torch.float32) / 1024.0
+
+
+def _touched(threads, total, stride):
+    """The flattened items t = first + k * stride < total that the given grid-stride threads visit."""
+    return torch.cat([torch.arange(f, total, stride, dtype=torch.int64) for f in threads])
+
+
+@pytest.mark.parametrize("batch,D,state_dtype,eps_dtype,coef_kind,wide_loop", [
+    # 2^31 elements per half, 1.3e10 in u: element offsets beyond 2^33, the vector path, 32-bit items
+    (3, 2**31, torch.float32, torch.float16, "two_draws", False),
+    # 6.4e9 grid-stride items (> 2^32): the 64-bit loop of the scalar path
+    (3, 2**31 + 1, torch.float16, torch.bfloat16, "one_draw", True),
+    # the largest half: Philox counter j up to 2^32 - 2, 64-bit loop, no eps
+    (2, 2**32 - 1, torch.bfloat16, None, "two_draws", True),
+], ids=["2^31-half-vector", "2^32-items-scalar", "max-half"])
+def test_sparse_states_beyond_32_bits(emu, batch, D, state_dtype, eps_dtype, coef_kind, wide_loop):
+    """States of 2^32 to 2^34 elements in lazily committed memory: a few threads of the real grid
+    (the first ones, one in the middle, the one that owns the last element) run, and every element
+    they visit, plus elements they must not touch, is compared with the definition."""
+    coef = StepCase(batch, D, state_dtype, eps_dtype, coef_kind).coef
+    vec = 16 // torch.empty((), dtype=state_dtype).element_size()
+    vec = vec if D % vec == 0 else 1
+    vecs = D // vec
+    total = batch * vecs
+    blocks = min((total + 255) // 256, 2**16)
+    stride = blocks * 256
+    threads = [0, 1, stride // 2 + 3, (total - 1) % stride]
+    assert (total > 2**32 - 1) == wide_loop
+    ts = _touched(threads, total, stride)
+    s_t = ts // vecs
+    j_t = ((ts - s_t * vecs) * vec)[:, None] + torch.arange(vec)
+    touched = torch.stack([s_t[:, None].expand_as(j_t).reshape(-1), j_t.reshape(-1)], 1)
+    idle = [t for t in (2, 3, 4, stride - 2, stride - 3) if t not in threads][:2]
+    spare = _touched(idle, total, stride)[::7]  # items of threads that do not run
+    untouched = torch.stack([spare // vecs, (spare % vecs) * vec], 1)
+    probes = torch.cat([touched, untouched]).contiguous()
+    seeds = seeds_for(batch)
+    out, plan = emu.sparse_step(batch, D, state_dtype, eps_dtype, seeds, coef, 2**33 + 4, 3, threads, probes)
+    assert plan == [vec, int(coef_kind == "two_draws"), blocks], plan
+
+    s, j = probes[:, 0], probes[:, 1]
+
+    def stored(h, salt, dtype):
+        return _pattern(s, j, h, salt).to(dtype).float()
+
+    x, m = stored(0, 0, state_dtype), stored(1, 0, state_dtype)
+    c = torch.tensor(coef, dtype=torch.float64).float()
+    xn = c[0] * x + c[1] * m
+    mn = c[2] * x + c[3] * m
+    if eps_dtype is not None:
+        ex, em = stored(0, 1, eps_dtype), stored(1, 1, eps_dtype)
+        xn = xn + (c[4] * ex + c[5] * em)
+        mn = mn + (c[6] * ex + c[7] * em)
+    k0, k1 = seeds_to_key(seeds[s])
+    w = philox4x32(j, 4, 3, 0, k0, k1)
+    n0, n1 = box_muller(uint32_to_uniform(w[0]), uint32_to_uniform(w[1]))
+    n2, n3 = box_muller(uint32_to_uniform(w[2]), uint32_to_uniform(w[3]))
+    xn = xn + (c[8] * n0 + c[9] * n1 + c[12] * n2 + c[13] * n3)
+    mn = mn + (c[10] * n0 + c[11] * n1 + c[14] * n2 + c[15] * n3)
+    expected = torch.stack([xn, mn], 1).to(state_dtype).float()
+    n_touched = touched.shape[0]
+    assert_close_verbose(out[:n_touched], expected[:n_touched], **STEP_TOL[state_dtype],
+                         what=f"sparse ({batch}, 2, {D}) {state_dtype}: elements the threads visited")
+    assert torch.equal(out[n_touched:], torch.stack([x, m], 1)[n_touched:]), "elements of other threads changed"
