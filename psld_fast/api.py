@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .graphs import get_runner, use_cuda_graph
+from .graphs import extra_args_spec, get_runner, use_cuda_graph
 from .guards import MAX_NFE, as_count, check_data_range, check_memory, seeds_int64, warn_at_caller
 from .models import EpsModel, GaussianMixture, as_shape
 from .sde import PSLD
@@ -143,10 +143,14 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         extra_args: keyword arguments for every network call (class labels, embeddings, masks):
             tensors whose first dimension is ``num_samples`` are sliced with the batch, anything
             else is passed as it is.  A :class:`~psld_fast.lift.DenoiserModel` passes them to its
-            denoiser, a native model to ``net(u, tau, **extra_args)``.
+            denoiser, a native model to ``net(u, tau, **extra_args)``.  The CUDA-graph runner keeps
+            the tensors in static buffers refilled per batch; other values are part of the graph's
+            signature (a new value captures a new graph).
     A :class:`~psld_fast.lift.DenoiserModel` (any EDM/VE denoiser or VP network) is sampled through
     the exact lift, with the process of :meth:`~psld_fast.lift.DenoiserModel.process_for` (its
-    trained sigma range) and, on CPU, the fused ``lifted_step_`` loop.
+    trained sigma range): per NFE one denoiser call and one lifted step (the fused ``lifted_step_``
+    op on the CPU; elsewhere the backend's fused step plus one pass for the denoiser's next input),
+    inside the CUDA graph too.
     Never changes the network's mode (a dropout/batch-norm network in training mode gets one
     RuntimeWarning, on every path) nor torch's thread count (call ``psld_fast.set_threads("auto")``
     for the command line's load-aware default).
@@ -195,9 +199,6 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     step_fn = get_step_fn(backend)
     lifted_fn = get_lifted_step_fn(backend) if hasattr(model, "lifted") else None
     graphed = use_cuda_graph(cuda_graph, device, backend, callback)
-    if graphed and extra_args:
-        log.info("psld_fast: extra_args are not captured by the CUDA-graph runner yet; sampling eagerly")
-        graphed = False
     mode = compile_mode(compile, graphed)
     all_seeds = make_seeds(num_samples, seeds, generator)
     batch_size = batch_size or min(num_samples, 1024)
@@ -215,17 +216,18 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
     bar = _progress(progress, num_samples * program.nfe, f"{sampler} nfe={program.nfe}")
     t1 = time.perf_counter()
     runner = get_runner(model, program, backend, step_fn, batch=min(batch_size, num_samples), dtype=dtype,
-                        device=device, stream=stream) if graphed else None
+                        device=device, stream=stream, lifted_step_fn=lifted_fn,
+                        extra_spec=extra_args_spec(extra_args, num_samples)) if graphed else None
     try:
         for start in range(0, num_samples, batch_size):
             batch_seeds = all_seeds[start:start + batch_size].to(device)
+            batch_extra = _slice_extra(extra_args, start, batch_size, num_samples, device)
             if runner is not None:
-                u = runner.run(model, batch_seeds, batch_start=start, bar=bar)
+                u = runner.run(model, batch_seeds, batch_start=start, bar=bar, extra_args=batch_extra)
             else:
                 u = run_program(model, program, batch_seeds, step_fn, dtype=dtype, device=device,
                                 stream=stream, callback=callback, batch_start=start, bar=bar,
-                                extra_args=_slice_extra(extra_args, start, batch_size, num_samples, device),
-                                lifted_step_fn=lifted_fn)
+                                extra_args=batch_extra, lifted_step_fn=lifted_fn)
             C = model.shape[0]
             xs.append(u[:, :C])
             ms.append(u[:, C:])

@@ -64,7 +64,7 @@ import torch
 from .program import Program
 from .runner import _callable, as_step_eps, nonfinite, raise_if_nonfinite, run_program, warn_if_training
 
-__all__ = ["GraphRunner", "get_runner", "use_cuda_graph", "clear_cache", "cache_info",
+__all__ = ["GraphRunner", "get_runner", "extra_args_spec", "use_cuda_graph", "clear_cache", "cache_info",
            "cache_capacity", "program_hash", "ENV_CACHE", "DEFAULT_CACHE_SIZE"]
 
 log = logging.getLogger("psld_fast")
@@ -202,16 +202,23 @@ def program_hash(program: Program) -> str:
 
 
 def get_runner(model, program: Program, backend: str, step_fn, *, batch: int, dtype: torch.dtype,
-               device, stream: int = 0) -> "GraphRunner":
-    """The cached runner for this signature, or a new one (evicting the least recently used)."""
+               device, stream: int = 0, lifted_step_fn=None, extra_spec: tuple = ()) -> "GraphRunner":
+    """The cached runner for this signature, or a new one (evicting the least recently used).
+
+    ``lifted_step_fn``: for a lifted model (:class:`psld_fast.lift.DenoiserModel`), the lifted step
+    the graph runs after each denoiser call.  ``extra_spec``: :func:`extra_args_spec` of the
+    call's ``extra_args`` (tensors become static buffers refilled per batch; other values are baked
+    into the graph and so part of its signature)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     net, method = _net_object(model)
     warn_if_training(model)  # sample() warns first, on every path; once per network
-    key = (id(net), method, _tensor_fingerprint(net), _hooks_fingerprint(model, net), int(batch),
+    lifted = lifted_step_fn is not None and hasattr(model, "lifted")
+    hooked = (model, net) + ((model.denoiser,) if lifted else ())
+    key = (id(net), method, _tensor_fingerprint(net), _hooks_fingerprint(*hooked), int(batch),
            tuple(model.shape), dtype, str(device), backend, int(stream), program_hash(program),
-           _numerics_fingerprint(device))
+           _numerics_fingerprint(device), lifted, tuple(extra_spec))
     with _lock:
         _purge_dead()
         entry = _cache.get(key)
@@ -219,12 +226,29 @@ def get_runner(model, program: Program, backend: str, step_fn, *, batch: int, dt
             _cache.move_to_end(key)
             return entry.runner
         runner = GraphRunner(program, step_fn, batch=batch, shape=model.shape, dtype=dtype,
-                             device=device, stream=stream, key=key)
+                             device=device, stream=stream, key=key,
+                             lifted_step_fn=lifted_step_fn if lifted else None, extra_spec=extra_spec)
         _cache[key] = _Entry(_weak(net), runner)
         capacity = cache_capacity()
         while len(_cache) > capacity:
             _cache.popitem(last=False)
         return runner
+
+
+def extra_args_spec(extra_args: dict, num_samples: int) -> tuple:
+    """The graph signature of ``extra_args`` (already checked by ``sample``): per name, a tensor's
+    kind ("per_sample": one row per sample, sliced with the batch; "shared": the same every batch),
+    its per-row shape and dtype; any other value by its repr (a capture bakes it in)."""
+    spec = []
+    for name in sorted(extra_args):
+        v = extra_args[name]
+        if isinstance(v, torch.Tensor):
+            per_sample = v.dim() > 0 and v.shape[0] == num_samples and num_samples > 1
+            spec.append((name, "per_sample" if per_sample else "shared",
+                         tuple(v.shape[1:]) if per_sample else tuple(v.shape), v.dtype))
+        else:
+            spec.append((name, "value", type(v).__name__, repr(v)))
+    return tuple(spec)
 
 
 # ----------------------------------------------------------------------------------------- runner
@@ -247,50 +271,88 @@ class GraphRunner:
     """
 
     def __init__(self, program: Program, step_fn, *, batch: int, shape, dtype, device, stream=0,
-                 key=None):
-        self.program, self.step_fn = program, step_fn
+                 key=None, lifted_step_fn=None, extra_spec: tuple = ()):
+        self.program, self.step_fn, self.lifted_step_fn = program, step_fn, lifted_step_fn
+        self.extra_spec = tuple(extra_spec)
         self.batch, self.shape, self.dtype = int(batch), tuple(shape), dtype
         self.device, self.stream, self.key = torch.device(device), int(stream), key
         self.coefs = [stage.coef for stage in program.stages]
         self.state = "new"
         self.stats = RunnerStats()
         self.graph = None
-        self.u = self.seeds_buf = self.status = None
+        self.u = self.seeds_buf = self.status = self.y = None
         self.taus: list = []
+        self.extra: dict = {}          # static buffers of the extra_args tensors
         self._lock = threading.Lock()  # one batch at a time per runner (see the module doc)
         self._stream = None            # this runner's side stream, made on first use
 
     # -------------------------------------------------------------------------------- public
-    def run(self, model, seeds: torch.Tensor, *, batch_start: int = 0, bar=None, check: bool = True):
+    def run(self, model, seeds: torch.Tensor, *, batch_start: int = 0, bar=None, check: bool = True,
+            extra_args: dict | None = None):
         """Final packed state (b, 2C, ...) for ``seeds`` (b,) int64 on the device, b <= batch.
 
-        Raises FloatingPointError like :func:`psld_fast.runner.run_program` when ``check``; with
-        ``check=False`` nothing here syncs the host once the graph is captured.  Thread-safe: calls
-        on one runner run one after another.
+        ``extra_args``: this batch's network keywords (per-sample tensors already sliced to b rows),
+        of the runner's ``extra_spec``.  Raises FloatingPointError like
+        :func:`psld_fast.runner.run_program` when ``check``; with ``check=False`` nothing here syncs
+        the host once the graph is captured.  Thread-safe: calls on one runner run one after another.
         """
         b = seeds.shape[0]
         if not 1 <= b <= self.batch:
             raise ValueError(f"GraphRunner: got {b} seeds for a graph of batch {self.batch}")
+        extra_args = dict(extra_args or {})
+        self._check_extra(extra_args, b)
         with self._lock:
-            u = self._run_locked(model, seeds, batch_start, check)
+            u = self._run_locked(model, seeds, batch_start, check, extra_args)
         if bar is not None:
             bar.update(b * self.program.nfe)
         return u
 
-    def _run_locked(self, model, seeds, batch_start, check):
+    def _run_locked(self, model, seeds, batch_start, check, extra_args):
         with torch.cuda.device(self.device):
             if self.state == "warm":
-                self._try_capture(model)
+                self._try_capture(model, extra_args)
             if self.state == "captured":
                 try:
-                    return self._replay(seeds, batch_start, check)
+                    return self._replay(seeds, batch_start, check, extra_args)
                 except FloatingPointError:
                     # the graph flags only the first NaN/Inf network output; the eager rerun (same
                     # seeds: same path) tells a failing network from a sampler whose state overflowed
-                    run_program(model, self.program, seeds, self.step_fn, dtype=self.dtype, device=self.device,
-                                stream=self.stream, batch_start=batch_start, check=True)
+                    self._run_eager(model, seeds, batch_start, True, extra_args)
                     raise
-            return self._eager(model, seeds, batch_start, check, warm_up=self.state == "new")
+            return self._eager(model, seeds, batch_start, check, extra_args, warm_up=self.state == "new")
+
+    def _run_eager(self, model, seeds, batch_start, check, extra_args):
+        return run_program(model, self.program, seeds, self.step_fn, dtype=self.dtype, device=self.device,
+                           stream=self.stream, batch_start=batch_start, check=check, extra_args=extra_args,
+                           lifted_step_fn=self.lifted_step_fn)
+
+    def _check_extra(self, extra_args: dict, b: int) -> None:
+        """``extra_args`` must fit the signature the graph was made for: the same names, tensors of the
+        same kind, row shape and dtype (per-sample ones with b rows), other values equal."""
+        names = [n for n, *_ in self.extra_spec]
+        if sorted(extra_args) != names:
+            raise ValueError(f"GraphRunner: extra_args {sorted(extra_args)} do not match the graph's {names}")
+        for name, kind, *rest in self.extra_spec:
+            v = extra_args[name]
+            if kind == "value":
+                ok = not isinstance(v, torch.Tensor) and (type(v).__name__, repr(v)) == tuple(rest)
+            else:
+                shape, dtype = rest
+                ok = isinstance(v, torch.Tensor) and v.dtype == dtype and (
+                    tuple(v.shape) == (b, *shape) if kind == "per_sample" else tuple(v.shape) == shape)
+            if not ok:
+                raise ValueError(f"GraphRunner: extra_args[{name!r}] does not match the graph's signature "
+                                 f"({kind}, {rest})")
+
+    def _per_sample(self, name: str) -> bool:
+        return any(n == name and kind == "per_sample" for n, kind, *_ in self.extra_spec)
+
+    def _pad_extra(self, extra_args: dict, b: int) -> dict:
+        """Per-sample tensors padded to the graph's batch with copies of their first row."""
+        if b == self.batch:
+            return extra_args
+        return {k: torch.cat([v, v[:1].expand(self.batch - b, *v.shape[1:])])
+                if self._per_sample(k) else v for k, v in extra_args.items()}
 
     def _side(self):
         if self._stream is None:
@@ -298,26 +360,26 @@ class GraphRunner:
         return self._stream
 
     # ------------------------------------------------------------------------------- eager
-    def _eager(self, model, seeds, batch_start, check, warm_up):
+    def _eager(self, model, seeds, batch_start, check, extra_args, warm_up):
         """Eager run.  The first one (``warm_up``) is padded to the graph's batch and runs on the
         side stream that the capture will use, so that stream's cuBLAS/cuDNN workspaces exist and
         every kernel (Triton JIT, cuDNN algorithm choice) is ready before capture."""
         self.stats.eager += 1
         if not warm_up:  # a signature that cannot be captured: plain eager, no padding
-            return run_program(model, self.program, seeds, self.step_fn, dtype=self.dtype,
-                               device=self.device, stream=self.stream, batch_start=batch_start,
-                               check=check)
+            return self._run_eager(model, seeds, batch_start, check, extra_args)
         b = seeds.shape[0]
         padded = self._pad(seeds)  # the warm-up runs the shapes the graph will be captured with
+        extra = self._pad_extra(extra_args, b)
         cur = torch.cuda.current_stream(self.device)
         side = self._side()
         side.wait_stream(cur)
         _record(padded, side)  # made on the caller's stream, read on the side stream
+        for v in extra.values():
+            if isinstance(v, torch.Tensor):
+                _record(v, side)
         try:
             with torch.cuda.stream(side), torch.no_grad():
-                u = run_program(model, self.program, padded, self.step_fn, dtype=self.dtype,
-                                device=self.device, stream=self.stream, batch_start=batch_start,
-                                check=check)
+                u = self._run_eager(model, padded, batch_start, check, extra)
         finally:
             cur.wait_stream(side)
         u.record_stream(cur)  # allocated on the side stream, handed to the caller's stream
@@ -342,23 +404,74 @@ class GraphRunner:
         self.taus = [torch.full((B,), s.tau, dtype=tau_dtype, device=dev) if s.uses_network else None
                      for s in self.program.stages]
 
+    def _allocate_model(self, model, extra_args: dict):
+        """The model's static buffers: per-call sigmas and y for a lifted model, the extra_args
+        tensors (per-sample ones at the graph's batch)."""
+        B, dev = self.batch, self.device
+        if self.lifted_step_fn is not None:
+            lp = model.lifted(self.program)
+            sig_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+            self.taus = [None if s is None else torch.full((B,), min(max(s, model.sigma_min), model.sigma_max),
+                                                          dtype=sig_dtype, device=dev) for s in lp.sigmas]
+            self.coefs, self.writes_y = lp.coef, lp.writes_y
+            self.y = torch.empty((B, *self.shape), dtype=self.dtype, device=dev)
+        self.extra = {}
+        for k, v in self._pad_extra(extra_args, self._rows(extra_args)).items():
+            self.extra[k] = torch.empty_like(v, device=dev).copy_(v) if isinstance(v, torch.Tensor) else v
+
+    def _rows(self, extra_args: dict) -> int:
+        for k, v in extra_args.items():
+            if self._per_sample(k):
+                return v.shape[0]
+        return self.batch
+
+    def _fill_extra(self, extra_args: dict, b: int) -> None:
+        """Refill the static extra_args buffers for a replay (per-sample rows padded)."""
+        for k, v in extra_args.items():
+            buf = self.extra[k]
+            if not isinstance(buf, torch.Tensor):
+                continue
+            if self._per_sample(k):
+                buf[:b].copy_(v)
+                if b < self.batch:
+                    buf[b:].copy_(v[:1].expand(self.batch - b, *v.shape[1:]))
+            else:
+                buf.copy_(v)
+
     def _loop(self, model):
         """The captured body: every stage, NaN/Inf flags on the device, no host sync."""
         u, seeds, first_bad, state_bad = self.u, self.seeds_buf, self.status[0], self.status[1]
         first_bad.fill_(-1)
-        for k, stage in enumerate(self.program.stages):
-            eps = None
-            if stage.uses_network:
-                eps = as_step_eps(model(u, self.taus[k]), u)
-                first_bad.masked_fill_(nonfinite(eps) & (first_bad < 0), k)
-            self.step_fn(u, eps, seeds, self.coefs[k], k, self.stream)
+        extra = self.extra
+        if self.lifted_step_fn is not None:
+            den, y = model.denoiser, self.y
+            lower = self.dtype != torch.float64
+            for k, stage in enumerate(self.program.stages):
+                D = None
+                if self.taus[k] is not None:
+                    D = den(y, self.taus[k], **extra)
+                    if not isinstance(D, torch.Tensor):
+                        D = D.sample  # a diffusers-style output object (checked by the warm-up run)
+                    if lower and D.dtype == torch.float64:
+                        D = D.float()
+                    first_bad.masked_fill_(nonfinite(D) & (first_bad < 0), k)
+                self.lifted_step_fn(u, D, y if self.writes_y[k] else None, seeds, self.coefs[k], k, self.stream)
+        else:
+            net = _callable(model)  # what the eager loop calls (the key names it, see _net_object)
+            for k, stage in enumerate(self.program.stages):
+                eps = None
+                if stage.uses_network:
+                    eps = as_step_eps(net(u, self.taus[k], **extra) if extra else net(u, self.taus[k]), u)
+                    first_bad.masked_fill_(nonfinite(eps) & (first_bad < 0), k)
+                self.step_fn(u, eps, seeds, self.coefs[k], k, self.stream)
         state_bad.copy_(~torch.isfinite(u).all())
 
-    def _try_capture(self, model):
+    def _try_capture(self, model, extra_args: dict):
         side = self._side()
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self._allocate()
+            self._allocate_model(model, extra_args)
         side.synchronize()  # one-time setup: the static buffers are ready (this stream only)
         graph = torch.cuda.CUDAGraph()
         try:
@@ -375,8 +488,9 @@ class GraphRunner:
         except Exception as exc:  # noqa: BLE001  (any capture failure means: run eagerly)
             del graph
             self.graph = None
-            self.u = self.seeds_buf = self.status = None
-            self.taus = []
+            self.u = self.seeds_buf = self.status = self.y = None
+            self.taus, self.extra = [], {}
+            self.coefs = [stage.coef for stage in self.program.stages]
             self.state = "failed"
             first_line = (str(exc).strip().splitlines() or [""])[0]
             self.stats.failure = f"{type(exc).__name__}: {first_line}"
@@ -391,13 +505,17 @@ class GraphRunner:
         self.stats.captures += 1
 
     # ------------------------------------------------------------------------------ replay
-    def _replay(self, seeds, batch_start, check):
+    def _replay(self, seeds, batch_start, check, extra_args):
         b = seeds.shape[0]
         cur = torch.cuda.current_stream(self.device)
         side = self._side()
         side.wait_stream(cur)  # the caller's seeds (and earlier work) are ready
         _record(seeds, side)
+        for v in extra_args.values():
+            if isinstance(v, torch.Tensor):
+                _record(v, side)
         with torch.cuda.stream(side):
+            self._fill_extra(extra_args, b)
             self.seeds_buf[:b].copy_(seeds)
             if b < self.batch:  # pad with copies of the first seed: their rows are discarded
                 self.seeds_buf[b:].copy_(seeds[:1].expand(self.batch - b))

@@ -54,8 +54,8 @@ class EpsModel(nn.Module):
         self.shape = as_shape(shape) if shape is not None else None
         self.name = name or type(net).__name__
 
-    def forward(self, u: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        return self.net(u, tau)
+    def forward(self, u: torch.Tensor, tau: torch.Tensor, **extra_args) -> torch.Tensor:
+        return self.net(u, tau, **extra_args) if extra_args else self.net(u, tau)
 
 
 def hsm_cholesky_tensor(sde: PSLD, tau: torch.Tensor):

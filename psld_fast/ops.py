@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .program import affine_step_reference, lifted_step_reference
+from .program import affine_step_reference, lifted_plain_coef, lifted_step_reference
 
 __all__ = ["affine_step_", "affine_step", "resolve_backend", "unavailable_reason", "get_step_fn",
            "get_lifted_step_fn", "BACKENDS",
@@ -247,15 +247,40 @@ def _reference_lifted_step_(u, d, y, seeds, coef, step, stream=0) -> None:
     u.copy_(u_new)
 
 
-def get_lifted_step_fn(backend: str) -> Callable[..., None] | None:
-    """``fn(u, d, y, seeds, coef16, step, stream)`` for a lifted model's fused loop with ``backend``,
-    or None where the backend has no fused lifted step (cuda, triton: the runner then computes eps
-    from the denoiser output with torch ops and runs the plain fused step)."""
+def composite_lifted_step(step_fn: Callable[..., None]) -> Callable[..., None]:
+    """The lifted step from a plain fused step: ``step_fn(u, (d, d), seeds, plain coef)`` (the plain
+    step with ``Q = [[G0, 0], [G1, 0]]``, so the eps half that m would read is multiplied by zero),
+    then ``y = W0 x' + W1 m'`` from the new state (one more pass over it).  Torch ops and the step
+    only: no host sync, so the CUDA-graph runner captures it.  In float32/float64 y equals the fused
+    op's up to the rounding of one multiply-add; in 16-bit states y is formed from the rounded state
+    (the fused CPU op forms it before rounding)."""
+
+    def lifted_step(u, d, y, seeds, coef, step, stream=0) -> None:
+        plain = _plain_coef_cached(tuple(coef))
+        step_fn(u, None if d is None else torch.cat([d, d], dim=1), seeds, plain, step, stream)
+        if y is not None:
+            C = u.shape[1] // 2
+            ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+            y.copy_(torch.add(u[:, :C].to(ct) * float(coef[14]), u[:, C:].to(ct), alpha=float(coef[15])))
+
+    lifted_step.__name__ = f"composite_lifted_step({getattr(step_fn, '__name__', 'step')})"
+    return lifted_step
+
+
+@functools.lru_cache(maxsize=4096)
+def _plain_coef_cached(coef: tuple) -> list:
+    return lifted_plain_coef(coef)
+
+
+def get_lifted_step_fn(backend: str) -> Callable[..., None]:
+    """``fn(u, d, y, seeds, coef16, step, stream)`` for a lifted model's fused loop with ``backend``:
+    the fused op on the CPU (one pass: state, D and y together), elsewhere the plain fused step of
+    ``backend`` plus one pass for y (:func:`composite_lifted_step`)."""
     if backend == "reference":
         return _reference_lifted_step_
     if backend == "cpu" and HAS_CPU_KERNEL:
         return torch.ops.psld_fast.lifted_step_.default
-    return None
+    return composite_lifted_step(get_step_fn(backend))
 
 
 def get_step_fn(backend: str) -> Callable[..., None]:

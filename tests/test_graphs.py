@@ -212,7 +212,7 @@ def test_runner_serialises_threads(ring, monkeypatch):
     active, peak, calls = [0], [0], []
     guard = threading.Lock()
 
-    def body(model, seeds, batch_start, check):
+    def body(model, seeds, batch_start, check, extra_args):
         with guard:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
@@ -433,3 +433,115 @@ def test_no_host_sync_in_the_loop(device, digits, backend):
         torch.cuda.set_sync_debug_mode(0)
     _assert_same(u_graph, u_eager, backend, "replay vs eager")
     _assert_same(u_padded, u_eager[:5], backend, "padded replay vs eager")
+
+
+# ------------------------------------------------------ lifted models and extra_args (issue 18)
+class _LabelNet(torch.nn.Module):
+    """A native eps network with conditioning: a per-sample class label, a shared scale tensor and a
+    plain float (each changes the output, so a stale buffer or a baked-in value would show)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, u, tau, class_labels=None, scale=None, gain=1.0):
+        h = self.lin(u) + self.emb(class_labels) * tau[:, None]
+        return gain * torch.tanh(h) * scale
+
+
+def _conditioned_model(device):
+    torch.manual_seed(0)
+    return pf.EpsModel(_LabelNet().eval().requires_grad_(False).to(device), shape=(2,))
+
+
+def test_extra_args_replay_from_static_buffers(device, backend):
+    """extra_args through the graph runner: per-sample labels sliced and padded with the batch, a
+    shared tensor and a float; new labels and a new shared tensor replay the same graph (static
+    buffers refilled), a new float captures another; every result equals eager bit for bit."""
+    model = _conditioned_model(device)
+    kw = dict(sampler="em", nfe=9, batch_size=5, backend=backend, device=device)
+    seeds = torch.arange(12) + 3
+
+    def args(shift, scale, gain):
+        return dict(class_labels=(torch.arange(12) + shift) % 10, scale=torch.tensor([scale]), gain=gain)
+
+    for shift, scale, gain in [(0, 1.0, 1.0), (3, 0.5, 1.0), (7, 2.0, 1.0)]:
+        a = args(shift, scale, gain)
+        eager = _sample(model, 12, seeds=seeds, cuda_graph=False, extra_args=a, **kw)
+        graphed = _sample(model, 12, seeds=seeds, cuda_graph=True, extra_args=a, **kw)
+        _assert_same(graphed.x, eager.x, backend, f"x, labels + {shift}")
+        _assert_same(graphed.m, eager.m, backend, f"m, labels + {shift}")
+        e = _entry()
+        assert e["state"] == "captured" and e["captures"] == 1 and e["eager"] == 1, e
+    assert e["replays"] == 2 + 3 + 3  # batches 2-3 of the first call, then three per call
+    other = torch.tensor([0.0] * 2)  # a different element count
+    a = args(1, 1.0, 0.25)  # a new float: baked into the graph, so a new signature
+    eager = _sample(model, 12, seeds=seeds, cuda_graph=False, extra_args=a, **kw)
+    graphed = [_sample(model, 12, seeds=seeds, cuda_graph=True, extra_args=a, **kw) for _ in range(2)]
+    assert graphs.cache_info()["size"] == 2
+    for g in graphed:
+        _assert_same(g.x, eager.x, backend, "x, new gain")
+    base = _sample(model, 12, seeds=seeds, cuda_graph=False, extra_args=args(1, 1.0, 1.0), **kw)
+    assert (base.x - eager.x).abs().max() > 1e-3
+    runner = next(e for e in graphs._cache.values()).runner
+    with pytest.raises(ValueError, match=r"extra_args\['scale'\] does not match"):
+        runner.run(model, torch.arange(5, device=device),
+                   extra_args=dict(class_labels=torch.arange(5, device=device), scale=other.to(device), gain=1.0))
+
+
+def _lifted_digits(device="cpu", **kw):
+    gm = pf.get_preset("digits").to(device)
+    return pf.DenoiserModel(gm.as_edm_denoiser(), gm.shape, **kw)
+
+
+@pytest.mark.parametrize("sampler", ["reduced_oba", "sscs", "rvv"])
+def test_lifted_model_captures_denoiser_and_steps_together(device, backend, sampler):
+    """A DenoiserModel through the graph runner: the captured body is the lifted loop itself (one
+    denoiser call and one fused lifted step per NFE, sigmas and y in static buffers), bit-equal to
+    the eager fused loop through warm-up, capture, replay and a padded batch; no host sync in a
+    replay (the unfused forward would sync for its coefficients every call)."""
+    model = _lifted_digits(device)
+    kw = dict(sampler=sampler, nfe=9, batch_size=4, backend=backend, device=device)
+    seeds = torch.arange(10) + 50
+    eager = _sample(model, 10, seeds=seeds, cuda_graph=False, **kw)
+    graphed = _sample(model, 10, seeds=seeds, cuda_graph=True, **kw)
+    e = _entry()
+    assert (e["state"], e["eager"], e["captures"], e["replays"]) == ("captured", 1, 1, 2)
+    _assert_same(graphed.x, eager.x, backend, "x")
+    _assert_same(graphed.m, eager.m, backend, "m")
+    runner = next(e for e in graphs._cache.values()).runner
+    assert runner.lifted_step_fn is not None and runner.y is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        u = runner.run(model, seeds[:4].to(device), check=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    _assert_same(u[:, :model.shape[0]], eager.x[:4].to(device), backend, "x, sync-free replay")
+
+
+def test_lifted_model_with_guidance_and_labels_through_the_graph(device, backend):
+    """Classifier-free guidance (CFGDenoiser) on a class-conditional denoiser, labels per sample in
+    extra_args, through the graph runner: equal to eager, and the labels matter."""
+    gm = pf.get_preset("digits").to(device)
+    means = gm.means.reshape(10, 10, -1).mean(1)  # one mean image per class
+
+    def cond(x, sigma, class_labels=None):
+        base = gm.as_edm_denoiser()(x, sigma)
+        if class_labels is None:
+            return base
+        return base + 0.1 * means[class_labels.clamp(min=0)].reshape(x.shape).to(x.dtype) * (class_labels >= 0).to(x.dtype).reshape(-1, 1, 1, 1)
+
+    den = pf.CFGDenoiser(cond, cond_scale=2.0, uncond={"class_labels": -1})
+    model = pf.DenoiserModel(den, gm.shape)
+    kw = dict(sampler="reduced_oba", nfe=7, batch_size=4, backend=backend, device=device)
+    seeds = torch.arange(8)
+    labels = torch.arange(8) % 10
+    eager = _sample(model, 8, seeds=seeds, cuda_graph=False, extra_args={"class_labels": labels}, **kw)
+    for _ in range(2):
+        graphed = _sample(model, 8, seeds=seeds, cuda_graph=True, extra_args={"class_labels": labels}, **kw)
+        _assert_same(graphed.x, eager.x, backend, "x, guided")
+    assert _entry()["state"] == "captured"
+    other = _sample(model, 8, seeds=seeds, cuda_graph=True, extra_args={"class_labels": (labels + 5) % 10}, **kw)
+    assert (other.x - eager.x).abs().max() > 1e-3 and _entry()["captures"] == 1

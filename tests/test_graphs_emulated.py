@@ -8,7 +8,8 @@ interpreted Triton step (about 50 ms a call, so fewer calls): the replay test an
 through warm-up, capture, replay, padding, new seeds and a sync-free replay.  Added here: every
 sampler through warm-up, capture, replay and padding bit-equal to eager; the cache-key reproducer
 of issue 19 end to end (a hooked wrapper of a captured network) and autocast's own graph; threads
-sharing a runner while others capture their own signatures.
+sharing a runner while others capture their own signatures; the lifted (DenoiserModel) loop and
+extra_args through the graph (imported from tests/test_graphs.py, plus the interpreted Triton path).
 
 What a fake cannot show (tests/test_graphs.py on a GPU): real stream ordering, the caching
 allocator, cuDNN/cuBLAS inside a capture, the Triton JIT.
@@ -27,6 +28,8 @@ from test_graphs import (  # noqa: F401  (re-run here with this module's fixture
     _entry, _fresh_cache, _sample, digits, test_cache_bound_on_gpu, test_capture_failure_falls_back_to_eager,
     test_nan_is_detected_through_the_graph, test_no_host_sync_in_the_loop, test_replay_matches_eager_and_is_reused,
     test_small_ncsnpp_replay_matches_eager, test_smaller_last_batch_is_padded,
+    test_extra_args_replay_from_static_buffers, test_lifted_model_captures_denoiser_and_steps_together,
+    test_lifted_model_with_guidance_and_labels_through_the_graph, _lifted_digits,
 )
 
 
@@ -196,3 +199,18 @@ def test_threads_share_a_runner_and_capture_side_by_side(device, digits):
     states = {e["batch"]: e for e in graphs.cache_info()["entries"]}
     assert states[8]["captures"] == 1 and states[8]["eager"] == 1 and states[8]["replays"] == 11
     assert states[3]["captures"] == states[5]["captures"] == 1
+
+
+# ------------------------------------------------------ lifted models and extra_args (issue 18)
+def test_triton_lifted_model_through_the_graph(device, triton):
+    """The composite lifted step (Triton's fused step + the y pass) captured with the denoiser,
+    equal to the eager Triton loop, and within float32 rounding of the fused C++ lifted op."""
+    model = _lifted_digits()
+    kw = dict(sampler="reduced_oba", nfe=5, batch_size=3, seeds=torch.arange(3))
+    eager = _sample(model, 3, cuda_graph=False, backend=triton, **kw)
+    for _ in range(2):
+        graphed = _sample(model, 3, cuda_graph=True, backend=triton, **kw)
+        assert torch.equal(graphed.x, eager.x)
+    assert _entry()["state"] == "captured"
+    cpu = _sample(model, 3, cuda_graph=False, backend="cpu", **kw)
+    assert torch.allclose(eager.x, cpu.x, rtol=1e-5, atol=1e-5)

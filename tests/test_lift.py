@@ -299,3 +299,26 @@ def test_lifted_exact_law_is_the_native_law_unclamped_and_matches_monte_carlo_cl
         assert np.all(np.abs(x.var(0) - v) < 5 * se_v), sampler
         m_un, v_un = lifted_program_x_law(prog, dm.process_for(sampler), mu, var, 0.0, math.inf)
         assert np.max(np.abs(v_un - v) / se_v) > 5 or np.max(np.abs(m_un - m) / se_m) > 5, sampler
+
+
+@pytest.mark.parametrize("backend,dtypes", [
+    (b, d) for b in ["reference", "cpu", "triton"]
+    for d in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
+] + [("reference", (torch.float64, torch.float64))])  # the kernels take 16/32-bit states only
+@pytest.mark.parametrize("with_d,with_y", [(True, True), (False, True), (True, False)])
+def test_composite_lifted_step_matches_the_lifted_op(backend, dtypes, with_d, with_y):
+    """The lifted step of the CUDA and Triton paths (the backend's plain fused step with eps = (d, d),
+    then y from the new state) against the op's reference definition; d may alias y."""
+    from psld_fast.ops import composite_lifted_step, get_step_fn, unavailable_reason
+
+    assert unavailable_reason(backend, "cpu", dtypes[0]) is None, unavailable_reason(backend, "cpu", dtypes[0])
+    u, d, y, seeds, coef = _lifted_case(3, (2, 4, 4), *dtypes, with_d, with_y, seed=11)
+    if with_d and with_y:
+        y.copy_(d)
+        d = y  # the denoiser returned its input
+    u_ref, y_ref = lifted_step_reference(u, d, y, seeds, coef, 2, 0)
+    composite_lifted_step(get_step_fn(backend))(u, d, y, seeds, coef, 2, 0)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtypes[0]]
+    assert torch.allclose(u.double(), u_ref.double(), rtol=tol, atol=tol * 4)
+    if with_y:
+        assert torch.allclose(y.double(), y_ref.double(), rtol=tol, atol=tol * 4)
