@@ -1,4 +1,5 @@
-// CUDA kernel of psld_fast::affine_step_ (and the test-only psld_fast::philox_test).
+// CUDA kernel of psld_fast::affine_step_ and psld_fast::lifted_step_ (and the test-only
+// psld_fast::philox_test).
 //
 // One launch per step on the current stream, so it is CUDA-graph capturable.  The device code (the
 // element step, the grid-stride thread bodies) and the launch decision (vector width, two-draw
@@ -57,6 +58,19 @@ void affine_step_cuda_(const at::Tensor& u, const std::optional<at::Tensor>& eps
   dispatch_affine_step(p, launcher);
 }
 
+// The lifted op: the same kernel with eps = d for both halves and the extra output y.
+void lifted_step_cuda_(const at::Tensor& u, const std::optional<at::Tensor>& d,
+                       const std::optional<at::Tensor>& y, const at::Tensor& seeds,
+                       c10::ArrayRef<double> coef, int64_t step, int64_t stream) {
+  at::Tensor d_holder;
+  const AffineStepParams p = make_lifted_step_params(u, d, y, seeds, coef, step, stream,
+                                                     c10::DeviceType::CUDA, d_holder);
+  if (p.batch == 0 || p.half_numel == 0) return;
+  const c10::cuda::CUDAGuard guard(u.device());
+  StreamLauncher launcher{at::cuda::getCurrentCUDAStream()};
+  dispatch_affine_step(p, launcher);
+}
+
 std::tuple<at::Tensor, at::Tensor> philox_test_cuda(const at::Tensor& seeds, int64_t numel,
                                                     int64_t step, int64_t stream) {
   check_philox_test_args(seeds, numel, c10::DeviceType::CUDA);
@@ -79,5 +93,6 @@ std::tuple<at::Tensor, at::Tensor> philox_test_cuda(const at::Tensor& seeds, int
 
 TORCH_LIBRARY_IMPL(psld_fast, CUDA, m) {
   m.impl("affine_step_", &psld_fast::affine_step_cuda_);
+  m.impl("lifted_step_", &psld_fast::lifted_step_cuda_);
   m.impl("philox_test", &psld_fast::philox_test_cuda);
 }

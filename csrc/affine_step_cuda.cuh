@@ -8,7 +8,7 @@
 // emulation runs the very code nvcc compiles.
 //
 // The kernel is memory bound on a GPU (read x, m, ex, em; write x, m; Philox is cheap next to
-// that), so it is about access width: each thread handles kVec consecutive elements of one half
+// that; the lifted op reads x, m, D and writes x, m, y), so it is about access width: each thread handles kVec consecutive elements of one half
 // with 16-byte vector loads/stores when every pointer and the half size allow it, and a scalar
 // kernel otherwise (odd sizes, storage offsets).  Grid: 1-D, grid-stride over the flattened
 // (sample, vector) index space, so a state with 1 element per half fills its blocks as well as a
@@ -17,9 +17,9 @@
 // is bit-exact with the CPU kernel and the reference.  kTwoDraws (R2 != 0, only SSCS) selects the
 // variant that computes the second Box-Muller pair; the others skip its logf and sincosf.
 //
-// Extending (e.g. an eps whose m half is the x half, or an extra output): the element step reads
-// its operands through step_elements' pointers only, so a variant is one more template flag there
-// and one more branch in dispatch_affine_step.
+// The lifted op (psld_fast::lifted_step_, make_lifted_step_params) is this kernel with eps = the
+// denoiser output D read for both halves (eps_sample_stride D, eps_m_offset 0, Q01 = Q11 = 0) and
+// the extra output y (has_y): uniform runtime branches, no further instantiations.
 #pragma once
 
 #include <algorithm>
@@ -108,10 +108,10 @@ __device__ __forceinline__ void step_elements(const AffineStepParams& p, int64_t
       mo[i] = __fadd_rn(__fmul_rn(k[kP10], a[i]), __fmul_rn(k[kP11], b[i]));
     }
   }
-  if (p.has_eps) {
-    const eps_t* ex = static_cast<const eps_t*>(p.eps) + s * 2 * D + j0;
+  if (p.has_eps) {  // plain op: eps (B, 2D), stride 2D, m half at +D; lifted op: D (B, D) for both
+    const eps_t* ex = static_cast<const eps_t*>(p.eps) + s * p.eps_sample_stride + j0;
     load_pack<eps_t, kVec>(ex, a);
-    load_pack<eps_t, kVec>(ex + D, b);
+    load_pack<eps_t, kVec>(ex + p.eps_m_offset, b);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       xo[i] = __fadd_rn(xo[i], __fadd_rn(__fmul_rn(k[kQ00], a[i]), __fmul_rn(k[kQ01], b[i])));
@@ -136,6 +136,12 @@ __device__ __forceinline__ void step_elements(const AffineStepParams& p, int64_t
   }
   store_pack<state_t, kVec>(x, xo);
   store_pack<state_t, kVec>(x + D, mo);
+  if (p.has_y) {  // lifted op: the next denoiser input y = W0 x' + W1 m', from the unrounded state
+    float yo[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) yo[i] = __fadd_rn(__fmul_rn(p.wy0, xo[i]), __fmul_rn(p.wy1, mo[i]));
+    store_pack<state_t, kVec>(static_cast<state_t*>(p.y) + s * D + j0, yo);
+  }
 }
 
 // The thread's first flattened index and the grid's stride (the thread index of a grid-stride loop).
@@ -218,9 +224,10 @@ void dispatch_typed(const AffineStepParams& p, Launcher& launcher) {
   // state + fp32 eps) and is loaded as aligned pieces of min(pack, 16) bytes.
   constexpr size_t kEpsAlign = std::min<size_t>(kVec * sizeof(eps_t), 16);
   // Vector path: D % kVec == 0 keeps every sample's halves (offsets s * 2D and D, in elements)
-  // pack-aligned for u and eps alike, so only the base pointers remain to check.
+  // pack-aligned for u and eps alike (and the lifted op's D and y, offsets s * D), so only the
+  // base pointers remain to check.
   const bool vec = p.half_numel % kVec == 0 && is_aligned(p.u, 16) &&
-                   (!p.has_eps || is_aligned(p.eps, kEpsAlign));
+                   (!p.has_eps || is_aligned(p.eps, kEpsAlign)) && (!p.has_y || is_aligned(p.y, 16));
   if (vec) {
     dispatch_draws<state_t, eps_t, kVec>(p, launcher);
   } else {

@@ -274,11 +274,11 @@ def _plain_coef_cached(coef: tuple) -> list:
 
 def get_lifted_step_fn(backend: str) -> Callable[..., None]:
     """``fn(u, d, y, seeds, coef16, step, stream)`` for a lifted model's fused loop with ``backend``:
-    the fused op on the CPU (one pass: state, D and y together), elsewhere the plain fused step of
-    ``backend`` plus one pass for y (:func:`composite_lifted_step`)."""
+    the fused op with the C++ CPU and the CUDA kernels (one pass: state, D and y together), with
+    Triton the plain fused step plus one pass for y (:func:`composite_lifted_step`)."""
     if backend == "reference":
         return _reference_lifted_step_
-    if backend == "cpu" and HAS_CPU_KERNEL:
+    if (backend == "cpu" and HAS_CPU_KERNEL) or (backend == "cuda" and HAS_CUDA_KERNEL):
         return torch.ops.psld_fast.lifted_step_.default
     return composite_lifted_step(get_step_fn(backend))
 

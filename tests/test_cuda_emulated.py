@@ -286,3 +286,110 @@ def test_sparse_states_beyond_32_bits(emu, batch, D, state_dtype, eps_dtype, coe
     assert_close_verbose(out[:n_touched], expected[:n_touched], **STEP_TOL[state_dtype],
                          what=f"sparse ({batch}, 2, {D}) {state_dtype}: elements the threads visited")
     assert torch.equal(out[n_touched:], torch.stack([x, m], 1)[n_touched:]), "elements of other threads changed"
+
+
+# --------------------------------------------------------------------- the lifted op (issue 18)
+def _lifted_matrix():
+    """(B, D, state dtype, d dtype or None, with y, offsets (u, d, y), noise) cases of the lifted op."""
+    from _step_cases import DTYPES
+
+    cases = []
+    for sd in DTYPES:
+        for dd in (*DTYPES, None):
+            for D in (1, 3, 8, 64, 1027, 4096):
+                for B in (1, 5, 33):
+                    for with_y in (True, False):
+                        for offs in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)):
+                            if dd is None and offs[1] or not with_y and offs[2]:
+                                continue
+                            cases.append((B, D, sd, dd, with_y, offs, (B + D) % 3 != 0))
+    return cases
+
+
+LIFTED_CASES = _lifted_matrix()
+
+
+def _lifted_inputs(B, D, sd, dd, with_y, offs, noise, guard):
+    from _step_cases import _offset_tensor
+
+    g = torch.Generator().manual_seed(B * 131 + D)
+    u, ubuf = _offset_tensor(torch.randn(B, 2, D, generator=g).to(sd), offs[0], guard)
+    d = dbuf = y = ybuf = None
+    if dd is not None:
+        d, dbuf = _offset_tensor(torch.randn(B, 1, D, generator=g).to(dd), offs[1], guard)
+    if with_y:
+        y, ybuf = _offset_tensor(torch.full((B, 1, D), float("nan")).to(sd), offs[2], guard)
+    coef = (0.3 * torch.randn(16, generator=g, dtype=torch.float64)).tolist()
+    if not noise:
+        coef[6:14] = [0.0] * 8
+    elif (B + D) % 2:
+        coef[10:14] = [0.0] * 4  # one draw (the R2 = 0 variant)
+    return u, d, y, seeds_for(B), coef, ubuf, dbuf, ybuf
+
+
+def test_lifted_op_matrix(emu):
+    """The lifted op (the same kernel: eps = D read for both halves, the extra output y) against its
+    reference definition and the C++ CPU lifted op, over state/D dtypes, half sizes 1..4096, batches
+    up to 33, storage offsets of u, D and y, with and without y and noise: u bit-exact with the CPU
+    op without noise (y to one rounding of the multiply-add), the vector path exactly when every
+    pointer allows it, no misaligned vector access, nothing written outside u and y."""
+    from psld_fast.program import lifted_step_reference
+
+    failures, vectors = [], 0
+    t0 = time.perf_counter()
+    for case in LIFTED_CASES[::int(os.environ.get(ENV_STRIDE, "1"))]:
+        B, D, sd, dd, with_y, offs, noise = case
+        u, d, y, seeds, coef, ubuf, dbuf, ybuf = _lifted_inputs(*case, guard=GUARD)
+        ubuf0 = ubuf.clone()
+        ref_u, ref_y = lifted_step_reference(u, d, y, seeds, coef, 4, 2)
+        cpu_u, cpu_y = u.clone(), None if y is None else y.clone()
+        torch.ops.psld_fast.lifted_step_(cpu_u, d, cpu_y, seeds, coef, 4, 2)
+        try:
+            plan = emu.lifted_step_(u, d, y, seeds, coef, 4, 2)
+        except RuntimeError as exc:
+            failures.append(f"{case}: raised {str(exc).splitlines()[0]}")
+            continue
+        vec = 16 // u.element_size()
+        want_vec = vec if (D % vec == 0 and u.data_ptr() % 16 == 0
+                           and (d is None or d.data_ptr() % min(vec * d.element_size(), 16) == 0)
+                           and (y is None or y.data_ptr() % 16 == 0)) else 1
+        vectors += want_vec > 1
+        want_two = int(noise and any(c != 0.0 for c in coef[10:14]))  # R2 of the lifted layout
+        if plan[:2] != [want_vec, want_two]:
+            failures.append(f"{case}: launch {plan}, expected vec {want_vec}, two draws {want_two}")
+        n, start = u.numel(), GUARD + offs[0]
+        if not (ubuf[:start].isnan().all() and ubuf[start + n:].isnan().all()):
+            failures.append(f"{case}: wrote outside u")
+        if y is not None:
+            start = GUARD + offs[2]
+            if not (ybuf[:start].isnan().all() and ybuf[start + y.numel():].isnan().all()):
+                failures.append(f"{case}: wrote outside y")
+        tol = STEP_TOL[sd]
+        try:
+            if not noise and not torch.equal(u, cpu_u):
+                raise AssertionError(f"u not bit-exact vs the CPU lifted op: {float((u.float() - cpu_u.float()).abs().max()):.3g}")
+            assert_close_verbose(u, ref_u, **tol, what="u vs reference")
+            assert_close_verbose(u, cpu_u, atol=2 * tol["atol"], rtol=2 * tol["rtol"], what="u vs CPU op")
+            if y is not None:
+                assert_close_verbose(y, ref_y, atol=2 * tol["atol"], rtol=2 * tol["rtol"], what="y vs reference")
+                assert_close_verbose(y, cpu_y, atol=2 * tol["atol"], rtol=2 * tol["rtol"], what="y vs CPU op")
+        except AssertionError as exc:
+            failures.append(f"{case}: {str(exc).splitlines()[0]}")
+    seconds = time.perf_counter() - t0
+    assert not failures, f"{len(failures)} failures ({seconds:.1f} s):\n" + "\n".join(failures[:12])
+    assert vectors >= len(LIFTED_CASES[::int(os.environ.get(ENV_STRIDE, "1"))]) // 8
+
+
+def test_lifted_op_is_the_plain_kernel_on_doubled_eps(emu):
+    """Noise bit for bit the plain kernel's with eps = (D, D) and the equivalent plain coefficients
+    (vector and scalar paths); D may alias y (the denoiser returned its input)."""
+    from psld_fast.program import lifted_plain_coef
+
+    for B, D in ((4, 1024), (3, 7)):
+        u, d, y, seeds, coef, *_ = _lifted_inputs(B, D, torch.float32, torch.float32, True, (0, 0, 0), True, 0)
+        plain = u.clone()
+        emu.affine_step_(plain, torch.cat([d, d], dim=1), seeds, lifted_plain_coef(coef), 6, 1)
+        y.copy_(d)
+        emu.lifted_step_(u, y, y, seeds, coef, 6, 1)
+        assert torch.equal(u, plain)
+        assert torch.allclose(y, coef[14] * plain[:, :1] + coef[15] * plain[:, 1:], rtol=1e-6, atol=1e-6)

@@ -151,3 +151,37 @@ def test_small_halves_fill_blocks(device, shape, coef):
     for b in (0, shape[0] - 1):
         alone = _step(u[b:b + 1].clone(), eps[b:b + 1], seeds[b:b + 1], coef)
         assert torch.equal(alone[0], got[b])
+
+
+@pytest.mark.parametrize("state_dtype,d_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                 (torch.float16, torch.float16)], ids=str)
+@pytest.mark.parametrize("shape", [(8, 2, 16, 16), (5, 2, 3, 7), (3, 6, 32, 32)], ids=str)
+def test_lifted_step_matches_the_cpu_op(device, state_dtype, d_dtype, shape):
+    """psld_fast::lifted_step_ on CUDA (the same kernel, D read for both halves, y written) against
+    the C++ CPU op on the same inputs, with and without y; D may alias y."""
+    from psld_fast.program import lifted_step_reference
+
+    g = torch.Generator().manual_seed(3)
+    B, C2 = shape[0], shape[1]
+    half = (B, C2 // 2, *shape[2:])
+    u = torch.randn(shape, generator=g).to(state_dtype)
+    d = torch.randn(half, generator=g).to(d_dtype)
+    coef = (0.3 * torch.randn(16, generator=g, dtype=torch.float64)).tolist()
+    seeds = _seeds(B, "cpu")
+    tol = STEP_TOL[state_dtype]
+    for with_y in (True, False):
+        y_cpu = torch.zeros(half, dtype=state_dtype) if with_y else None
+        u_cpu = u.clone()
+        torch.ops.psld_fast.lifted_step_(u_cpu, d, y_cpu, seeds, coef, 5, 1)
+        u_gpu, d_gpu = u.to(device), d.to(device)
+        y_gpu = torch.zeros(half, dtype=state_dtype, device=device) if with_y else None
+        torch.ops.psld_fast.lifted_step_(u_gpu, d_gpu, y_gpu, seeds.to(device), coef, 5, 1)
+        assert_close_verbose(u_gpu.cpu(), u_cpu, atol=2 * tol["atol"], rtol=2 * tol["rtol"], what="u")
+        if with_y:
+            assert_close_verbose(y_gpu.cpu(), y_cpu, atol=2 * tol["atol"], rtol=2 * tol["rtol"], what="y")
+    ref_u, ref_y = lifted_step_reference(u, d.to(state_dtype), d.to(state_dtype).clone(), seeds, coef, 5, 1)
+    y_alias = d.to(device=device, dtype=state_dtype)
+    u_gpu = u.to(device)
+    torch.ops.psld_fast.lifted_step_(u_gpu, y_alias, y_alias, seeds.to(device), coef, 5, 1)
+    assert_close_verbose(u_gpu.cpu(), ref_u, atol=2 * tol["atol"], rtol=2 * tol["rtol"], what="u, D aliases y")
+    assert_close_verbose(y_alias.cpu(), ref_y, atol=2 * tol["atol"], rtol=2 * tol["rtol"], what="y, D aliases y")

@@ -8,6 +8,7 @@
 // as the GPU would.  The __global__ wrappers below are the .cu's, line for line.  A vector access
 // to a misaligned address raises (a GPU faults there).  Ops (namespace psld_cuda_emu):
 //   affine_step_(u, eps, seeds, coef, step, stream) -> [kVec, two_draws, blocks]   (CPU tensors)
+//   lifted_step_(u, d, y, seeds, coef16, step, stream) -> [kVec, two_draws, blocks]
 //   philox_test(seeds, numel, step, stream) -> (words, normals)
 //   sparse_step(...): a state of any size (> 2^32 elements) in lazily committed memory, only the
 //                     given threads run; returns the probed elements (see sparse_step).
@@ -96,6 +97,18 @@ std::vector<int64_t> affine_step_emulated_(const at::Tensor& u, const std::optio
   at::Tensor eps_holder;
   const AffineStepParams p = make_affine_step_params(u, eps, seeds, coef, step, stream,
                                                      c10::DeviceType::CPU, eps_holder);
+  if (p.batch == 0 || p.half_numel == 0) return {0, 0, 0};
+  EmulatedLauncher launcher;
+  dispatch_affine_step(p, launcher);
+  return launcher.plan;
+}
+
+std::vector<int64_t> lifted_step_emulated_(const at::Tensor& u, const std::optional<at::Tensor>& d,
+                                           const std::optional<at::Tensor>& y, const at::Tensor& seeds,
+                                           c10::ArrayRef<double> coef, int64_t step, int64_t stream) {
+  at::Tensor d_holder;
+  const AffineStepParams p = make_lifted_step_params(u, d, y, seeds, coef, step, stream,
+                                                     c10::DeviceType::CPU, d_holder);
   if (p.batch == 0 || p.half_numel == 0) return {0, 0, 0};
   EmulatedLauncher launcher;
   dispatch_affine_step(p, launcher);
@@ -219,6 +232,8 @@ std::tuple<at::Tensor, std::vector<int64_t>> sparse_step(
   p.step = static_cast<uint32_t>(step);
   p.stream = static_cast<uint32_t>(stream);
   p.has_eps = e.has_value();
+  p.eps_sample_stride = 2 * half_numel;
+  p.eps_m_offset = half_numel;
   p.state_dtype = state_dtype;
   p.eps_dtype = eps_dtype.value_or(c10::ScalarType::Float);
 
@@ -237,6 +252,8 @@ std::tuple<at::Tensor, std::vector<int64_t>> sparse_step(
 
 TORCH_LIBRARY(psld_cuda_emu, m) {
   m.def("affine_step_(Tensor(a!) u, Tensor? eps, Tensor seeds, float[] coef, int step, int stream) -> int[]");
+  m.def("lifted_step_(Tensor(a!) u, Tensor? d, Tensor(b!)? y, Tensor seeds, float[] coef, int step, "
+        "int stream) -> int[]");
   m.def("philox_test(Tensor seeds, int numel, int step, int stream) -> (Tensor, Tensor)");
   m.def("sparse_step(int batch, int half_numel, ScalarType state_dtype, ScalarType? eps_dtype, "
         "Tensor seeds, float[] coef, int step, int stream, int[] threads, Tensor probes) -> (Tensor, int[])");
@@ -244,6 +261,7 @@ TORCH_LIBRARY(psld_cuda_emu, m) {
 
 TORCH_LIBRARY_IMPL(psld_cuda_emu, CPU, m) {
   m.impl("affine_step_", &psld_cuda_emu::affine_step_emulated_);
+  m.impl("lifted_step_", &psld_cuda_emu::lifted_step_emulated_);
   m.impl("philox_test", &psld_cuda_emu::philox_test_emulated);
   m.impl("sparse_step", &psld_cuda_emu::sparse_step);
 }
