@@ -797,7 +797,16 @@ def part_speed(args):
 
     print(f"[{now()}] speed", flush=True)
     warnings.simplefilter("ignore")  # zero-cost nets leave the data range (sample warns); timing only
-    dev = torch.device("cpu")
+    dev = torch.device(args.device)
+    out = Path(args.out) if args.out else OUT
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if dev.type == "cpu" else f"_{dev.type}"
+    try:
+        kd()
+        have_kd = True
+    except Exception as exc:  # noqa: BLE001  (a GPU machine without the peers: psld_fast rows only)
+        print(f"  k-diffusion unavailable ({type(exc).__name__}: {exc}); psld_fast rows only", flush=True)
+        have_kd = False
     threads = torch.get_num_threads()
     head = header("compare_kdiffusion --speed", dev, threads)
     print(head, flush=True)
@@ -814,25 +823,27 @@ def part_speed(args):
                     eps_net, den_net = _ZeroEps(), _ZeroEps()
                 else:
                     eps_net, den_net = _SmallNet(2 * C, len(shape) == 3), _SmallNet(C, len(shape) == 3)
+                eps_net, den_net = eps_net.to(dev).eval(), den_net.to(dev).eval()
                 native = pf.EpsModel(eps_net, sde=sde, shape=shape)
                 lifted = pf.DenoiserModel(den_net, shape, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
                 den = (lambda net: (lambda x, sigma, **kw: net(x)))(den_net)
                 seeds = torch.arange(B)
-                sig = karras(nfe).float()
-                x0 = torch.randn(B, *shape) * 80.0
+                sig = karras(nfe).float().to(dev)
+                x0 = torch.randn(B, *shape, device=dev) * 80.0
 
                 def psld_call(model):
                     return lambda: pf.sample(model, B, sampler="reduced_oba", nfe=nfe, seeds=seeds, progress=False,
-                                             backend="auto")
+                                             backend="auto", device=dev)
 
                 def kd_call(name):
                     return lambda: kd_fn(name)(den, x0.clone(), sig, disable=True)
 
                 fns = {"psld_fast native reduced_oba": psld_call(native),
-                       "psld_fast lifted reduced_oba": psld_call(lifted),
-                       "k-diffusion euler_ancestral": kd_call("euler_ancestral"),
-                       "k-diffusion dpmpp_2m": kd_call("dpmpp_2m"),
-                       "k-diffusion dpmpp_2m_sde (Brownian tree)": kd_call("dpmpp_2m_sde")}
+                       "psld_fast lifted reduced_oba": psld_call(lifted)}
+                if have_kd:
+                    fns.update({"k-diffusion euler_ancestral": kd_call("euler_ancestral"),
+                                "k-diffusion dpmpp_2m": kd_call("dpmpp_2m"),
+                                "k-diffusion dpmpp_2m_sde (Brownian tree)": kd_call("dpmpp_2m_sde")})
                 with torch.no_grad():
                     times = interleaved(fns, dev, rounds=rounds, warmup=1, min_rounds=rounds)
                 ratio = statistics.median(l / n_ for l, n_ in zip(times["psld_fast lifted reduced_oba"],
@@ -845,14 +856,16 @@ def part_speed(args):
                     f"{k.split(' ', 1)[1][:22]} {min(v) / nfe * 1e6:.0f}" for k, v in times.items()) +
                     f" us/NFE (min); lifted/native {ratio:.2f}", flush=True)
     load_end = load_average()
-    write_csv(rows, OUT / "speed.csv")
-    lines = ["# Speed: per-NFE cost, psld_fast vs k-diffusion (CPU, interleaved rounds)", "",
-             f"Command: `python bench/compare_kdiffusion.py --speed` (git {git_revision()}).", "",
+    write_csv(rows, out / f"speed{suffix}.csv")
+    cmd = "python bench/compare_kdiffusion.py --speed" + (f" --device {args.device}" if suffix else "")
+    lines = [f"# Speed: per-NFE cost, psld_fast vs k-diffusion ({dev.type.upper() if suffix else 'CPU'}, "
+             "interleaved rounds)", "",
+             f"Command: `{cmd}` (git {git_revision()}).", "",
              f"`{head.lstrip('# ')}`; load average at the end {load_end}.", "",
              f"Each cell: one full sampling run of NFE {nfe} per variant per round, the variants interleaved round by "
              f"round in one process (bench/_benchutil.interleaved), {rounds} rounds after 1 warm-up; microseconds per "
-             "NFE as min / median over rounds. psld_fast rows are `psld_fast.sample(..., backend='auto')` (CPU fused "
-             "kernels; the native PSLD model moves x and m, twice the data), k-diffusion rows its samplers unchanged "
+             "NFE as min / median over rounds. psld_fast rows are `psld_fast.sample(..., backend='auto')` (fused "
+             "kernels; CUDA graphs on a GPU; the native PSLD model moves x and m, twice the data), k-diffusion rows its samplers unchanged "
              "on Karras sigmas. **zero**: a zero-cost network (returns a preallocated zero tensor; for the lifted "
              "model the denoiser, for the native model the eps net); **net**: a small network (images: conv 3x3 "
              "C->32, SiLU, conv 32->C; 2-D: MLP C-64-64-C; the native PSLD net has 2C channels in and out, the "
@@ -869,7 +882,7 @@ def part_speed(args):
                 cells = [f"{r['us_per_nfe_min']:.0f} / {r['us_per_nfe_median']:.0f}" for r in rs]
                 rat = next(r["lifted_over_native"] for r in rs if r["lifted_over_native"] is not None)
                 lines.append(f"| {shape} | {kind} | {B} | " + " | ".join(cells) + f" | {rat:.2f} |")
-    (OUT / "speed.md").write_text("\n".join(lines) + "\n")
+    (out / f"speed{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
 # ------------------------------------------------------------------------------- summary
@@ -1081,6 +1094,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer cells (smoke run)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--learned-n", type=int, default=None, help="samples per cell of --learned (default 500)")
+    ap.add_argument("--device", default="cpu", help="device of --speed (cuda: the GPU rows, speed_cuda.md)")
+    ap.add_argument("--out", default=None, help="output folder of --speed (default bench/results/kdiffusion)")
     ap.add_argument("--plot-only", action="store_true", help="only redraw kdiffusion.png / kdiffusion.md from the CSVs")
     args = ap.parse_args(argv)
     pin_threads(args.threads)
@@ -1093,7 +1108,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         globals()[f"part_{p}"](args)
         print(f"[{now()}] {p}: {time.perf_counter() - t0:.1f} s", flush=True)
-    if "summary_md" in globals():
+    if "summary_md" in globals() and args.device == "cpu" and not args.out:
         summary_md(args)
 
 
