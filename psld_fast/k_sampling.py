@@ -40,6 +40,10 @@ __all__ = ["sample_psld", "psld_grid"] + [f"sample_{name}" for name in ALL_SAMPL
 _KNOBS = ("lambda_s", "lambda_reading", "net_time", "split", "coupling", "lambda_form", "ci_lambda")
 
 
+def _sigma_array(sigmas) -> np.ndarray:
+    return np.asarray(torch.as_tensor(sigmas).detach().cpu().double().reshape(-1), dtype=np.float64)
+
+
 def psld_grid(sigmas, sde: PSLD | None = None):
     """The truncated PSLD process and reverse-time grid of a k-diffusion sigma schedule.
 
@@ -48,7 +52,7 @@ def psld_grid(sigmas, sde: PSLD | None = None):
     ``denoise`` whether the schedule ends in 0 (the final denoising step).
     """
     sde = sde if sde is not None else PSLD()
-    s = np.asarray(torch.as_tensor(sigmas).detach().cpu().double().reshape(-1), dtype=np.float64)
+    s = _sigma_array(sigmas)
     if s.size < 2 or not np.all(np.isfinite(s)):
         raise ValueError(f"sigmas must hold at least 2 finite noise levels, got {s.tolist()}")
     denoise = s[-1] == 0
@@ -78,13 +82,14 @@ def sample_psld(sampler: str, model, x: torch.Tensor, sigmas, extra_args=None, c
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
         raise ValueError(f"x must be a floating (B, *shape) tensor of initial noise, got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
-    process, grid, denoise = psld_grid(sigmas, sde)
+    sig = _sigma_array(sigmas)
+    process, grid, denoise = psld_grid(sig, sde)
     spec = SAMPLER_SPECS[sampler]
     steps = len(grid) - 1
     nfe = steps * spec.evals_per_step + (1 if denoise else 0)
     program = compile_sampler(sampler, process, nfe, schedule=grid, denoise=denoise, **knobs)
-    pos = np.asarray(torch.as_tensor(sigmas).detach().cpu().double().reshape(-1))
-    lifted = DenoiserModel(model, tuple(x.shape[1:]), sigma_min=float(min(pos[pos > 0])) * (1 - 1e-9),
+    pos = sig[sig > 0]
+    lifted = DenoiserModel(model, tuple(x.shape[1:]), sigma_min=float(pos.min()) * (1 - 1e-9),
                            sigma_max=float(pos[0]) * (1 + 1e-9), sde=process, start="T")
     B = x.shape[0]
     if seeds is None:

@@ -35,6 +35,7 @@ guidance as a denoiser combinator).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 
@@ -90,8 +91,24 @@ def lift_terms(sde: PSLD, tau) -> dict:
                 e0=l11 * a0 + l21 * a1, e1=l22 * a1, S00=c00, S01=c01, S11=c11, l11=l11, l21=l21, l22=l22)
 
 
+@functools.lru_cache(maxsize=4096)
+def _scalar_terms_cached(sde: PSLD, tau: float) -> dict:
+    return {k: float(v) for k, v in lift_terms(sde, torch.tensor([tau], dtype=torch.float64)).items()}
+
+
 def _scalar_terms(sde: PSLD, tau: float) -> dict:
-    return {k: float(v) for k, v in lift_terms(sde, torch.tensor([float(tau)], dtype=torch.float64)).items()}
+    """:func:`lift_terms` at one time as floats (cached: programs and callbacks ask for the same
+    times again and again).  A copy, so callers may not change the cache."""
+    return dict(_scalar_terms_cached(sde, float(tau)))
+
+
+def x0_from_eps(t: dict, x, m, eps_x, eps_m):
+    """The exact x0 estimate of a PSLD eps: ``w^T (z + Sigma s)`` with the score ``s = -L^-T eps``
+    (Tweedie in the augmented space), from :func:`lift_terms` entries ``t`` (floats or tensors that
+    broadcast against the halves)."""
+    sm = -eps_m / t["l22"]
+    sx = (-eps_x - t["l21"] * sm) / t["l11"]
+    return t["w0"] * (x + t["S00"] * sx + t["S01"] * sm) + t["w1"] * (m + t["S01"] * sx + t["S11"] * sm)
 
 
 def sigma_y(sde: PSLD, tau) -> np.ndarray:
@@ -457,11 +474,7 @@ class PSLDDenoiser(nn.Module):
         u = torch.cat([zx, zm], dim=1).to(x.dtype)
         eps = self.model(u, tau.to(x.device, ct), **extra_args).to(ct)
         C = x.shape[1]
-        sm = -eps[:, C:] / c["l22"]                           # s = -L^{-T} eps
-        sx = (-eps[:, :C] - c["l21"] * sm) / c["l11"]
-        dx = zx + c["S00"] * sx + c["S01"] * sm               # z + Sigma s
-        dm = zm + c["S01"] * sx + c["S11"] * sm
-        return (c["w0"] * dx + c["w1"] * dm).to(x.dtype)
+        return x0_from_eps(c, zx, zm, eps[:, :C], eps[:, C:]).to(x.dtype)
 
 
 def as_denoiser(model: EpsModel) -> PSLDDenoiser:

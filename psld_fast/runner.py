@@ -151,26 +151,23 @@ def _init_from_x(model, program, u, init_x, init_tau, seeds, step_fn, stream):
 
 
 def y_call_sigma(model, tau: float) -> float:
-    from .lift import lift_terms
+    from .lift import _scalar_terms
 
-    return float(lift_terms(model.sde, torch.tensor([float(tau)], dtype=torch.float64))["sigma"])
+    return _scalar_terms(model.sde, tau)["sigma"]
 
 
 def _denoised_estimate(model, u, eps, tau):
     """The position-space state ``y = w^T z`` and x0 estimate ``w^T (z + Sigma s)`` (s from eps) of a
     stage's call, for callbacks."""
-    from .lift import lift_terms
+    from .lift import _scalar_terms, x0_from_eps
 
-    t = {k: float(v) for k, v in lift_terms(model.sde, torch.tensor([float(tau)], dtype=torch.float64)).items()}
+    t = _scalar_terms(model.sde, tau)
     ct = torch.float64 if u.dtype == torch.float64 else torch.float32
     C = u.shape[1] // 2
     x, m = u[:, :C].to(ct), u[:, C:].to(ct)
     e = eps.to(ct)
-    sm = -e[:, C:] / t["l22"]
-    sx = (-e[:, :C] - t["l21"] * sm) / t["l11"]
     y = (t["w0"] * x + t["w1"] * m).to(u.dtype)
-    d = (t["w0"] * (x + t["S00"] * sx + t["S01"] * sm) + t["w1"] * (m + t["S01"] * sx + t["S11"] * sm)).to(u.dtype)
-    return y, d
+    return y, x0_from_eps(t, x, m, e[:, :C], e[:, C:]).to(u.dtype)
 
 
 def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream, callback, batch_start,

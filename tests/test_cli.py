@@ -5,6 +5,7 @@ import sys
 import pytest
 from PIL import Image
 
+from _cli_errors import cli_error
 from psld_fast.cli import main, parse_seeds
 
 
@@ -73,16 +74,7 @@ def test_learned_models_selectable_by_name(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ one-line errors, exit code 2
-def _err(capsys, argv):
-    code = None
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse
-        code = e.code
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (argv, err)
-    assert "\n" not in err and "Traceback" not in err, err
-    return err
+_err = cli_error  # exit code 2, one stderr line, no traceback (tests/_cli_errors.py)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

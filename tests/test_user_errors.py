@@ -10,25 +10,11 @@ import torch
 
 import psld_fast as pf
 from psld_fast.checkpoint import CheckpointError, load_psld_checkpoint
+from _cli_errors import cli_error
 from psld_fast.cli import main
 
 
-def _err(capsys, argv, warnings_first=False):
-    """Run the CLI in-process; the one stderr line of a mistake (exit code 2, no traceback).
-    ``warnings_first``: one-line warnings may come before it (a sampler's stability warning)."""
-    code = None
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse
-        code = e.code
-    err = capsys.readouterr().err.strip()
-    assert code == 2, (argv, code, err)
-    assert "Traceback" not in err, err
-    if warnings_first:
-        *before, err = err.splitlines()
-        assert all(": warning: " in ln for ln in before), before
-    assert "\n" not in err, err
-    return err
+_err = cli_error  # exit code 2, one stderr line, no traceback (tests/_cli_errors.py)
 
 
 # ------------------------------------------------------------------------ 1. truncated checkpoints
