@@ -9,7 +9,7 @@ and registers the compiled CPU/CUDA kernels when they were built (Triton is load
 from . import ops  # noqa: F401  defines torch.ops.psld_fast.affine_step_ / affine_step (cheap: no CUDA, no Triton)
 from .api import DEFAULT_SEED, SampleResult, make_seeds, sample
 from .grids import SCHEDULES, time_grid
-from .lift import CFGDenoiser, DenoiserModel, as_denoiser, vp_denoiser
+from .lift import CFGDenoiser, DenoiserModel, as_denoiser, load_diffusers, vp_denoiser
 from .guards import set_threads
 from .models import EpsModel, GaussianMixture, ScoreModelAdapter, get_preset
 from .program import Program, Stage, affine_step_reference
@@ -30,4 +30,4 @@ __all__ = ["PSLD", "sample", "SampleResult", "SAMPLERS", "DETERMINISTIC_SAMPLERS
            "SCHEDULES", "time_grid", "compile_sampler", "Program", "Stage", "affine_step_reference",
            "EpsModel", "ScoreModelAdapter", "GaussianMixture", "get_preset", "make_seeds",
            "DEFAULT_SEED", "load_psld_checkpoint", "set_threads", "DenoiserModel", "vp_denoiser", "as_denoiser",
-           "CFGDenoiser", "__version__"]
+           "CFGDenoiser", "load_diffusers", "__version__"]
