@@ -392,7 +392,7 @@ class _Progress:
 def generate(model, out_dir, seeds, *, fmt: str = "png", batch_size: int | None = None,
              shard_size: int = 1000, force: bool = False, progress: bool = True, device=None,
              source: dict | None = None, after_batch: Callable[[dict], None] | None = None,
-             **sample_kwargs) -> dict:
+             extra_args: dict | None = None, **sample_kwargs) -> dict:
     """Write one sample per seed into ``out_dir`` (see the module docstring); resumable.
 
     Args:
@@ -408,6 +408,12 @@ def generate(model, out_dir, seeds, *, fmt: str = "png", batch_size: int | None 
         source: free-form description recorded in the manifest (e.g. ``{"checkpoint": path}``).
         after_batch: called after each batch's files are written with a dict (rank, batch, seeds,
             files); an exception raised there aborts the run like a crash would.
+        extra_args: the network's keyword arguments (class labels, embeddings): a tensor with one row
+            per seed (first dimension ``len(seeds)``, in the order of ``seeds``) goes with its seed
+            into whichever batch and rank samples it; anything else goes to every call.  The
+            manifest records the shared values (a change is another configuration) and
+            ``conditioning.json`` a digest of each seed's rows: a resume that would give a seed
+            other conditioning than its file has is refused.
         **sample_kwargs: sampler settings for :func:`psld_fast.sample` (sampler, nfe, schedule,
             lambda_s, lambda_reading, net_time, denoise, backend, dtype, ...).
 
@@ -436,9 +442,11 @@ def generate(model, out_dir, seeds, *, fmt: str = "png", batch_size: int | None 
     if isinstance(seeds, (str, bytes)):  # "0-99" would iterate as the seeds 0, 9, 9
         raise ValueError(f"seeds must be integers, got the string {seeds!r}; pass e.g. range(100) "
                          "(on the command line: --seeds 0-99)")
-    seed_list = list(dict.fromkeys(int(s) for s in seeds))
+    given = [int(s) for s in seeds]
+    seed_list = list(dict.fromkeys(given))
     if not seed_list:
         raise ValueError("no seeds given")
+    extra_args = _check_generate_extra(extra_args, seed_list, len(given))
     shape = tuple(getattr(model, "shape", None) or ())
     if fmt == "png" and not (len(shape) == 3 and shape[0] in (1, 3)):
         raise ValueError(f"--format png needs an image model with samples of shape (C, H, W), C in (1, 3); this "
@@ -463,7 +471,7 @@ def generate(model, out_dir, seeds, *, fmt: str = "png", batch_size: int | None 
     locks: list[FolderLock] = []
     try:
         return _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, progress, ctx, dev,
-                         source, after_batch, sample_kwargs, sample, locks)
+                         source, after_batch, sample_kwargs, sample, locks, extra_args)
     finally:
         for lock in locks:
             lock.release()
@@ -477,8 +485,79 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+CONDITIONING = "conditioning.json"
+
+
+def _check_generate_extra(extra_args, seed_list: list, n_given: int) -> dict:
+    """``extra_args`` split into per-seed tensors (one row per seed) and shared values, checked."""
+    if extra_args is None:
+        return {}
+    if not isinstance(extra_args, dict) or not all(isinstance(k, str) for k in extra_args):
+        raise TypeError(f"extra_args must be a dict of keyword arguments, got {type(extra_args).__name__}")
+    n = len(seed_list)
+    for k, v in extra_args.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n_given != n:
+            raise ValueError(f"extra_args[{k!r}] has one row per given seed, but the seeds repeat ({n_given} given, "
+                             f"{n} distinct): pass each seed once, so that its row is unambiguous")
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] not in (1, n):
+            raise ValueError(f"extra_args[{k!r}] has first dimension {v.shape[0]}; per-seed arguments need one row "
+                             f"per seed ({n}, in the order of the seeds), shared ones a batch of 1 or none")
+    return extra_args
+
+
+def _per_seed(extra_args: dict, n: int) -> list:
+    return [k for k, v in extra_args.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n > 1]
+
+
+def _extra_signature(extra_args: dict, n: int) -> dict:
+    """The manifest's record of extra_args: per-seed tensors by dtype and row shape, shared values
+    by a digest of their contents."""
+    per = set(_per_seed(extra_args, n))
+    sig = {}
+    for k in sorted(extra_args):
+        v = extra_args[k]
+        if k in per:
+            sig[k] = {"per_seed": True, "dtype": str(v.dtype), "row_shape": list(v.shape[1:])}
+        elif isinstance(v, torch.Tensor):
+            sig[k] = {"dtype": str(v.dtype), "shape": list(v.shape), "sha256": _tensor_sha256(v)}
+        else:
+            sig[k] = {"value": repr(v)}
+    return sig
+
+
+def _tensor_sha256(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous()
+    return hashlib.sha256(str(t.dtype).encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _seed_digests(extra_args: dict, seed_list: list) -> dict:
+    """Per seed, a digest of its rows of the per-seed tensors (``conditioning.json``)."""
+    names = _per_seed(extra_args, len(seed_list))
+    if not names:
+        return {}
+    rows = {k: extra_args[k].detach().cpu().contiguous() for k in names}
+    return {str(s): hashlib.sha256(b"".join(_tensor_sha256(rows[k][i]).encode() for k in names)).hexdigest()[:16]
+            for i, s in enumerate(seed_list)}
+
+
+def _check_conditioning(out_dir: Path, digests: dict, done: list) -> None:
+    """Rank 0: the seeds already on disk must have been sampled with the rows they get now; then
+    record this run's rows (before sampling, so a crash leaves them on record)."""
+    if not digests:
+        return
+    path = out_dir / CONDITIONING
+    old = json.loads(path.read_text()) if path.exists() else {}
+    bad = [s for s in done if str(s) in old and old[str(s)] != digests[str(s)]]
+    if bad:
+        raise ManifestMismatch(
+            f"{out_dir}: {len(bad)} seeds already written (e.g. {bad[:5]}) were sampled with other per-seed "
+            f"extra_args than given now ({CONDITIONING}); use another output folder, or delete their files")
+    old.update(digests)
+    _write_json_atomic(path, old)
+
+
 def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, progress, ctx, dev, source,
-              after_batch, sample_kwargs, sample, locks):
+              after_batch, sample_kwargs, sample, locks, extra_args):
     from ._io import write_atomic
     from .images import save_png
     from .ops import resolve_backend
@@ -523,6 +602,8 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
                 "format": fmt,
                 "shard_size": shard_size if fmt == "npz" else None,
             }
+            if extra_args:  # (absent otherwise: folders written before extra_args keep their configuration)
+                config["extra_args"] = _extra_signature(extra_args, len(seed_list))
             config = json.loads(json.dumps(config))  # what a reload gives back
             manifest = {
                 "psld_fast_generate": 1,
@@ -550,6 +631,9 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
                     if missing:
                         units.append((b, missing, bool(have)))
                 todo = [s for u in units for s in u[1]]
+            pending = set(todo)
+            _check_conditioning(out_dir, _seed_digests(extra_args, seed_list),
+                                [s for s in seed_list if s not in pending])
             payload = {"units": units, "todo": len(todo), "warnings": warnings, "removed": removed, "error": None}
         except Exception as exc:  # tell the other ranks, then raise here
             payload = {"error": exc}
@@ -576,11 +660,25 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
     written, batch_no = 0, 0
     t0 = time.perf_counter()
 
+    per_seed = _per_seed(extra_args, len(seed_list))
+    row_of = {s: i for i, s in enumerate(seed_list)} if per_seed else {}
+
+    def batch_extra(batch_seeds):
+        if not extra_args:
+            return None
+        idx = torch.tensor([row_of[s] for s in batch_seeds], dtype=torch.long) if per_seed else None
+        out = {}
+        for k, v in extra_args.items():
+            if k in per_seed:
+                v = v.index_select(0, idx.to(v.device))  # (a 1-row batch: sample() treats it as shared, the same)
+            out[k] = v
+        return out
+
     def run(batch_seeds):
         with _warnings.catch_warnings(record=True) as caught:
             _warnings.simplefilter("always")
             res = sample(model, len(batch_seeds), seeds=batch_seeds, device=dev, batch_size=len(batch_seeds),
-                         progress=False, **kwargs)
+                         progress=False, extra_args=batch_extra(batch_seeds), **kwargs)
         rewarn(caught)
         return res.x
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import psld_fast as pf
 from psld_fast.generate import ManifestMismatch, generate, png_path, seeds_to_spec
@@ -304,3 +305,63 @@ def test_a_failing_rank_brings_the_others_down(tmp_path):
     assert procs[1].returncode != 0 and "simulated failure on rank 1" in results[1][1]
     assert procs[0].returncode != 0, "rank 0 should fail too"
     assert "rank 1 failed: ValueError: simulated failure on rank 1" in results[0][1], results[0][1][-2000:]
+
+
+# ------------------------------------------------------------- per-seed conditioning (issue 18)
+class _Conditional(pf.EpsModel):
+    """ring2d's exact eps shifted by a class- and scale-dependent offset: the labels show in the samples."""
+
+    def __init__(self):
+        ring = pf.get_preset("ring2d")
+        super().__init__(net=None, sde=ring.sde, shape=ring.shape, name="conditional_ring")
+        self.ring = ring
+
+    def forward(self, u, tau, class_labels=None, scale=None):
+        off = 0.3 * (class_labels.to(u.dtype) - 1.5)[:, None] * scale.to(u.dtype)
+        return self.ring(u, tau) + off
+
+
+def test_per_seed_extra_args_follow_their_seeds_and_resume_checks_them(tmp_path):
+    model = _Conditional()
+    seeds = list(range(13))
+    labels = torch.tensor([s % 4 for s in seeds])
+    kw = dict(fmt="npz", shard_size=5, nfe=NFE, progress=False)
+    extra = {"class_labels": labels, "scale": torch.tensor([1.0])}
+    ref = tmp_path / "ref"
+    generate(model, ref, seeds, batch_size=3, extra_args=extra, **kw)
+    other = tmp_path / "other"
+    generate(model, other, seeds, batch_size=5, extra_args=extra, **kw)
+    assert _tree(other) == _tree(ref)  # rows go with their seeds, whatever the batching
+    with np.load(ref / "000000.npz") as z:
+        for i, s in enumerate(z["seeds"].tolist()):
+            one = pf.sample(model, 1, seeds=[s], nfe=NFE, progress=False,
+                            extra_args={"class_labels": labels[s:s + 1], "scale": torch.tensor([1.0])})
+            assert np.array_equal(z["x"][i], one.x[0].numpy()), s
+    plain = tmp_path / "plain"
+    generate(model, plain, seeds, batch_size=3, extra_args={"class_labels": torch.zeros(13, dtype=torch.long),
+                                                           "scale": torch.tensor([1.0])}, **kw)
+    assert _tree(plain) != _tree(ref)
+    # a crash, then the resume with the same rows: identical files
+    run = tmp_path / "run"
+    with pytest.raises(_Crash):
+        generate(model, run, seeds, batch_size=3, extra_args=extra, after_batch=_crash_after(2), **kw)
+    generate(model, run, seeds, batch_size=3, extra_args=extra, **kw)
+    assert {k: v for k, v in _tree(run).items() if k != "conditioning.json"} == \
+           {k: v for k, v in _tree(ref).items() if k != "conditioning.json"}
+    # the seeds on disk would get other labels: refused, naming the file
+    with pytest.raises(ManifestMismatch, match="conditioning.json"):
+        generate(model, run, seeds + [13], batch_size=3, extra_args={
+            "class_labels": torch.tensor([(s + 1) % 4 for s in seeds + [13]]), "scale": torch.tensor([1.0])}, **kw)
+    # extending the seeds with rows that agree on the old ones: only the new seed is written
+    more = torch.tensor([s % 4 for s in seeds + [13]])
+    s = generate(model, run, seeds + [13], batch_size=3, extra_args={"class_labels": more,
+                                                                    "scale": torch.tensor([1.0])}, **kw)
+    assert (s["written"], s["skipped"]) == (1, 13)
+    # a shared value is part of the configuration
+    with pytest.raises(ManifestMismatch, match="another configuration"):
+        generate(model, run, seeds, batch_size=3, extra_args={"class_labels": labels, "scale": torch.tensor([2.0])}, **kw)
+    with pytest.raises(ValueError, match="seeds repeat"):
+        generate(model, tmp_path / "dup", [0, 1, 1], extra_args={"class_labels": torch.tensor([0, 1, 2]),
+                                                               "scale": torch.tensor([1.0])}, **kw)
+    with pytest.raises(ValueError, match="one row per seed"):
+        generate(model, tmp_path / "bad", seeds, extra_args={"class_labels": labels[:5], "scale": torch.tensor([1.0])}, **kw)
