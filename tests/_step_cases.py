@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -174,3 +175,21 @@ def emulation_matrix(state_dtype: torch.dtype, eps_dtype: torch.dtype | None) ->
                         batch = MATRIX_BATCHES[MATRIX_BATCHES.index(batch) - 1]
                     cases.append(StepCase(batch, D, state_dtype, eps_dtype, kinds[noise, reads], uo, eo))
     return cases
+
+
+def offset_by_one(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t whose storage starts one element later: not 16-byte aligned."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = flat[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: torch's intra-op threads only cost there (5-10x slower on a loaded 2-core
+    machine).  A module makes it autouse with a fixture that requests it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

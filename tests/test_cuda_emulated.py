@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _step_cases import DTYPES, SHARED_CASES, StepCase, emulation_matrix, make_inputs, seeds_for
+from _step_cases import (DTYPES, SHARED_CASES, StepCase, emulation_matrix, make_inputs, one_thread,  # noqa: F401
+                         seeds_for)
 from _tolerances import NORMAL_TOL, STEP_TOL, assert_close_verbose
 from psld_fast import ops
 from psld_fast.program import affine_step_reference
@@ -77,12 +78,8 @@ def emu(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: torch's intra-op threads only cost here (5x slower on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # (tests/_step_cases.py) one torch thread for these small tensors
     yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------- the launch plan
@@ -291,8 +288,6 @@ def test_sparse_states_beyond_32_bits(emu, batch, D, state_dtype, eps_dtype, coe
 # --------------------------------------------------------------------- the lifted op (issue 18)
 def _lifted_matrix():
     """(B, D, state dtype, d dtype or None, with y, offsets (u, d, y), noise) cases of the lifted op."""
-    from _step_cases import DTYPES
-
     cases = []
     for sd in DTYPES:
         for dd in (*DTYPES, None):

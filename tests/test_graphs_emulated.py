@@ -23,6 +23,7 @@ import torch
 
 import psld_fast as pf
 from _fake_cuda import fake_cuda
+from _step_cases import one_thread  # noqa: F401  (fixture)
 from psld_fast import graphs, ops
 from test_graphs import (  # noqa: F401  (re-run here with this module's fixtures)
     _entry, _fresh_cache, _sample, digits, test_cache_bound_on_gpu, test_capture_failure_falls_back_to_eager,
@@ -45,12 +46,8 @@ def device(fake):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Batches of a few samples: torch's intra-op threads only cost here (10x on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # (tests/_step_cases.py) one torch thread for these small tensors
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _step_cases import offset_by_one
 from _tolerances import STEP_TOL, assert_close_verbose
 from psld_fast import ops
 from psld_fast.program import affine_step_reference
@@ -42,12 +43,7 @@ def test_cuda_matches_cpu_kernel(device, state_dtype):
     assert_close_verbose(on_gpu, on_cpu, **STEP_TOL[state_dtype], what=f"CUDA vs CPU {state_dtype}")
 
 
-def _offset_by_one(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of t whose storage starts one element later: not 16-byte aligned."""
-    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    out = flat[1:].view(t.shape)
-    out.copy_(t)
-    return out
+_offset_by_one = offset_by_one  # (tests/_step_cases.py)
 
 
 @pytest.mark.parametrize("which", ["u", "eps", "both"])

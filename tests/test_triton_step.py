@@ -27,7 +27,7 @@ if not torch.cuda.is_available():  # effective only if triton has not been impor
 
 from psld_fast.program import affine_step_reference  # noqa: E402
 from _devices import triton_device_params
-from _step_cases import COEFS, SHARED_CASES, StepCase, make_inputs, run_shared_case
+from _step_cases import COEFS, SHARED_CASES, StepCase, make_inputs, offset_by_one, run_shared_case
 
 try:
     import triton  # noqa: F401
@@ -255,12 +255,7 @@ def test_shared_cases(device, case):
     run_shared_case(case, op, device, close)
 
 
-def _offset_by_one(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of t whose storage starts one element later: not 16-byte aligned."""
-    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    out = flat[1:].view(t.shape)
-    out.copy_(t)
-    return out
+_offset_by_one = offset_by_one  # (tests/_step_cases.py)
 
 
 @pytest.mark.parametrize("which", ["u", "eps", "both"])
