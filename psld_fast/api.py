@@ -102,7 +102,7 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
            dtype: torch.dtype = torch.float32, device=None, batch_size: int | None = None,
            callback=None, progress: bool = True, sde=None, shape=None, stream: int = 0,
            cuda_graph="auto", ci_lambda: float | None = None, compile=False,
-           extra_args: dict | None = None) -> SampleResult:
+           extra_args: dict | None = None, ms_variable: str | None = None) -> SampleResult:
     """Draw ``num_samples`` samples from a PSLD model with a (reduced) splitting sampler.
 
     Args:
@@ -123,6 +123,9 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         lambda_form: "std" (lambda_s scales the x-noise std) | "var" (it scales the variance).
         ci_lambda: lambda of the conjugate samplers (``ci_ddim``, ``ci_ddim2``, ``csps_d``; default per
             sampler; see :mod:`psld_fast.conjugate` for the stability bound).
+        ms_variable: the variable the multistep samplers (``ei_2m``, ``ei_2m_sde``) extrapolate the
+            data estimate in: "tau" | "sqrt_tau" | "rho" | "log_sigma" (default per sampler; see
+            :mod:`psld_fast.multistep` and docs/multistep_protocol.md).
         seeds: (num_samples,) integers in the int64 range, one per sample (negative seeds are valid; a
             repeated seed gives the same sample again); else drawn from ``generator``; else 0..N-1.
         backend: "auto" | "reference" | "cpu" | "cuda" | "triton" (env ``PSLD_FAST_BACKEND``).
@@ -187,7 +190,8 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
         warnings.simplefilter("always")
         program = compile_sampler(sampler, process, nfe, schedule=schedule, lambda_s=lambda_s,
                                   lambda_reading=lambda_reading, net_time=net_time, denoise=denoise, split=split,
-                                  coupling=coupling, lambda_form=lambda_form, ci_lambda=ci_lambda)
+                                  coupling=coupling, lambda_form=lambda_form, ci_lambda=ci_lambda,
+                                  ms_variable=ms_variable)
     for w in caught:
         warn_at_caller(w.message, w.category)
     if program.nfe != nfe:

@@ -165,7 +165,8 @@ def cmd_sample(args) -> int:
     info = res.program_info
     print(f"sampler    {args.sampler}  NFE {res.nfe}  schedule {args.schedule}  lambda_s {info['lambda_s']:g}"
           f"  net_time {info['net_time']}  split {info['split']}  coupling {info['coupling']}"
-          + (f"  ci_lambda {info['ci_lambda']:g}" if info.get("ci_lambda") is not None else ""))
+          + (f"  ci_lambda {info['ci_lambda']:g}" if info.get("ci_lambda") is not None else "")
+          + (f"  ms_variable {info['ms_variable']}" if info.get("ms_variable") is not None else ""))
     print(f"samples    {n}  wall {wall:.2f} s  (sampling {res.timings['sampling']:.2f} s: "  # one timing for both rates
           f"{format_rate(res.samples_per_second)} samples/s, "
           f"{1e3 * res.timings['sampling'] / max(res.nfe, 1):.2f} ms per NFE)")

@@ -215,6 +215,7 @@ def add_model_args(p: argparse.ArgumentParser):
 
 
 def add_sampler_args(p: argparse.ArgumentParser, single=True):
+    from .multistep import MS_VARIABLES
     from .samplers import ALL_SAMPLERS, COUPLINGS, LAMBDA_FORMS, LAMBDA_READINGS, NET_TIMES, SPLITS
 
     g = p.add_argument_group("sampler")
@@ -239,6 +240,9 @@ def add_sampler_args(p: argparse.ArgumentParser, single=True):
     g.add_argument("--ci-lambda", type=float, default=None,
                    help="lambda of the conjugate samplers ci_ddim, ci_ddim2, csps_d (default: per sampler; "
                         "stable for 0 <= lambda <= 2/d_max, 1/d_max for ci_ddim2)")
+    g.add_argument("--ms-variable", default=None, choices=MS_VARIABLES,
+                   help="multistep samplers ei_2m, ei_2m_sde: the variable the data estimate is extrapolated in "
+                        "(default: per sampler, see docs/multistep_protocol.md)")
     g.add_argument("--no-denoise", action="store_true", help="skip the final denoising step")
 
 
@@ -335,4 +339,6 @@ def sampler_kwargs(args) -> dict:
               lambda_form=args.lambda_form)
     if getattr(args, "ci_lambda", None) is not None:  # only the conjugate samplers take it
         kw["ci_lambda"] = args.ci_lambda
+    if getattr(args, "ms_variable", None) is not None:  # only the multistep samplers take it
+        kw["ms_variable"] = args.ms_variable
     return kw

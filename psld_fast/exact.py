@@ -73,6 +73,18 @@ class RelativeEpsError:
         return out.reshape(eps.shape)
 
 
+def _stage_eps(stage, sde: PSLD, mu, var, eps_error, eps_affine):
+    """The eps of a network stage as ``E z + e0`` per coordinate (see :func:`stage_maps`)."""
+    if eps_affine is None:
+        E, e0 = gaussian_eps_affine(sde, stage.tau, mu, var)
+    else:
+        E, e0 = eps_affine(stage.tau)
+    if eps_error is not None:
+        G = eps_error.matrix(stage.tau)
+        E, e0 = G @ E, np.einsum("dij,dj->di", G, e0)
+    return E, e0
+
+
 def stage_maps(program: Program, sde: PSLD, mu, var, eps_error=None, eps_affine=None):
     """Per stage the affine map of the per-coordinate state on Gaussian data: ``z <- A z + b + noise``.
 
@@ -80,6 +92,8 @@ def stage_maps(program: Program, sde: PSLD, mu, var, eps_error=None, eps_affine=
     Gaussian eps (:func:`gaussian_eps_affine`) unless ``eps_affine(tau) -> (E (D, 2, 2), e0 (D, 2))``
     gives another eps that is affine in z (e.g. a lifted denoiser, :func:`psld_fast.lift.lifted_stage_maps`);
     ``eps_error`` (e.g. :class:`RelativeEpsError`) then replaces that eps by ``eps_error.matrix(tau) @ eps``.
+    A multistep program's stages also read the previous call's data estimate: these 2x2 maps leave
+    ``G2`` out; :func:`program_output_moments` propagates it through an augmented state.
     """
     mu = np.asarray(mu, dtype=np.float64).ravel()
     var = np.asarray(var, dtype=np.float64).ravel()
@@ -88,22 +102,50 @@ def stage_maps(program: Program, sde: PSLD, mu, var, eps_error=None, eps_affine=
         A = np.broadcast_to(stage.P, (D, 2, 2)).copy()
         b = np.zeros((D, 2))
         if stage.uses_network:
-            if eps_affine is None:
-                E, e0 = gaussian_eps_affine(sde, stage.tau, mu, var)
-            else:
-                E, e0 = eps_affine(stage.tau)
-            if eps_error is not None:
-                G = eps_error.matrix(stage.tau)
-                E, e0 = G @ E, np.einsum("dij,dj->di", G, e0)
+            E, e0 = _stage_eps(stage, sde, mu, var, eps_error, eps_affine)
             A = A + stage.Q @ E
             b = e0 @ stage.Q.T
         yield A, b, stage.R1 @ stage.R1.T + stage.R2 @ stage.R2.T
+
+
+def _augmented_moments(program: Program, sde: PSLD, mu, var, eps_error, eps_affine):
+    """Moments of a multistep program through the per-coordinate state ``(x, m, D_prev)`` (3-d): a
+    network stage maps it to ``(P z + Q eps + G2 D_prev + noise, D)`` with ``eps = E z + e0`` and the
+    recorded estimate ``D = a^T z + c^T eps`` (``Stage.dcoef``; D_prev kept where none is recorded)."""
+    mu = np.asarray(mu, dtype=np.float64).ravel()
+    var = np.asarray(var, dtype=np.float64).ravel()
+    D = mu.shape[0]
+    mean = np.zeros((D, 3))
+    cov = np.zeros((D, 3, 3))
+    for stage in program.stages:
+        A = np.zeros((D, 3, 3))
+        b = np.zeros((D, 3))
+        A[:, :2, :2] = stage.P
+        A[:, 2, 2] = 1.0
+        if stage.uses_network:
+            E, e0 = _stage_eps(stage, sde, mu, var, eps_error, eps_affine)
+            A[:, :2, :2] += stage.Q @ E
+            b[:, :2] = e0 @ stage.Q.T
+            if stage.dcoef is not None:
+                a, c = stage.dcoef[:2], stage.dcoef[2:]
+                A[:, 2, :2] = a + np.einsum("j,djk->dk", c, E)
+                A[:, 2, 2] = 0.0
+                b[:, 2] = e0 @ c
+        if stage.G2 is not None:
+            A[:, :2, 2] = stage.G2
+        noise = np.zeros((3, 3))
+        noise[:2, :2] = stage.R1 @ stage.R1.T + stage.R2 @ stage.R2.T
+        mean = np.einsum("dij,dj->di", A, mean) + b
+        cov = A @ cov @ np.transpose(A, (0, 2, 1)) + noise
+    return mean[:, :2], cov[:, :2, :2]
 
 
 def program_output_moments(program: Program, sde: PSLD, mu, var, eps_error=None, eps_affine=None):
     """Exact per-coordinate mean (D, 2) and covariance (D, 2, 2) of a program's final state
     (with the exact eps, another affine eps ``eps_affine``, or the controlled error ``eps_error``;
     see :func:`stage_maps`)."""
+    if program.multistep:
+        return _augmented_moments(program, sde, mu, var, eps_error, eps_affine)
     D = np.asarray(mu).size
     mean = np.zeros((D, 2))
     cov = np.zeros((D, 2, 2))

@@ -22,7 +22,7 @@ A k-diffusion user swaps a function name::
 * knobs: ``seeds`` (B,) int64 per-sample Philox seeds (default: drawn from torch's global
   generator, as k-diffusion draws its noise), ``sde`` (the PSLD process of the lift, default
   ``PSLD()``), ``backend``, and the sampler's reading knobs (``lambda_s``, ``net_time``, ``split``,
-  ``coupling``, ``lambda_reading``, ``lambda_form``, ``ci_lambda``).
+  ``coupling``, ``lambda_reading``, ``lambda_form``, ``ci_lambda``, ``ms_variable``).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from .sde import PSLD
 
 __all__ = ["sample_psld", "psld_grid"] + [f"sample_{name}" for name in ALL_SAMPLERS]
 
-_KNOBS = ("lambda_s", "lambda_reading", "net_time", "split", "coupling", "lambda_form", "ci_lambda")
+_KNOBS = ("lambda_s", "lambda_reading", "net_time", "split", "coupling", "lambda_form", "ci_lambda", "ms_variable")
 
 
 def _sigma_array(sigmas) -> np.ndarray:

@@ -13,6 +13,12 @@ first call) followed by one stage per network evaluation: ``eps = net(u, stage.t
 ``affine_step_(u, eps, seeds, stage.coef, k)``.  The coefficients are float64 numbers computed on the
 host; the kernels do the arithmetic in float32.
 
+Multistep samplers (``ei_2m``, ``ei_2m_sde``; :mod:`psld_fast.multistep`) also carry the previous
+call's data estimate ``D_prev`` (one half's shape): a stage with ``dcoef`` records the estimate of its
+own call, ``D = a0 x + a1 m + c0 eps_x + c1 eps_m`` of the state before the step (a lifted denoiser's
+output is that estimate itself), and a stage with ``G2`` adds ``G2 D_prev`` (x gets ``G2[0] D_prev``,
+m ``G2[1] D_prev``) after the affine step.
+
 This file also holds :func:`affine_step_reference`, the pure-PyTorch definition of the op that
 ``psld_fast.ops`` dispatches to the fused kernels.
 """
@@ -26,7 +32,7 @@ import torch
 
 from .rng import philox_normals
 
-__all__ = ["Stage", "Program", "ProgramBuilder", "affine_step_reference", "COEF_LAYOUT",
+__all__ = ["Stage", "Program", "ProgramBuilder", "affine_step_reference", "run_stages_reference", "COEF_LAYOUT",
            "lifted_step_reference", "LIFTED_COEF_LAYOUT", "lifted_plain_coef"]
 
 #: Order of the 16 float coefficients passed to the op.
@@ -37,7 +43,9 @@ COEF_LAYOUT = ("P00", "P01", "P10", "P11", "Q00", "Q01", "Q10", "Q11",
 @dataclass(frozen=True)
 class Stage:
     """One affine stage.  ``tau`` is the forward time of the network call that feeds it (None for
-    stage 0); ``n_draws`` how many of the two noise slots it uses (0, 1 or 2)."""
+    stage 0); ``n_draws`` how many of the two noise slots it uses (0, 1 or 2).  Multistep samplers
+    only (else None): ``dcoef`` (4,) records this call's data estimate, ``G2`` (2,) is the
+    coefficient of the previous recorded estimate (see the module docstring)."""
 
     tau: float | None
     P: np.ndarray
@@ -45,6 +53,8 @@ class Stage:
     R1: np.ndarray
     R2: np.ndarray
     n_draws: int
+    G2: np.ndarray | None = None
+    dcoef: np.ndarray | None = None
 
     @functools.cached_property
     def coef(self) -> list[float]:
@@ -75,6 +85,11 @@ class Program:
     def taus(self) -> list[float]:
         return [s.tau for s in self.stages if s.uses_network]
 
+    @property
+    def multistep(self) -> bool:
+        """Whether the stages carry the previous call's data estimate (``Stage.G2`` / ``dcoef``)."""
+        return any(s.G2 is not None or s.dcoef is not None for s in self.stages)
+
 
 class ProgramBuilder:
     """Composes sub-step affine maps into stages.
@@ -95,6 +110,8 @@ class ProgramBuilder:
         self._R = [np.zeros((2, 2)), np.zeros((2, 2))]
         self._draws = 0
         self._zeroed = False
+        self._G2 = None
+        self._dcoef = None
 
     def reset_state(self):
         """The state is overwritten (the prior draw): the old value is not read."""
@@ -107,10 +124,26 @@ class ProgramBuilder:
         self._P = Mz @ self._P
         self._Q = Mz @ self._Q
         self._R = [Mz @ R for R in self._R]
+        if self._G2 is not None:
+            self._G2 = Mz @ self._G2
         if Meps is not None:
             if self._tau is None:
                 raise RuntimeError("ProgramBuilder: stage 0 has no network output to use")
             self._Q = self._Q + np.asarray(Meps, dtype=np.float64)
+
+    def record_denoised(self, dcoef):
+        """This stage's call records its data estimate ``D = dcoef . (x, m, eps_x, eps_m)`` (of the
+        state at the call) for the next multistep stage."""
+        if self._tau is None:
+            raise RuntimeError("ProgramBuilder: stage 0 has no network call to record")
+        self._dcoef = np.asarray(dcoef, dtype=np.float64).reshape(4).copy()
+
+    def prev_denoised(self, G2):
+        """``z <- z + G2 D_prev``: the data estimate recorded by the previous call (multistep)."""
+        if self._tau is None or not any(st.dcoef is not None for st in self.stages):
+            raise RuntimeError("ProgramBuilder: no earlier call recorded a data estimate")
+        G2 = np.asarray(G2, dtype=np.float64).reshape(2)
+        self._G2 = G2.copy() if self._G2 is None else self._G2 + G2
 
     def noise(self, R):
         if self._draws == 2:
@@ -119,7 +152,8 @@ class ProgramBuilder:
         self._draws += 1
 
     def _close(self):
-        self.stages.append(Stage(self._tau, self._P, self._Q, self._R[0], self._R[1], self._draws))
+        self.stages.append(Stage(self._tau, self._P, self._Q, self._R[0], self._R[1], self._draws,
+                                 self._G2, self._dcoef))
 
     def call(self, tau: float):
         self._close()
@@ -159,6 +193,28 @@ def affine_step_reference(u: torch.Tensor, eps: torch.Tensor | None, seeds: torc
     _check_step_args(u, eps, seeds, coef)
     xn, mn = _step_halves(u, eps, seeds, coef, step, stream)
     return torch.cat([xn, mn], dim=1).to(u.dtype)
+
+
+def run_stages_reference(eps_fn, program: Program, seeds: torch.Tensor, shape, dtype=torch.float64) -> torch.Tensor:
+    """Run a program's stages with :func:`affine_step_reference` (the definition every fused loop
+    implements, multistep stages included); ``eps_fn(u, tau) -> eps`` with tau a float.  The state
+    starts as NaN: stage 0 must not read it.  Returns the final packed state."""
+    B = seeds.shape[0]
+    u = torch.full((B, 2 * shape[0], *shape[1:]), float("nan"), dtype=dtype)
+    C = shape[0]
+    d_prev = None
+    for k, st in enumerate(program.stages):
+        eps = eps_fn(u, st.tau) if st.uses_network else None
+        d_new = None
+        if st.dcoef is not None:
+            a0, a1, c0, c1 = (float(v) for v in st.dcoef)
+            d_new = a0 * u[:, :C] + a1 * u[:, C:] + c0 * eps[:, :C].to(dtype) + c1 * eps[:, C:].to(dtype)
+        u = affine_step_reference(u, eps, seeds, st.coef, k)
+        if st.G2 is not None:
+            u = torch.cat([u[:, :C] + float(st.G2[0]) * d_prev, u[:, C:] + float(st.G2[1]) * d_prev], dim=1)
+        if d_new is not None:
+            d_prev = d_new
+    return u
 
 
 def _step_halves(u, eps, seeds, coef, step, stream):

@@ -329,6 +329,42 @@ def _csps_d(c, grid, net_time):
     return x, m
 
 
+def _ei(c, grid, net_time):
+    """Data-prediction exponential integrators (psld_fast.multistep): per step
+    D = E[x0 | z] = w^T (z + Sigma s) (Tweedie, s from eps);  z <- Phi z + J0 D + J1 (D - D_prev) + chol(C) xi,
+    J1 = 0 for ei_x0 and for the first step (no D_prev yet); noise for ei_2m_sde only (lambda = lambda_s)."""
+    from .multistep import ei_transition, exact_hsm_cov, ms_variable
+    from .sde import chol2
+
+    sde = c.sde
+    lam = c.lambda_s if c.sampler == "ei_2m_sde" else 0.0
+    x, m = _prior(c)
+    d_prev = tau_prev = None
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, _, _ = c.step_times(grid, n)
+        s_x, s_m = c.score(x, m, tau_n)
+        Sig, mu = exact_hsm_cov(sde, tau_n), sde.P(sde.b(tau_n))[:, 0]
+        w = torch.linalg.solve(torch.as_tensor(Sig), torch.as_tensor(mu)).tolist()
+        k = w[0] * mu[0] + w[1] * mu[1]
+        zx, zm = x + Sig[0, 0] * s_x + Sig[0, 1] * s_m, m + Sig[1, 0] * s_x + Sig[1, 1] * s_m  # mu D
+        D = (w[0] * zx + w[1] * zm) / k
+        weights = [lambda s: 1.0]
+        if c.sampler != "ei_x0" and d_prev is not None:
+            v = lambda s: ms_variable(sde, c.ms_variable, s)  # noqa: E731
+            weights.append(lambda s: (v(s) - v(tau_n)) / (v(tau_n) - v(tau_prev)))
+        Phi, J, C = ei_transition(sde, tau_n, tau_next, lam=lam, weights=weights)
+        x, m = _apply(Phi, x, m)
+        x, m = x + J[0, 0] * D, m + J[0, 1] * D
+        if len(J) > 1:
+            x, m = x + J[1, 0] * (D - d_prev), m + J[1, 1] * (D - d_prev)
+        if lam > 0:
+            xi_x, xi_m = c.noise()
+            R = chol2(C)
+            x, m = x + R[0, 0] * xi_x, m + R[1, 0] * xi_x + R[1, 1] * xi_m
+        d_prev, tau_prev = D, tau_n
+    return x, m
+
+
 REFERENCE_SAMPLERS = {
     "em": _em, "sscs": _sscs, "ode_euler": _ode_euler,
     "naive_oba": _naive_oba, "naive_bao": _naive_bao, "naive_obab": _naive_obab, "naive_baoab": _naive_baoab,
@@ -336,15 +372,16 @@ REFERENCE_SAMPLERS = {
     "reduced_baoab": _reduced_baoab,
     "nse": _nse, "nvv": _nvv, "rse": _rse, "rvv": _rvv,
     "ci_ei": _conjugate, "ci_ddim": _conjugate, "ci_ddim2": _conjugate, "csps_d": _csps_d,
+    "ei_x0": _ei, "ei_2m": _ei, "ei_2m_sde": _ei,
 }
 
 
 def run_reference(sampler, eps_fn, sde, grid, noise, *, lambda_s=1.0, reading="marginal",
                   net_time="start", denoise=True, split="additive", coupling="sequential",
-                  lambda_form="std", ci_lambda=None) -> torch.Tensor:
+                  lambda_form="std", ci_lambda=None, ms_variable=None) -> torch.Tensor:
     """Run the readable loop of ``sampler`` and the final denoising step; returns z = cat(x, m)."""
     c = _Ctx(eps_fn, sde, noise, lambda_s, reading, split, coupling, lambda_form)
-    c.sampler, c.ci_lambda = sampler, ci_lambda
+    c.sampler, c.ci_lambda, c.ms_variable, c.lambda_s = sampler, ci_lambda, ms_variable, lambda_s
     x, m = REFERENCE_SAMPLERS[sampler](c, grid, net_time)
     if denoise:  # one noise-free Euler step of the full reverse SDE from eps_end to 0
         tau, beta = sde.eps_end, sde.beta(sde.eps_end)
@@ -392,4 +429,5 @@ def run_reference_like(program, eps_fn, sde, seeds: torch.Tensor, shape, dtype=t
     return run_reference(program.sampler, eps_fn, sde, program.grid, noise, lambda_s=info["lambda_s"],
                          reading=info["lambda_reading"], net_time=info["net_time"],
                          denoise=info["denoise"], split=info["split"], coupling=info["coupling"],
-                         lambda_form=info["lambda_form"], ci_lambda=info.get("ci_lambda"))
+                         lambda_form=info["lambda_form"], ci_lambda=info.get("ci_lambda"),
+                         ms_variable=info.get("ms_variable"))

@@ -106,9 +106,11 @@ def _loop(model, program, seeds, step_fn, *, dtype, device, stream, callback=Non
     lower = dtype != torch.float64
     checked = False
     nfe = 0
+    d_prev = None  # multistep programs: the previous call's data estimate
     for k, stage in enumerate(program.stages):
         tau = taus[k]
         eps = None
+        d_new = None
         if k == 0 and init_x is not None:  # the exact lift of a given x replaces the prior draw
             _init_from_x(model, program, u, init_x, init_tau, seeds, step_fn, stream)
             continue
@@ -127,7 +129,13 @@ def _loop(model, program, seeds, step_fn, *, dtype, device, stream, callback=Non
                 first_bad.append(("network", k))  # its input, the state, was finite (checked below)
                 return u
             nfe += 1
+            if stage.dcoef is not None:
+                d_new = ms_estimate(u, eps, stage.dcoef)
         step_fn(u, eps, seeds, stage.coef, k, stream)
+        if stage.G2 is not None:
+            ms_add(u, d_prev, stage.G2)
+        if d_new is not None:
+            d_prev = d_new
         if first_bad is not None and not bool(torch.isfinite(u).all()):
             first_bad.append(("state", k))  # finite inputs, non-finite result: the sampler overflowed
             return u
@@ -186,6 +194,7 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
     unwrap = None  # set at the first call: whether outputs are diffusers-style objects (.sample)
     lower = dtype != torch.float64
     nfe = 0
+    d_prev = None  # multistep programs: the previous call's data estimate (the denoiser's output)
     for k, stage in enumerate(program.stages):
         D = None
         coef = lp.coef[k]
@@ -214,7 +223,12 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
             info = {"stage": k, "nfe": nfe, "tau": stage.tau, "u": u, "batch_start": batch_start}
             if sig[k] is not None:
                 info.update(x=y.clone(), sigma=lp.sigmas[k], denoised=D.clone())
+        d_new = ms_keep(D) if stage.dcoef is not None else None
         lifted_step_fn(u, D, y if lp.writes_y[k] else None, seeds, coef, k, stream)
+        if stage.G2 is not None:
+            ms_add(u, d_prev, stage.G2, y if lp.writes_y[k] else None, coef[14:16])
+        if d_new is not None:
+            d_prev = d_new
         if first_bad is not None and not bool(torch.isfinite(u).all()):
             first_bad.append(("state", k))  # finite inputs, non-finite result: the sampler overflowed
             return u
@@ -223,6 +237,36 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
         if bar is not None and sig[k] is not None:
             bar.update(B)
     return u
+
+
+def ms_estimate(u: torch.Tensor, eps: torch.Tensor, dcoef) -> torch.Tensor:
+    """A native call's data estimate ``D = a0 x + a1 m + c0 eps_x + c1 eps_m`` (``Stage.dcoef``) of
+    the state at the call, in the compute dtype (float32; float64 for a float64 state)."""
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    C = u.shape[1] // 2
+    a0, a1, c0, c1 = (float(v) for v in dcoef)
+    d = u[:, :C].to(ct) * a0
+    d.add_(u[:, C:].to(ct), alpha=a1).add_(eps[:, :C].to(ct), alpha=c0).add_(eps[:, C:].to(ct), alpha=c1)
+    return d
+
+
+def ms_keep(D: torch.Tensor) -> torch.Tensor:
+    """A lifted call's data estimate kept for the next stage: a copy of the denoiser's output (the
+    lifted step overwrites y, which an identity denoiser returns, and a denoiser with a static output
+    buffer, e.g. CUDA-graphed or compiled with mode='reduce-overhead', overwrites it at the next call)."""
+    return D.clone()
+
+
+def ms_add(u: torch.Tensor, d_prev: torch.Tensor, G2, y: torch.Tensor | None = None, w=None) -> None:
+    """After a multistep stage's affine step: ``x += G2[0] D_prev``, ``m += G2[1] D_prev`` in place
+    (and ``y += (w . G2) D_prev`` when the lifted step wrote the next call's y with weights ``w``).
+    Composite torch ops, so every backend and CUDA-graph capture run it; no host sync."""
+    C = u.shape[1] // 2
+    g0, g1 = float(G2[0]), float(G2[1])
+    u[:, :C].add_(d_prev, alpha=g0)
+    u[:, C:].add_(d_prev, alpha=g1)
+    if y is not None:
+        y.add_(d_prev, alpha=float(w[0]) * g0 + float(w[1]) * g1)
 
 
 #: Layers whose output depends on the mode: sampled in training mode they give random dropout

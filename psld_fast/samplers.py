@@ -44,7 +44,16 @@ Deterministic samplers (``DETERMINISTIC_SAMPLERS``; no noise after the prior dra
   ``net_time`` sets the time of a call made after the step's position update (A).
 * ``ci_ei``, ``ci_ddim``, ``ci_ddim2``, ``csps_d``: conjugate integrators, knob ``ci_lambda``; formulas,
   stability bound and the CSPS-D reading in :mod:`psld_fast.conjugate`.
+* ``ei_x0``, ``ei_2m``: data-prediction exponential integrators (:mod:`psld_fast.multistep`): the exact
+  linear part of the PF ODE with the call's data estimate D frozen over a step (ei_x0, first order) or
+  extrapolated linearly through the last two calls in ``ms_variable`` (ei_2m, second order; its first
+  step is ei_x0's).  The DPM-Solver++(1)/(2M) counterparts; multistep stages carry ``Stage.G2`` and
+  ``Stage.dcoef`` (the previous call's D).
 * ``lambda_s``, ``lambda_reading``, ``lambda_form`` and ``split`` do not apply to them and are ignored.
+
+``ei_2m_sde`` (stochastic): ei_2m on the family ``dz = [f - (1 + lambda_s^2)/2 G G^T s] dt + lambda_s G dw``
+(lambda_s = 1, the default: the reverse SDE) with the exact noise of its linear part; ``split``,
+``lambda_reading``, ``lambda_form`` and ``net_time`` do not apply (ignored).
 """
 from __future__ import annotations
 
@@ -57,14 +66,14 @@ import numpy as np
 
 from .grids import time_grid
 from .program import Program, ProgramBuilder
-from .sde import PSLD
+from .sde import PSLD, chol2
 
 __all__ = ["SAMPLERS", "DETERMINISTIC_SAMPLERS", "ALL_SAMPLERS", "SamplerSpec", "SAMPLER_SPECS",
            "compile_sampler", "steps_for_nfe", "LAMBDA_READINGS", "LAMBDA_FORMS", "NET_TIMES", "SPLITS",
            "COUPLINGS", "READING_KNOBS"]
 
 #: Every reading knob a program records in ``program.info`` (and generate/sweep in their manifests).
-READING_KNOBS = ("lambda_reading", "lambda_form", "net_time", "split", "coupling", "ci_lambda")
+READING_KNOBS = ("lambda_reading", "lambda_form", "net_time", "split", "coupling", "ci_lambda", "ms_variable")
 
 LAMBDA_READINGS = ("marginal", "noise")
 LAMBDA_FORMS = ("std", "var")
@@ -86,6 +95,8 @@ class SamplerSpec:
     default_lambda_reading: str = "marginal"
     #: Conjugate samplers only: the default ``ci_lambda`` (None: the knob does not apply).
     default_ci_lambda: float | None = None
+    #: Multistep samplers only: the default extrapolation variable ``ms_variable`` (None: no knob).
+    default_ms_variable: str | None = None
 
     @property
     def reduced(self) -> bool:
@@ -99,6 +110,9 @@ class SamplerSpec:
 #: lambda is better.  CSPS-D keeps 0 (lambda 0.2 was worse at every NFE).
 DEFAULT_CI_LAMBDA = 0.1
 DEFAULT_CI_LAMBDA2 = 0.05
+#: Default extrapolation variable of the multistep samplers: chosen by the rule of
+#: docs/multistep_protocol.md (bench/multistep_protocol.py; results in bench/results/multistep/).
+DEFAULT_MS_VARIABLE = "rho"
 
 # Defaults of the splitting samplers: chosen by the rule of docs/readings_protocol.md, stated before
 # the measurements (bench/protocol.py; tables and the rule applied: bench/results/protocol/).  Stage 1
@@ -142,6 +156,17 @@ _SPECS = [
                 default_ci_lambda=DEFAULT_CI_LAMBDA2),
     SamplerSpec("csps_d", 2, False, "end", 0.0,
                 "CSPS-D: reduced velocity Verlet with conjugate (exact-linear) B and A sub-steps", default_ci_lambda=0.0),
+    # Data-prediction exponential integrators (psld_fast.multistep; issue 21): the PSLD counterparts
+    # of DDIM / DPM-Solver++(1), DPM-Solver++(2M) and DPM-Solver++(2M) SDE.
+    SamplerSpec("ei_x0", 1, False, "start", 0.0,
+                "first-order data-prediction exponential integrator (exact linear part, D frozen over a step)",
+                default_ms_variable=None),
+    SamplerSpec("ei_2m", 1, False, "start", 0.0,
+                "two-step data-prediction exponential integrator (DPM-Solver++(2M) counterpart): D extrapolated "
+                "linearly through the last two calls, first step first order", default_ms_variable=DEFAULT_MS_VARIABLE),
+    SamplerSpec("ei_2m_sde", 1, True, "start", 1.0,
+                "ei_2m on the lambda_s-family of reverse SDEs (lambda_s = 1: the reverse SDE) with the exact noise "
+                "of the linear part (DPM-Solver++(2M) SDE counterpart)", default_ms_variable=DEFAULT_MS_VARIABLE),
 ]
 SAMPLER_SPECS = {s.name: s for s in _SPECS}
 #: The stochastic samplers of the spec (the public contract).
@@ -187,6 +212,7 @@ class _Steps:
         if pf:
             self.cx, self.ou = 1.0, False
         self.ci_lambda = self.sampler = None
+        self.lambda_s = lambda_s
 
     def O(self, d):
         """Noise-only O: returns R.  (The OU O is :meth:`O_ou`: returns (Mz, R).)"""
@@ -249,18 +275,21 @@ class _Steps:
 def compile_sampler(sampler: str, sde: PSLD, nfe: int, *, schedule="quadratic", lambda_s=None,
                     lambda_reading: str | None = None, net_time: str | None = None,
                     denoise: bool = True, split: str | None = None, coupling: str | None = None,
-                    lambda_form: str = "std", ci_lambda: float | None = None) -> Program:
+                    lambda_form: str = "std", ci_lambda: float | None = None,
+                    ms_variable: str | None = None) -> Program:
     """Compile a sampler into a :class:`Program` of affine stages (all float64 host math).
 
     The reading knobs (``lambda_reading``, ``lambda_form``, ``net_time``, ``split``, ``coupling``;
     None = the sampler's default) are described in the module docstring; ``ci_lambda`` is the lambda
-    of the conjugate samplers (``ci_ddim``, ``ci_ddim2``, ``csps_d``; see :mod:`psld_fast.conjugate`).
+    of the conjugate samplers (``ci_ddim``, ``ci_ddim2``, ``csps_d``; see :mod:`psld_fast.conjugate`);
+    ``ms_variable`` the variable a multistep sampler (``ei_2m``) extrapolates eps in
+    (:data:`psld_fast.conjugate.MS_VARIABLES`).
     Raises ValueError naming the argument for an unknown sampler, schedule, reading or net_time,
     a negative lambda_s or an NFE budget too small for the sampler.  Programs for named schedules
     are cached (compiling costs milliseconds, ~50 us per NFE); treat them as read-only.
     """
     args = (sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, denoise, split, coupling,
-            lambda_form, ci_lambda)
+            lambda_form, ci_lambda, ms_variable)
     if isinstance(schedule, str):
         try:
             return _compile_cached(*args)
@@ -275,7 +304,7 @@ def _compile_cached(*args) -> Program:
 
 
 def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, denoise, split, coupling,
-             lambda_form, ci_lambda=None) -> Program:
+             lambda_form, ci_lambda=None, ms_variable=None) -> Program:
     spec = _spec(sampler)
     if lambda_s is None:
         lambda_s = spec.default_lambda_s
@@ -309,8 +338,17 @@ def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, de
         ci_lambda = spec.default_ci_lambda if ci_lambda is None else ci_lambda
         _check_ci_lambda(sampler, sde, grid, ci_lambda)
         ci_lambda = float(ci_lambda)
+    if spec.default_ms_variable is None:
+        if ms_variable is not None:
+            raise ValueError(f"ms_variable applies to the multistep samplers only, not {sampler}")
+    else:
+        from .multistep import MS_VARIABLES
+
+        ms_variable = spec.default_ms_variable if ms_variable is None else ms_variable
+        if ms_variable not in MS_VARIABLES:
+            raise ValueError(f"unknown ms_variable {ms_variable!r}; choose one of {MS_VARIABLES}")
     steps = _Steps(sde, float(lambda_s), lambda_reading, split, coupling, lambda_form, pf=sampler in _PF_SPLITTING)
-    steps.ci_lambda, steps.sampler = ci_lambda, sampler
+    steps.ci_lambda, steps.sampler, steps.ms_variable = ci_lambda, sampler, ms_variable
     pb = ProgramBuilder()
     # Stage 0: the prior draw x ~ N(0, I), m ~ N(0, M I) overwrites the state.
     pb.reset_state()
@@ -321,7 +359,7 @@ def _compile(sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, de
     info = dict(sampler=sampler, nfe=nfe, steps=N, schedule=schedule if isinstance(schedule, str) else "custom",
                 lambda_s=float(lambda_s), lambda_reading=lambda_reading, lambda_form=lambda_form,
                 net_time=net_time, denoise=denoise, split=split, coupling=coupling,
-                ci_lambda=ci_lambda, sde=sde.to_dict())
+                ci_lambda=ci_lambda, ms_variable=ms_variable, sde=sde.to_dict())
     program = Program(sampler=sampler, stages=pb.finish(), grid=grid, info=info)
     info["nfe"] = program.nfe
     _check_coefficients(program)
@@ -337,7 +375,8 @@ def _check_coefficients(program: Program) -> None:
     """ValueError when a step coefficient is NaN/Inf or beyond float32 (e.g. lambda_s = 1e30): such a
     program cannot run on the kernels, and would only fail later as NaN in the state."""
     for k, stage in enumerate(program.stages):
-        coef = np.asarray(stage.coef, dtype=np.float64)
+        coef = np.asarray(stage.coef + [float(v) for w in (stage.G2, stage.dcoef) if w is not None for v in w],
+                          dtype=np.float64)
         if not np.all(np.isfinite(coef)) or np.abs(coef).max(initial=0.0) > _FLOAT32_MAX:
             info = program.info
             raise ValueError(f"{program.sampler} at NFE {program.nfe} with lambda_s={info['lambda_s']:g}: the "
@@ -396,7 +435,7 @@ def _warn_if_amplifying(program: Program, sde: PSLD, spec: SamplerSpec):
     the radii above 1 over the run is compared with :data:`_AMPLIFICATION_LIMIT`.
     """
     steps = program.info["steps"]
-    if steps > _AMPLIFICATION_MAX_STEPS:
+    if steps > _AMPLIFICATION_MAX_STEPS or program.multistep:  # (multistep: the 2x2 maps do not apply)
         return
     from .exact import step_spectral_radii
 
@@ -634,6 +673,38 @@ def _compile_csps_d(pb, steps, grid, net_time):
         pb.linear(*B2)                                       # closing B(h/2)
 
 
+def _compile_ei(pb, steps, grid, net_time):
+    """The data-prediction exponential integrators (psld_fast.multistep): per step the exact linear
+    part, ``D`` (the call's data estimate, ``multistep.denoiser_coef``) frozen (``ei_x0``, and the
+    first step of the others) or extrapolated linearly in ``steps.ms_variable`` through the last two
+    calls; ``ei_2m_sde`` adds the exact noise of the ``lambda_s``-SDE's linear part."""
+    from .multistep import denoiser_coef, ei_transition, ms_variable
+
+    sde = steps.sde
+    lam = steps.lambda_s if steps.sampler == "ei_2m_sde" else 0.0  # the family's lambda, not lx
+    two = steps.sampler != "ei_x0"
+    tau_prev = None
+    for n in range(len(grid) - 1):
+        tau_n, tau_next, _, _ = _step_times(sde, grid, n)
+        _call(pb, steps, tau_n)
+        dc = denoiser_coef(sde, tau_n)
+        a, c = dc[:2], dc[2:]
+        weights = [lambda s: 1.0]
+        if two and tau_prev is not None:
+            vn, vp = ms_variable(sde, steps.ms_variable, tau_n), ms_variable(sde, steps.ms_variable, tau_prev)
+            weights.append(lambda s, vn=vn, vp=vp: (ms_variable(sde, steps.ms_variable, s) - vn) / (vn - vp))
+        Phi, J, C = ei_transition(sde, tau_n, tau_next, lam=lam, weights=weights)
+        Jd = J.sum(axis=0)                     # D_n's coefficient: J0 + J1
+        pb.linear(Phi + np.outer(Jd, a), np.outer(Jd, c))
+        if len(J) > 1:
+            pb.prev_denoised(-J[1])
+        if two:
+            pb.record_denoised(dc)
+        if lam > 0:
+            pb.noise(chol2(C))
+        tau_prev = tau_n
+
+
 _COMPILERS = {
     "em": _compile_em, "sscs": _compile_sscs, "ode_euler": _compile_ode_euler,
     "naive_oba": _compile_naive_oba, "naive_bao": _compile_naive_bao,
@@ -643,4 +714,5 @@ _COMPILERS = {
     "nse": _compile_nse, "nvv": _compile_nvv, "rse": _compile_rse, "rvv": _compile_rvv,
     "ci_ei": _compile_conjugate, "ci_ddim": _compile_conjugate, "ci_ddim2": _compile_conjugate,
     "csps_d": _compile_csps_d,
+    "ei_x0": _compile_ei, "ei_2m": _compile_ei, "ei_2m_sde": _compile_ei,
 }

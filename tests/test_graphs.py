@@ -495,7 +495,7 @@ def _lifted_digits(device="cpu", **kw):
     return pf.DenoiserModel(gm.as_edm_denoiser(), gm.shape, **kw)
 
 
-@pytest.mark.parametrize("sampler", ["reduced_oba", "sscs", "rvv"])
+@pytest.mark.parametrize("sampler", ["reduced_oba", "sscs", "rvv", "ei_2m", "ei_2m_sde"])
 def test_lifted_model_captures_denoiser_and_steps_together(device, backend, sampler):
     """A DenoiserModel through the graph runner: the captured body is the lifted loop itself (one
     denoiser call and one fused lifted step per NFE, sigmas and y in static buffers), bit-equal to

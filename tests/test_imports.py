@@ -22,7 +22,7 @@ LAYERS = {
 }
 LAYER_OF = {
     **dict.fromkeys(["_io", "guards", "peers"], 0),
-    **dict.fromkeys(["sde", "grids", "rng", "program", "conjugate", "samplers", "reference", "exact"], 1),
+    **dict.fromkeys(["sde", "grids", "rng", "program", "conjugate", "multistep", "samplers", "reference", "exact"], 1),
     **dict.fromkeys(["ops", "triton_step"], 2),
     **dict.fromkeys(["models", "datasets", "nets", "nets.ncsnpp", "nets.small", "checkpoint", "lift"], 3),
     **dict.fromkeys(["runner", "graphs", "api", "k_sampling"], 4),
