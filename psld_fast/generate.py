@@ -60,6 +60,17 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat
                 torch.float64: "float64"}
 
 
+def _add_later_knobs(old_config: dict, config: dict) -> None:
+    """A reading knob added to the library after a manifest was written (e.g. ``ms_variable``) is
+    absent from it; where it does not apply to the run's sampler (None now) it changes nothing, so it
+    is filled in as None and the run stays resumable."""
+    old_s, new_s = old_config.get("sampler"), config.get("sampler")
+    if isinstance(old_s, dict) and isinstance(new_s, dict):
+        for k in READING_KNOBS:
+            if k not in old_s and new_s.get(k, 0) is None:
+                old_s[k] = None
+
+
 class ManifestMismatch(ValueError):
     """The output folder holds a run with another configuration."""
 
@@ -277,6 +288,8 @@ def _check_manifest(out_dir: Path, manifest: dict, force: bool) -> tuple[dict, l
         old, old_config = {}, None
     if old_config is not None and isinstance(old_config.get("seeds"), dict) and "seeds" not in old:
         old["seeds"] = old_config["seeds"]  # manifests before the seeds left the configuration
+    if old_config is not None:
+        _add_later_knobs(old_config, manifest["config"])
     if old_config is None or _config_without_seeds(old_config) != manifest["config"]:
         diffs = _diff(_config_without_seeds(old_config), manifest["config"]) if old_config else ["unreadable manifest"]
         if not force:

@@ -365,3 +365,23 @@ def test_per_seed_extra_args_follow_their_seeds_and_resume_checks_them(tmp_path)
                                                                "scale": torch.tensor([1.0])}, **kw)
     with pytest.raises(ValueError, match="one row per seed"):
         generate(model, tmp_path / "bad", seeds, extra_args={"class_labels": labels[:5], "scale": torch.tensor([1.0])}, **kw)
+
+
+def test_a_manifest_from_before_a_knob_was_added_still_resumes(tmp_path, ring):
+    """A manifest written before ``ms_variable`` existed lacks the key; for a sampler it does not
+    apply to the run resumes (nothing is rewritten), while a real difference is still refused."""
+    out = tmp_path / "run"
+    seeds = list(range(6))
+    generate(ring, out, seeds, fmt="npz", shard_size=10, nfe=NFE, batch_size=3, progress=False)
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["config"]["sampler"]["ms_variable"] is None
+    del manifest["config"]["sampler"]["ms_variable"]
+    path.write_text(json.dumps(manifest))
+    s = generate(ring, out, seeds, fmt="npz", shard_size=10, nfe=NFE, batch_size=3, progress=False)
+    assert (s["written"], s["skipped"]) == (0, 6)
+    manifest = json.loads(path.read_text())
+    manifest["config"]["sampler"]["ms_variable"] = "tau"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ManifestMismatch, match="ms_variable"):
+        generate(ring, out, seeds, fmt="npz", shard_size=10, nfe=NFE, batch_size=3, progress=False)
