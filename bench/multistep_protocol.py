@@ -88,7 +88,7 @@ def main(argv=None):
 
     lines = [f"# Multistep extrapolation variable: docs/multistep_protocol.md applied",
              "", f"Command: `python bench/multistep_protocol.py` (git {git_rev()}, {time.time() - t0:.0f} s).", "",
-             "Exact W2 of the output x-law to the data law. Rule: per sampler, the mean over its 48 cells of "
+             "Exact W2 of the output x-law to the data law. Rule: per sampler, the mean over its 24 cells of "
              f"log(W2[v] / W2[{BASE}]) (W2 > {DIVERGED:g} or non-finite counts as {DIVERGED:g}); the most negative "
              f"mean wins if below {THRESHOLD}, else {BASE} stays.", "", "## Decision", ""]
     decision = {}
