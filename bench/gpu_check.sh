@@ -18,6 +18,7 @@
 #   bench_overhead  per-NFE loop overhead with a zero-cost network on the GPU
 #   bench_lifted    lifted (DenoiserModel) vs native per-NFE cost on the GPU, and k-diffusion's
 #                samplers beside them when the peers are installed (compare_kdiffusion.py --speed)
+#   bench_multistep  per-NFE cost of the multistep samplers (composite term) vs one-step ones on the GPU
 #   tests_rest   the rest of the suite (last: CI runs it on CPU anyway; it gets what time is left)
 # Every step ends PASS, FAIL (exit status), TIMEOUT (its limit or the deadline), KILLED (the script
 # was interrupted during it) or NOT RUN (deadline reached before it, or interrupted earlier). The
@@ -43,7 +44,7 @@ export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-8}"
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
 
-read -r -a STEPS <<< "${PSLD_GPU_CHECK_STEPS:-env build kernels tests_gpu emulated bench_step bench_step_bf16 bench_step_small bench_sampler bench_overhead bench_lifted tests_compile cpu_isa bench_bandwidth bench_sweep tests_rest}"
+read -r -a STEPS <<< "${PSLD_GPU_CHECK_STEPS:-env build kernels tests_gpu emulated bench_step bench_step_bf16 bench_step_small bench_sampler bench_overhead bench_lifted bench_multistep tests_compile cpu_isa bench_bandwidth bench_sweep tests_rest}"
 GPU_TESTS=(tests/test_ops_cuda.py tests/test_triton_step.py tests/test_graphs.py tests/test_backends.py
            tests/test_rng.py tests/test_api.py)
 START=$(date +%s)
@@ -118,6 +119,11 @@ step_bench_lifted() {
   "$PY" bench/compare_kdiffusion.py --speed --quick --device cuda --out "$OUT_DIR/kdiffusion" || return 1
   echo "lifted/native per NFE: $(grep -E '^\| [0-9x]+ \|' "$OUT_DIR/kdiffusion/speed_cuda.md" | awk -F'|' '{printf "%s %s B%s %s; ", $2, $3, $4, $(NF-1)}')"
 }
+step_bench_multistep() {
+  "$PY" bench/bench_multistep.py --device cuda --rounds 5 > "$OUT_DIR/bench_multistep.md" || return 1
+  echo "ei_2m / ci_ei per NFE: $(grep -E '^\| [0-9x]+ \|' "$OUT_DIR/bench_multistep.md" | awk -F'|' '{printf "%s B%s %s %s; ", $2, $3, $4, $(NF-1)}')"
+}
+
 step_tests_compile() {
   _pytest tests/test_compile.py
 }
@@ -138,7 +144,7 @@ step_bench_sweep() {
 
 # Per-step limits (seconds), each further cut to the time left before the deadline.
 declare -A LIMIT=([env]=30 [build]=240 [kernels]=30 [tests_gpu]=150 [emulated]=60 [tests_rest]=120 [bench_step]=60
-                  [bench_step_bf16]=30 [bench_step_small]=30 [bench_sampler]=90 [bench_overhead]=30 [bench_lifted]=45
+                  [bench_step_bf16]=30 [bench_step_small]=30 [bench_sampler]=90 [bench_overhead]=30 [bench_lifted]=45 [bench_multistep]=30
                   [tests_compile]=60 [cpu_isa]=45 [bench_bandwidth]=30 [bench_sweep]=60)
 
 # ---------------------------------------------------------------------------------- machinery
