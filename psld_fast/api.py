@@ -113,7 +113,8 @@ def sample(model, num_samples: int, *, sampler: str = "reduced_oba", nfe: int = 
             the result reports the NFE actually spent.
         schedule: "quadratic", "uniform", "cubic", "logsnr", "power:<p>" or an array of the N+1
             reverse times t_0 = 0 < t_1 < ... < t_N = T - eps_end (reverse time t = T - tau).
-        lambda_s: x-noise scale (default 1: the reverse SDE); ``lambda_reading`` "marginal" (a) |
+        lambda_s: x-noise scale (default 1: the reverse SDE; for ``ei_2m_sde`` the scale of the whole
+            noise of its SDE family, default 0.25); ``lambda_reading`` "marginal" (a) |
             "noise" (b) (default per sampler: "marginal" for all today).
         net_time: "start" | "end" (time conditioning of calls made after O; default per sampler).
         split: "additive" (spec 4.3 default reading: O adds noise) | "ou" (O is the exact OU friction
