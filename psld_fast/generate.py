@@ -67,7 +67,7 @@ def _add_later_knobs(old_config: dict, config: dict) -> None:
     old_s, new_s = old_config.get("sampler"), config.get("sampler")
     if isinstance(old_s, dict) and isinstance(new_s, dict):
         for k in READING_KNOBS:
-            if k not in old_s and new_s.get(k, 0) is None:
+            if k not in old_s and k in new_s and new_s[k] is None:
                 old_s[k] = None
 
 

@@ -62,8 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from .program import Program
-from .runner import (_callable, as_step_eps, ms_add, ms_estimate, ms_keep, nonfinite, raise_if_nonfinite, run_program,
-                     warn_if_training)
+from .runner import Multistep, _callable, as_step_eps, nonfinite, raise_if_nonfinite, run_program, warn_if_training
 
 __all__ = ["GraphRunner", "get_runner", "extra_args_spec", "use_cuda_graph", "clear_cache", "cache_info",
            "cache_capacity", "program_hash", "ENV_CACHE", "DEFAULT_CACHE_SIZE"]
@@ -449,7 +448,7 @@ class GraphRunner:
         if self.lifted_step_fn is not None:
             den, y = model.denoiser, self.y
             lower = self.dtype != torch.float64
-            d_prev = None  # multistep programs: the previous call's data estimate
+            ms = Multistep()
             for k, stage in enumerate(self.program.stages):
                 D = None
                 if self.taus[k] is not None:
@@ -459,28 +458,21 @@ class GraphRunner:
                     if lower and D.dtype == torch.float64:
                         D = D.float()
                     first_bad.masked_fill_(nonfinite(D) & (first_bad < 0), k)
-                d_new = ms_keep(D) if stage.dcoef is not None else None
+                ms.record(stage, u, d=D)
                 y_k = y if self.writes_y[k] else None
                 self.lifted_step_fn(u, D, y_k, seeds, self.coefs[k], k, self.stream)
-                if stage.G2 is not None:
-                    ms_add(u, d_prev, stage.G2, y_k, self.coefs[k][14:16])
-                if d_new is not None:
-                    d_prev = d_new
+                ms.apply(stage, u, y_k, self.coefs[k][14:16])
         else:
             net = _callable(model)  # what the eager loop calls (the key names it, see _net_object)
-            d_prev = None
+            ms = Multistep()
             for k, stage in enumerate(self.program.stages):
-                eps = d_new = None
+                eps = None
                 if stage.uses_network:
                     eps = as_step_eps(net(u, self.taus[k], **extra) if extra else net(u, self.taus[k]), u)
                     first_bad.masked_fill_(nonfinite(eps) & (first_bad < 0), k)
-                    if stage.dcoef is not None:
-                        d_new = ms_estimate(u, eps, stage.dcoef)
+                    ms.record(stage, u, eps=eps)
                 self.step_fn(u, eps, seeds, self.coefs[k], k, self.stream)
-                if stage.G2 is not None:
-                    ms_add(u, d_prev, stage.G2)
-                if d_new is not None:
-                    d_prev = d_new
+                ms.apply(stage, u)
         state_bad.copy_(~torch.isfinite(u).all())
 
     def _try_capture(self, model, extra_args: dict):

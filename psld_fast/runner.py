@@ -106,11 +106,10 @@ def _loop(model, program, seeds, step_fn, *, dtype, device, stream, callback=Non
     lower = dtype != torch.float64
     checked = False
     nfe = 0
-    d_prev = None  # multistep programs: the previous call's data estimate
+    ms = Multistep()
     for k, stage in enumerate(program.stages):
         tau = taus[k]
         eps = None
-        d_new = None
         if k == 0 and init_x is not None:  # the exact lift of a given x replaces the prior draw
             _init_from_x(model, program, u, init_x, init_tau, seeds, step_fn, stream)
             continue
@@ -129,13 +128,9 @@ def _loop(model, program, seeds, step_fn, *, dtype, device, stream, callback=Non
                 first_bad.append(("network", k))  # its input, the state, was finite (checked below)
                 return u
             nfe += 1
-            if stage.dcoef is not None:
-                d_new = ms_estimate(u, eps, stage.dcoef)
+            ms.record(stage, u, eps=eps)
         step_fn(u, eps, seeds, stage.coef, k, stream)
-        if stage.G2 is not None:
-            ms_add(u, d_prev, stage.G2)
-        if d_new is not None:
-            d_prev = d_new
+        ms.apply(stage, u)
         if first_bad is not None and not bool(torch.isfinite(u).all()):
             first_bad.append(("state", k))  # finite inputs, non-finite result: the sampler overflowed
             return u
@@ -194,7 +189,7 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
     unwrap = None  # set at the first call: whether outputs are diffusers-style objects (.sample)
     lower = dtype != torch.float64
     nfe = 0
-    d_prev = None  # multistep programs: the previous call's data estimate (the denoiser's output)
+    ms = Multistep()
     for k, stage in enumerate(program.stages):
         D = None
         coef = lp.coef[k]
@@ -223,12 +218,10 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
             info = {"stage": k, "nfe": nfe, "tau": stage.tau, "u": u, "batch_start": batch_start}
             if sig[k] is not None:
                 info.update(x=y.clone(), sigma=lp.sigmas[k], denoised=D.clone())
-        d_new = ms_keep(D) if stage.dcoef is not None else None
-        lifted_step_fn(u, D, y if lp.writes_y[k] else None, seeds, coef, k, stream)
-        if stage.G2 is not None:
-            ms_add(u, d_prev, stage.G2, y if lp.writes_y[k] else None, coef[14:16])
-        if d_new is not None:
-            d_prev = d_new
+        ms.record(stage, u, d=D)
+        y_k = y if lp.writes_y[k] else None
+        lifted_step_fn(u, D, y_k, seeds, coef, k, stream)
+        ms.apply(stage, u, y_k, coef[14:16])
         if first_bad is not None and not bool(torch.isfinite(u).all()):
             first_bad.append(("state", k))  # finite inputs, non-finite result: the sampler overflowed
             return u
@@ -237,6 +230,33 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
         if bar is not None and sig[k] is not None:
             bar.update(B)
     return u
+
+
+class Multistep:
+    """The previous call's data estimate D across a multistep program's stages (``Stage.dcoef`` /
+    ``Stage.G2``), for every loop (eager, lifted, CUDA graph): ``record`` at a stage's call, before
+    its step overwrites the state; ``apply`` after the step.  Stages of other programs do nothing."""
+
+    __slots__ = ("prev", "new")
+
+    def __init__(self):
+        self.prev = self.new = None
+
+    def record(self, stage, u: torch.Tensor, eps: torch.Tensor | None = None, d: torch.Tensor | None = None):
+        """The call's D: the lifted denoiser's output ``d`` (copied: the lifted step overwrites y,
+        which an identity denoiser returns, and a denoiser with a static output buffer, e.g.
+        CUDA-graphed or compiled with mode='reduce-overhead', overwrites it at the next call), or the
+        estimate from a native call's ``eps``."""
+        if stage.dcoef is not None:
+            self.new = d.clone() if d is not None else ms_estimate(u, eps, stage.dcoef)
+
+    def apply(self, stage, u: torch.Tensor, y: torch.Tensor | None = None, w=None) -> None:
+        """After the stage's step: its ``G2 D_prev`` term (:func:`ms_add`); then this call's D
+        becomes the previous one."""
+        if stage.G2 is not None:
+            ms_add(u, self.prev, stage.G2, y, w)
+        if self.new is not None:
+            self.prev, self.new = self.new, None
 
 
 def ms_estimate(u: torch.Tensor, eps: torch.Tensor, dcoef) -> torch.Tensor:
@@ -248,13 +268,6 @@ def ms_estimate(u: torch.Tensor, eps: torch.Tensor, dcoef) -> torch.Tensor:
     d = u[:, :C].to(ct) * a0
     d.add_(u[:, C:].to(ct), alpha=a1).add_(eps[:, :C].to(ct), alpha=c0).add_(eps[:, C:].to(ct), alpha=c1)
     return d
-
-
-def ms_keep(D: torch.Tensor) -> torch.Tensor:
-    """A lifted call's data estimate kept for the next stage: a copy of the denoiser's output (the
-    lifted step overwrites y, which an identity denoiser returns, and a denoiser with a static output
-    buffer, e.g. CUDA-graphed or compiled with mode='reduce-overhead', overwrites it at the next call)."""
-    return D.clone()
 
 
 def ms_add(u: torch.Tensor, d_prev: torch.Tensor, G2, y: torch.Tensor | None = None, w=None) -> None:

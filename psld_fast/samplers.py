@@ -286,11 +286,12 @@ def compile_sampler(sampler: str, sde: PSLD, nfe: int, *, schedule="quadratic", 
     The reading knobs (``lambda_reading``, ``lambda_form``, ``net_time``, ``split``, ``coupling``;
     None = the sampler's default) are described in the module docstring; ``ci_lambda`` is the lambda
     of the conjugate samplers (``ci_ddim``, ``ci_ddim2``, ``csps_d``; see :mod:`psld_fast.conjugate`);
-    ``ms_variable`` the variable a multistep sampler (``ei_2m``) extrapolates eps in
-    (:data:`psld_fast.conjugate.MS_VARIABLES`).
+    ``ms_variable`` the variable the multistep samplers (``ei_2m``, ``ei_2m_sde``) extrapolate the data
+    estimate D in (:data:`psld_fast.multistep.MS_VARIABLES`).
     Raises ValueError naming the argument for an unknown sampler, schedule, reading or net_time,
     a negative lambda_s or an NFE budget too small for the sampler.  Programs for named schedules
-    are cached (compiling costs milliseconds, ~50 us per NFE); treat them as read-only.
+    are cached (compiling costs milliseconds, ~50 us per NFE; the ``ei_*`` samplers solve their
+    linear part by RK4, ~2 ms per NFE); treat them as read-only.
     """
     args = (sampler, sde, nfe, schedule, lambda_s, lambda_reading, net_time, denoise, split, coupling,
             lambda_form, ci_lambda, ms_variable)
@@ -702,7 +703,7 @@ def _compile_ei(pb, steps, grid, net_time):
         pb.linear(Phi + np.outer(Jd, a), np.outer(Jd, c))
         if len(J) > 1:
             pb.prev_denoised(-J[1])
-        if two:
+        if two and n < len(grid) - 2:  # the last step's D feeds no later step
             pb.record_denoised(dc)
         if lam > 0:
             pb.noise(chol2(C))
