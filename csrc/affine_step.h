@@ -51,6 +51,20 @@ struct AffineStepParams {
   void* y = nullptr;
   bool has_y = false;
   float wy0 = 0.0f, wy1 = 0.0f;
+  // Multistep ops only (psld_fast::ms_step_ / lifted_ms_step_, make_ms_params): dbuf (B, D)
+  // float32 holds the previous call's data estimate D_prev.  has_dprev (g0 or g1 != 0):
+  //   x' += g0 D_prev, m' += g1 D_prev  (after the noise term, before y and the rounding);
+  // has_drec: dbuf is overwritten, in the same pass, with this call's
+  //   D = (a0 x + a1 m) + (c0 ex + c1 em)  of the state and eps before the step
+  // (the lifted op: a0 = a1 = c1 = 0, c0 = 1, i.e. D = the denoiser output).  Each element of dbuf
+  // is read before it is written, by the same thread/lane.  drec_reads_state: a0 or a1 != 0, so the
+  // state is loaded even when P == 0 (read_state false: the P terms are still skipped).
+  float* dbuf = nullptr;
+  bool has_dprev = false;
+  bool has_drec = false;
+  bool drec_reads_state = false;
+  float g0 = 0.0f, g1 = 0.0f;
+  float a0 = 0.0f, a1 = 0.0f, c0 = 0.0f, c1 = 0.0f;
 };
 
 // Order of the lifted op's 16 coefficients (psld_fast.lift.LIFTED_COEF_LAYOUT):
@@ -64,6 +78,12 @@ AffineStepParams make_lifted_step_params(const at::Tensor& u, const std::optiona
                                          const std::optional<at::Tensor>& y, const at::Tensor& seeds,
                                          c10::ArrayRef<double> coef, int64_t step, int64_t stream,
                                          c10::DeviceType device_type, at::Tensor& d_holder);
+
+// The multistep ops' extra operands: checks dbuf (float32, contiguous, the shape of one half of u, on
+// u's device) and ms (plain op: g0 g1 a0 a1 c0 c1; lifted op: g0 g1, and record copies d) and fills
+// the dbuf fields of p (made by make_affine_step_params / make_lifted_step_params).
+void add_ms_params(AffineStepParams& p, const at::Tensor& u, const at::Tensor& dbuf,
+                   c10::ArrayRef<double> ms, bool record, bool lifted);
 
 // Validates the op's arguments (TORCH_CHECK messages name the argument) for a kernel running on
 // `device_type` and fills the parameters.  `eps_holder` keeps a contiguous copy of eps alive when

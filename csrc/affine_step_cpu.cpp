@@ -201,6 +201,28 @@ void lifted_step_cpu_(const at::Tensor& u, const std::optional<at::Tensor>& d,
   run_cpu(make_lifted_step_params(u, d, y, seeds, coef, step, stream, c10::DeviceType::CPU, d_holder));
 }
 
+// The multistep ops: the plain / lifted step plus the previous call's data estimate D_prev from
+// dbuf (x' += g0 D_prev, m' += g1 D_prev) and, with record, this call's D written back into dbuf,
+// all in the same pass (psld_fast.program.ms_step_reference).
+void ms_step_cpu_(const at::Tensor& u, const std::optional<at::Tensor>& eps, const at::Tensor& dbuf,
+                  const at::Tensor& seeds, c10::ArrayRef<double> coef, c10::ArrayRef<double> ms,
+                  bool record, int64_t step, int64_t stream) {
+  at::Tensor eps_holder;
+  AffineStepParams p = make_affine_step_params(u, eps, seeds, coef, step, stream, c10::DeviceType::CPU, eps_holder);
+  add_ms_params(p, u, dbuf, ms, record, /*lifted=*/false);
+  run_cpu(p);
+}
+
+void lifted_ms_step_cpu_(const at::Tensor& u, const std::optional<at::Tensor>& d,
+                         const std::optional<at::Tensor>& y, const at::Tensor& dbuf,
+                         const at::Tensor& seeds, c10::ArrayRef<double> coef,
+                         c10::ArrayRef<double> ms, bool record, int64_t step, int64_t stream) {
+  at::Tensor d_holder;
+  AffineStepParams p = make_lifted_step_params(u, d, y, seeds, coef, step, stream, c10::DeviceType::CPU, d_holder);
+  add_ms_params(p, u, dbuf, ms, record, /*lifted=*/true);
+  run_cpu(p);
+}
+
 void run_cpu(const AffineStepParams& p) {
   if (p.batch == 0 || p.half_numel == 0) return;
   const int isa = current_isa();
@@ -252,5 +274,7 @@ bool set_cpu_isa(const char* name) {
 TORCH_LIBRARY_IMPL(psld_fast, CPU, m) {
   m.impl("affine_step_", &psld_fast::affine_step_cpu_);
   m.impl("lifted_step_", &psld_fast::lifted_step_cpu_);
+  m.impl("ms_step_", &psld_fast::ms_step_cpu_);
+  m.impl("lifted_ms_step_", &psld_fast::lifted_ms_step_cpu_);
   m.impl("philox_test", &psld_fast::philox_test_cpu);
 }

@@ -202,26 +202,33 @@ PSLD_VINLINE void box_muller_v(VU w1, VU w2, VF& n0, VF& n1) {
 }
 
 // U * W lanes of the fused step.  In: counters j and keys; x, m (state), ex, em (eps) as float
-// arrays of U * W lanes (read only as the flags say).  Out: x, m.  The terms are added in the
-// reference's order ((P) + (Q)) + (R), so results match it to a rounding or two.
+// arrays of U * W lanes (read only as the flags say); dp: the multistep ops' D_prev lanes (read when
+// has_dprev), overwritten with this call's D when has_drec.  Out: x, m (and y, dp).  The terms are
+// added in the reference's order ((P) + (Q)) + (R) (+ G D_prev), so results match it to a rounding
+// or two.
 template <int U, typename Key>
 PSLD_VINLINE void step_lanes(const AffineStepParams& p, const VU (&j)[U], const Key& key, float* x,
-                             float* m, const float* ex, const float* em, float* y) {
+                             float* m, const float* ex, const float* em, float* y, float* dp) {
   const float* k = p.coef;
-  VF xo[U], mo[U];
+  VF xo[U], mo[U], dn[U];
 #pragma GCC unroll 8
   for (int v = 0; v < U; ++v) {
     xo[v] = VF{};
     mo[v] = VF{};
-    if (p.read_state) {
+    dn[v] = VF{};
+    if (p.read_state || p.drec_reads_state) {
       const VF a = vload(x + v * W), b = vload(m + v * W);
-      xo[v] = k[kP00] * a + k[kP01] * b;
-      mo[v] = k[kP10] * a + k[kP11] * b;
+      if (p.read_state) {
+        xo[v] = k[kP00] * a + k[kP01] * b;
+        mo[v] = k[kP10] * a + k[kP11] * b;
+      }
+      if (p.drec_reads_state) dn[v] = p.a0 * a + p.a1 * b;
     }
     if (p.has_eps) {
       const VF a = vload(ex + v * W), b = vload(em + v * W);
       xo[v] = xo[v] + (k[kQ00] * a + k[kQ01] * b);
       mo[v] = mo[v] + (k[kQ10] * a + k[kQ11] * b);
+      if (p.has_drec) dn[v] = dn[v] + (p.c0 * a + p.c1 * b);
     }
   }
   if (p.has_noise) {
@@ -251,9 +258,18 @@ PSLD_VINLINE void step_lanes(const AffineStepParams& p, const VU (&j)[U], const 
   }
 #pragma GCC unroll 8
   for (int v = 0; v < U; ++v) {
+    if (p.has_dprev) {  // multistep: the previous call's data estimate (read before dp is written)
+      const VF d = vload(dp + v * W);
+      xo[v] = xo[v] + p.g0 * d;
+      mo[v] = mo[v] + p.g1 * d;
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < U; ++v) {
     vstore(x + v * W, xo[v]);
     vstore(m + v * W, mo[v]);
     if (p.has_y) vstore(y + v * W, p.wy0 * xo[v] + p.wy1 * mo[v]);  // lifted op: next call's input
+    if (p.has_drec) vstore(dp + v * W, dn[v]);
   }
 }
 
@@ -293,7 +309,9 @@ void sample_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
   constexpr bool kDirect = std::is_same<state_t, float>::value && std::is_same<eps_t, float>::value;
   const int64_t D = p.half_numel;
   const int64_t chunks = (D + kChunk - 1) / kChunk;
-  alignas(64) float xa[L], ma[L], ea[L], eb[L], ya[L];
+  const bool load_state = p.read_state || p.drec_reads_state;
+  const bool has_d = p.has_dprev || p.has_drec;
+  alignas(64) float xa[L], ma[L], ea[L], eb[L], ya[L], da[L];
   for (int64_t t = begin; t < end; ++t) {
     const int64_t s = t / chunks;
     const int64_t j_begin = (t % chunks) * kChunk;
@@ -303,6 +321,7 @@ void sample_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
     const eps_t* ex = p.has_eps ? static_cast<const eps_t*>(p.eps) + s * p.eps_sample_stride : nullptr;
     const eps_t* em = p.has_eps ? ex + p.eps_m_offset : nullptr;
     state_t* y = p.has_y ? static_cast<state_t*>(p.y) + s * D : nullptr;
+    float* dq = has_d ? p.dbuf + s * D : nullptr;
     const uint64_t seed = static_cast<uint64_t>(p.seeds[s]);
     const SplatKey key{static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
     VU jv[U];
@@ -313,23 +332,27 @@ void sample_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
         step_lanes<U>(p, jv, key, reinterpret_cast<float*>(x + j), reinterpret_cast<float*>(m + j),
                       ex ? reinterpret_cast<const float*>(ex + j) : nullptr,
                       em ? reinterpret_cast<const float*>(em + j) : nullptr,
-                      y ? reinterpret_cast<float*>(y + j) : nullptr);
+                      y ? reinterpret_cast<float*>(y + j) : nullptr, dq ? dq + j : nullptr);
         continue;
       }
       for (int i = 0; i < L; ++i) {
         const bool in = i < count;
-        xa[i] = in && p.read_state ? as_float(x[j + i]) : 0.0f;
-        ma[i] = in && p.read_state ? as_float(m[j + i]) : 0.0f;
+        xa[i] = in && load_state ? as_float(x[j + i]) : 0.0f;
+        ma[i] = in && load_state ? as_float(m[j + i]) : 0.0f;
         ea[i] = in && p.has_eps ? as_float(ex[j + i]) : 0.0f;
         eb[i] = in && p.has_eps ? as_float(em[j + i]) : 0.0f;
+        da[i] = in && p.has_dprev ? dq[j + i] : 0.0f;
       }
-      step_lanes<U>(p, jv, key, xa, ma, ea, eb, ya);
+      step_lanes<U>(p, jv, key, xa, ma, ea, eb, ya, da);
       for (int i = 0; i < count; ++i) {
         x[j + i] = static_cast<state_t>(xa[i]);  // round to nearest even
         m[j + i] = static_cast<state_t>(ma[i]);
       }
       if (y) {
         for (int i = 0; i < count; ++i) y[j + i] = static_cast<state_t>(ya[i]);
+      }
+      if (p.has_drec) {
+        for (int i = 0; i < count; ++i) dq[j + i] = da[i];
       }
     }
   }
@@ -346,7 +369,8 @@ void flat_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
   const eps_t* e = static_cast<const eps_t*>(p.eps);
   state_t* yp = static_cast<state_t*>(p.y);
   const int64_t es = p.eps_sample_stride, em_off = p.eps_m_offset;
-  alignas(64) float xa[L], ma[L], ea[L], eb[L], ya[L];
+  const bool load_state = p.read_state || p.drec_reads_state;
+  alignas(64) float xa[L], ma[L], ea[L], eb[L], ya[L], da[L];
   alignas(64) uint32_t ja[L], k0a[L], k1a[L];
   int64_t off[L];
   for (int64_t t = begin; t < end; ++t) {
@@ -361,7 +385,7 @@ void flat_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
         ja[i] = static_cast<uint32_t>(j);
         k0a[i] = static_cast<uint32_t>(seed);
         k1a[i] = static_cast<uint32_t>(seed >> 32);
-        if (p.read_state) {
+        if (load_state) {
           xa[i] = as_float(u[o]);
           ma[i] = as_float(u[o + D]);
         }
@@ -382,18 +406,24 @@ void flat_tasks(const AffineStepParams& p, int64_t begin, int64_t end) {
         ja[i] = k0a[i] = k1a[i] = 0u;
         xa[i] = ma[i] = ea[i] = eb[i] = 0.0f;
       }
+      if (p.has_dprev) {  // dbuf is (B, D): flat index f of this block is sample-major like the lanes
+        for (int i = 0; i < L; ++i) da[i] = i < count ? p.dbuf[f + i] : 0.0f;
+      }
       VU jv[U];
       LaneKeys<U> key;
       std::memcpy(jv, ja, sizeof jv);
       std::memcpy(key.k0, k0a, sizeof key.k0);
       std::memcpy(key.k1, k1a, sizeof key.k1);
-      step_lanes<U>(p, jv, key, xa, ma, ea, eb, ya);
+      step_lanes<U>(p, jv, key, xa, ma, ea, eb, ya, da);
       for (int i = 0; i < count; ++i) {
         u[off[i]] = static_cast<state_t>(xa[i]);
         u[off[i] + D] = static_cast<state_t>(ma[i]);
       }
       if (yp) {  // y is (B, D): flat index f of this block is sample-major like the lanes
         for (int i = 0; i < count; ++i) yp[f + i] = static_cast<state_t>(ya[i]);
+      }
+      if (p.has_drec) {
+        for (int i = 0; i < count; ++i) p.dbuf[f + i] = da[i];
       }
     }
   }

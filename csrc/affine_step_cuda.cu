@@ -71,6 +71,34 @@ void lifted_step_cuda_(const at::Tensor& u, const std::optional<at::Tensor>& d,
   dispatch_affine_step(p, launcher);
 }
 
+// The multistep ops: the same kernel with the dbuf operand (D_prev read, this call's D written).
+void ms_step_cuda_(const at::Tensor& u, const std::optional<at::Tensor>& eps, const at::Tensor& dbuf,
+                   const at::Tensor& seeds, c10::ArrayRef<double> coef, c10::ArrayRef<double> ms,
+                   bool record, int64_t step, int64_t stream) {
+  at::Tensor eps_holder;
+  AffineStepParams p = make_affine_step_params(u, eps, seeds, coef, step, stream,
+                                               c10::DeviceType::CUDA, eps_holder);
+  add_ms_params(p, u, dbuf, ms, record, /*lifted=*/false);
+  if (p.batch == 0 || p.half_numel == 0) return;
+  const c10::cuda::CUDAGuard guard(u.device());
+  StreamLauncher launcher{at::cuda::getCurrentCUDAStream()};
+  dispatch_affine_step(p, launcher);
+}
+
+void lifted_ms_step_cuda_(const at::Tensor& u, const std::optional<at::Tensor>& d,
+                          const std::optional<at::Tensor>& y, const at::Tensor& dbuf,
+                          const at::Tensor& seeds, c10::ArrayRef<double> coef,
+                          c10::ArrayRef<double> ms, bool record, int64_t step, int64_t stream) {
+  at::Tensor d_holder;
+  AffineStepParams p = make_lifted_step_params(u, d, y, seeds, coef, step, stream,
+                                               c10::DeviceType::CUDA, d_holder);
+  add_ms_params(p, u, dbuf, ms, record, /*lifted=*/true);
+  if (p.batch == 0 || p.half_numel == 0) return;
+  const c10::cuda::CUDAGuard guard(u.device());
+  StreamLauncher launcher{at::cuda::getCurrentCUDAStream()};
+  dispatch_affine_step(p, launcher);
+}
+
 std::tuple<at::Tensor, at::Tensor> philox_test_cuda(const at::Tensor& seeds, int64_t numel,
                                                     int64_t step, int64_t stream) {
   check_philox_test_args(seeds, numel, c10::DeviceType::CUDA);
@@ -94,5 +122,7 @@ std::tuple<at::Tensor, at::Tensor> philox_test_cuda(const at::Tensor& seeds, int
 TORCH_LIBRARY_IMPL(psld_fast, CUDA, m) {
   m.impl("affine_step_", &psld_fast::affine_step_cuda_);
   m.impl("lifted_step_", &psld_fast::lifted_step_cuda_);
+  m.impl("ms_step_", &psld_fast::ms_step_cuda_);
+  m.impl("lifted_ms_step_", &psld_fast::lifted_ms_step_cuda_);
   m.impl("philox_test", &psld_fast::philox_test_cuda);
 }

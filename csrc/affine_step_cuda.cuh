@@ -19,7 +19,9 @@
 //
 // The lifted op (psld_fast::lifted_step_, make_lifted_step_params) is this kernel with eps = the
 // denoiser output D read for both halves (eps_sample_stride D, eps_m_offset 0, Q01 = Q11 = 0) and
-// the extra output y (has_y): uniform runtime branches, no further instantiations.
+// the extra output y (has_y): uniform runtime branches, no further instantiations.  So are the
+// multistep ops (ms_step_, lifted_ms_step_: add_ms_params): D_prev read from dbuf and this call's
+// data estimate written back to it, by the same thread (read first).
 #pragma once
 
 #include <algorithm>
@@ -96,16 +98,22 @@ __device__ __forceinline__ void step_elements(const AffineStepParams& p, int64_t
   const int64_t D = p.half_numel;
   state_t* x = static_cast<state_t*>(p.u) + s * 2 * D + j0;
   const float* k = p.coef;
-  float xo[kVec], mo[kVec], a[kVec], b[kVec];
+  float xo[kVec], mo[kVec], a[kVec], b[kVec], dn[kVec];
 #pragma unroll
-  for (int i = 0; i < kVec; ++i) xo[i] = mo[i] = 0.0f;
-  if (p.read_state) {
+  for (int i = 0; i < kVec; ++i) xo[i] = mo[i] = dn[i] = 0.0f;
+  if (p.read_state || p.drec_reads_state) {
     load_pack<state_t, kVec>(x, a);
     load_pack<state_t, kVec>(x + D, b);
+    if (p.read_state) {
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      xo[i] = __fadd_rn(__fmul_rn(k[kP00], a[i]), __fmul_rn(k[kP01], b[i]));
-      mo[i] = __fadd_rn(__fmul_rn(k[kP10], a[i]), __fmul_rn(k[kP11], b[i]));
+      for (int i = 0; i < kVec; ++i) {
+        xo[i] = __fadd_rn(__fmul_rn(k[kP00], a[i]), __fmul_rn(k[kP01], b[i]));
+        mo[i] = __fadd_rn(__fmul_rn(k[kP10], a[i]), __fmul_rn(k[kP11], b[i]));
+      }
+    }
+    if (p.drec_reads_state) {  // multistep: this call's D, state part (a0 x + a1 m)
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) dn[i] = __fadd_rn(__fmul_rn(p.a0, a[i]), __fmul_rn(p.a1, b[i]));
     }
   }
   if (p.has_eps) {  // plain op: eps (B, 2D), stride 2D, m half at +D; lifted op: D (B, D) for both
@@ -116,6 +124,12 @@ __device__ __forceinline__ void step_elements(const AffineStepParams& p, int64_t
     for (int i = 0; i < kVec; ++i) {
       xo[i] = __fadd_rn(xo[i], __fadd_rn(__fmul_rn(k[kQ00], a[i]), __fmul_rn(k[kQ01], b[i])));
       mo[i] = __fadd_rn(mo[i], __fadd_rn(__fmul_rn(k[kQ10], a[i]), __fmul_rn(k[kQ11], b[i])));
+    }
+    if (p.has_drec) {  // + (c0 ex + c1 em)
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) {
+        dn[i] = __fadd_rn(dn[i], __fadd_rn(__fmul_rn(p.c0, a[i]), __fmul_rn(p.c1, b[i])));
+      }
     }
   }
   if (p.has_noise) {
@@ -134,6 +148,18 @@ __device__ __forceinline__ void step_elements(const AffineStepParams& p, int64_t
       }
     }
   }
+  // multistep ops only (dbuf (B, D) float32; no offset is applied to a null dbuf)
+  float* dq = p.has_dprev || p.has_drec ? p.dbuf + s * D + j0 : nullptr;
+  if (p.has_dprev) {  // + G D_prev, read before this thread writes the same elements of dbuf
+    float dp[kVec];
+    load_pack<float, kVec>(dq, dp);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      xo[i] = __fadd_rn(xo[i], __fmul_rn(p.g0, dp[i]));
+      mo[i] = __fadd_rn(mo[i], __fmul_rn(p.g1, dp[i]));
+    }
+  }
+  if (p.has_drec) store_pack<float, kVec>(dq, dn);
   store_pack<state_t, kVec>(x, xo);
   store_pack<state_t, kVec>(x + D, mo);
   if (p.has_y) {  // lifted op: the next denoiser input y = W0 x' + W1 m', from the unrounded state
@@ -226,8 +252,11 @@ void dispatch_typed(const AffineStepParams& p, Launcher& launcher) {
   // Vector path: D % kVec == 0 keeps every sample's halves (offsets s * 2D and D, in elements)
   // pack-aligned for u and eps alike (and the lifted op's D and y, offsets s * D), so only the
   // base pointers remain to check.
+  // The multistep ops' dbuf (float32, offsets s * D) loads and stores packs of kVec floats, 16 or
+  // 32 bytes, as aligned 16-byte pieces.
   const bool vec = p.half_numel % kVec == 0 && is_aligned(p.u, 16) &&
-                   (!p.has_eps || is_aligned(p.eps, kEpsAlign)) && (!p.has_y || is_aligned(p.y, 16));
+                   (!p.has_eps || is_aligned(p.eps, kEpsAlign)) && (!p.has_y || is_aligned(p.y, 16)) &&
+                   (!(p.has_dprev || p.has_drec) || is_aligned(p.dbuf, 16));
   if (vec) {
     dispatch_draws<state_t, eps_t, kVec>(p, launcher);
   } else {

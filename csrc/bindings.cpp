@@ -138,6 +138,41 @@ AffineStepParams make_lifted_step_params(const at::Tensor& u, const std::optiona
   return p;
 }
 
+void add_ms_params(AffineStepParams& p, const at::Tensor& u, const at::Tensor& dbuf,
+                   c10::ArrayRef<double> ms, bool record, bool lifted) {
+  const char* op = lifted ? "lifted_ms_step_" : "ms_step_";
+  const size_t want = lifted ? 2 : 6;
+  TORCH_CHECK(ms.size() == want, op, ": ms must hold ", want,
+              lifted ? " numbers (g0 g1), got " : " numbers (g0 g1 a0 a1 c0 c1), got ", ms.size());
+  std::vector<int64_t> half(u.sizes().begin(), u.sizes().end());
+  half[1] /= 2;
+  TORCH_CHECK(dbuf.sizes() == c10::IntArrayRef(half), op, ": dbuf must have the shape of one half of u ",
+              c10::IntArrayRef(half), ", got ", dbuf.sizes());
+  TORCH_CHECK(dbuf.device() == u.device(), op, ": dbuf is on ", dbuf.device(), " but u is on ", u.device());
+  TORCH_CHECK(dbuf.scalar_type() == c10::ScalarType::Float, op, ": dbuf must be float32 (the data estimate "
+              "is kept in the compute dtype), got ", dbuf.scalar_type());
+  TORCH_CHECK(dbuf.is_contiguous(), op, ": dbuf must be contiguous (it is read and written in place)");
+  TORCH_CHECK(!dbuf.is_same(u), op, ": dbuf must not be u");
+  p.dbuf = static_cast<float*>(dbuf.data_ptr());
+  p.g0 = static_cast<float>(ms[0]);
+  p.g1 = static_cast<float>(ms[1]);
+  p.has_dprev = ms[0] != 0.0 || ms[1] != 0.0;
+  p.has_drec = record;
+  if (!record) return;
+  if (lifted) {
+    TORCH_CHECK(p.has_eps, op, ": record=True needs d (the call's data estimate)");
+    p.c0 = 1.0f;  // eps is d for both halves: D = 1 * d, exactly
+    return;
+  }
+  p.a0 = static_cast<float>(ms[2]);
+  p.a1 = static_cast<float>(ms[3]);
+  p.c0 = static_cast<float>(ms[4]);
+  p.c1 = static_cast<float>(ms[5]);
+  TORCH_CHECK(p.has_eps || (ms[4] == 0.0 && ms[5] == 0.0), op,
+              ": record=True with eps coefficients c0, c1 needs eps");
+  p.drec_reads_state = ms[2] != 0.0 || ms[3] != 0.0;
+}
+
 void check_philox_test_args(const at::Tensor& seeds, int64_t numel, c10::DeviceType device_type) {
   TORCH_CHECK(seeds.device().type() == device_type, "philox_test: seeds is on ", seeds.device());
   TORCH_CHECK(seeds.scalar_type() == c10::ScalarType::Long && seeds.dim() == 1,

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from .program import Program
-from .runner import Multistep, _callable, as_step_eps, nonfinite, raise_if_nonfinite, run_program, warn_if_training
+from .runner import _callable, multistep_for, as_step_eps, nonfinite, raise_if_nonfinite, run_program, warn_if_training
 
 __all__ = ["GraphRunner", "get_runner", "extra_args_spec", "use_cuda_graph", "clear_cache", "cache_info",
            "cache_capacity", "program_hash", "ENV_CACHE", "DEFAULT_CACHE_SIZE"]
@@ -282,7 +282,7 @@ class GraphRunner:
         self.state = "new"
         self.stats = RunnerStats()
         self.graph = None
-        self.u = self.seeds_buf = self.status = self.y = None
+        self.u = self.seeds_buf = self.status = self.y = self.ms = None
         self.taus: list = []
         self.extra: dict = {}          # static buffers of the extra_args tensors
         self._lock = threading.Lock()  # one batch at a time per runner (see the module doc)
@@ -405,6 +405,8 @@ class GraphRunner:
         self.status = torch.full((2,), -1, dtype=torch.int64, device=dev)  # first bad stage, state bad
         self.taus = [torch.full((B,), s.tau, dtype=tau_dtype, device=dev) if s.uses_network else None
                      for s in self.program.stages]
+        # multistep programs: the static dbuf (the previous call's data estimate) and the fused ops
+        self.ms = multistep_for(self.program, self.u, self.step_fn, self.lifted_step_fn)
 
     def _allocate_model(self, model, extra_args: dict):
         """The model's static buffers: per-call sigmas and y for a lifted model, the extra_args
@@ -448,7 +450,7 @@ class GraphRunner:
         if self.lifted_step_fn is not None:
             den, y = model.denoiser, self.y
             lower = self.dtype != torch.float64
-            ms = Multistep()
+            ms = self.ms
             for k, stage in enumerate(self.program.stages):
                 D = None
                 if self.taus[k] is not None:
@@ -458,21 +460,23 @@ class GraphRunner:
                     if lower and D.dtype == torch.float64:
                         D = D.float()
                     first_bad.masked_fill_(nonfinite(D) & (first_bad < 0), k)
-                ms.record(stage, u, d=D)
                 y_k = y if self.writes_y[k] else None
-                self.lifted_step_fn(u, D, y_k, seeds, self.coefs[k], k, self.stream)
-                ms.apply(stage, u, y_k, self.coefs[k][14:16])
+                if ms is not None and stage.is_multistep:
+                    ms.lifted_step(stage, u, D, y_k, seeds, self.coefs[k], k, self.stream)
+                else:
+                    self.lifted_step_fn(u, D, y_k, seeds, self.coefs[k], k, self.stream)
         else:
             net = _callable(model)  # what the eager loop calls (the key names it, see _net_object)
-            ms = Multistep()
+            ms = self.ms
             for k, stage in enumerate(self.program.stages):
                 eps = None
                 if stage.uses_network:
                     eps = as_step_eps(net(u, self.taus[k], **extra) if extra else net(u, self.taus[k]), u)
                     first_bad.masked_fill_(nonfinite(eps) & (first_bad < 0), k)
-                    ms.record(stage, u, eps=eps)
-                self.step_fn(u, eps, seeds, self.coefs[k], k, self.stream)
-                ms.apply(stage, u)
+                if ms is not None and stage.is_multistep:
+                    ms.step(stage, u, eps, seeds, k, self.stream)
+                else:
+                    self.step_fn(u, eps, seeds, self.coefs[k], k, self.stream)
         state_bad.copy_(~torch.isfinite(u).all())
 
     def _try_capture(self, model, extra_args: dict):
@@ -497,7 +501,7 @@ class GraphRunner:
         except Exception as exc:  # noqa: BLE001  (any capture failure means: run eagerly)
             del graph
             self.graph = None
-            self.u = self.seeds_buf = self.status = self.y = None
+            self.u = self.seeds_buf = self.status = self.y = self.ms = None
             self.taus, self.extra = [], {}
             self.coefs = [stage.coef for stage in self.program.stages]
             self.state = "failed"

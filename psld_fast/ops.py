@@ -22,14 +22,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
 
-from .program import affine_step_reference, lifted_plain_coef, lifted_step_reference
+from .program import (affine_step_reference, lifted_ms_step_reference, lifted_plain_coef, lifted_step_reference,
+                      ms_estimate, ms_step_reference)
 
 __all__ = ["affine_step_", "affine_step", "resolve_backend", "unavailable_reason", "get_step_fn",
-           "get_lifted_step_fn", "BACKENDS",
+           "get_lifted_step_fn", "get_ms_step_fn", "get_lifted_ms_step_fn", "multistep_fns", "BACKENDS",
            "HAS_CPU_KERNEL", "HAS_CUDA_KERNEL", "HAS_TRITON", "has_triton"]
 
 logger = logging.getLogger("psld_fast")
@@ -46,6 +48,13 @@ _lib.define("affine_step(Tensor u, Tensor? eps, Tensor seeds, float[] coef, int 
 # The lifted step (psld_fast.lift): d and y have the shape of one half of u; coef holds 16 numbers (P, G, R1, R2, W).
 _lib.define("lifted_step_(Tensor(a!) u, Tensor? d, Tensor(b!)? y, Tensor seeds, float[] coef, int step, "
             "int stream) -> ()")
+# The multistep ops (psld_fast.program.ms_step_reference): the plain / lifted step plus dbuf (one half's
+# shape, float32), the previous call's data estimate: read (ms g0 g1) and, with record, overwritten
+# with this call's (ms a0 a1 c0 c1; the lifted op's is d itself), in the same pass.
+_lib.define("ms_step_(Tensor(a!) u, Tensor? eps, Tensor(b!) dbuf, Tensor seeds, float[] coef, float[] ms, "
+            "bool record, int step, int stream) -> ()")
+_lib.define("lifted_ms_step_(Tensor(a!) u, Tensor? d, Tensor(b!)? y, Tensor(c!) dbuf, Tensor seeds, float[] coef, "
+            "float[] ms, bool record, int step, int stream) -> ()")
 # Test-only: the Philox words (int64 holding uint32) and normals of (B, numel) elements, (B, numel, 4).
 _lib.define("philox_test(Tensor seeds, int numel, int step, int stream) -> (Tensor, Tensor)")
 
@@ -81,6 +90,37 @@ def _lifted_step_reference_impl(u, d, y, seeds, coef, step, stream) -> None:
     u_new, y_new = lifted_step_reference(u, d, y, seeds, coef, step, stream)
     if y_new is not None:
         y.copy_(y_new)
+    u.copy_(u_new)
+
+
+@torch.library.register_fake("psld_fast::ms_step_", lib=_lib)
+def _ms_step_fake(u, eps, dbuf, seeds, coef, ms, record, step, stream) -> None:
+    _check_fake(u, eps, seeds, coef)
+    torch._check(len(ms) == 6, lambda: "ms_step_: ms must hold 6 numbers")
+
+
+@torch.library.register_fake("psld_fast::lifted_ms_step_", lib=_lib)
+def _lifted_ms_step_fake(u, d, y, dbuf, seeds, coef, ms, record, step, stream) -> None:
+    torch._check(u.dim() >= 2 and u.shape[1] % 2 == 0, lambda: f"lifted_ms_step_: bad u shape {u.shape}")
+    torch._check(len(coef) == 16 and len(ms) == 2, lambda: "lifted_ms_step_: coef 16 and ms 2 numbers")
+
+
+@torch.library.impl(_lib, "ms_step_", "CompositeExplicitAutograd")
+def _ms_step_reference_impl(u, eps, dbuf, seeds, coef, ms, record, step, stream) -> None:
+    """Fallback when no compiled kernel is registered for u's device."""
+    u_new, d_new = ms_step_reference(u, eps, dbuf, seeds, coef, ms, record, step, stream)
+    if record:
+        dbuf.copy_(d_new)
+    u.copy_(u_new)
+
+
+@torch.library.impl(_lib, "lifted_ms_step_", "CompositeExplicitAutograd")
+def _lifted_ms_step_reference_impl(u, d, y, dbuf, seeds, coef, ms, record, step, stream) -> None:
+    u_new, y_new, d_new = lifted_ms_step_reference(u, d, y, dbuf, seeds, coef, ms, record, step, stream)
+    if y_new is not None:
+        y.copy_(y_new)
+    if record:
+        dbuf.copy_(d_new)
     u.copy_(u_new)
 
 
@@ -280,7 +320,141 @@ def get_lifted_step_fn(backend: str) -> Callable[..., None]:
         return _reference_lifted_step_
     if (backend == "cpu" and HAS_CPU_KERNEL) or (backend == "cuda" and HAS_CUDA_KERNEL):
         return torch.ops.psld_fast.lifted_step_.default
-    return composite_lifted_step(get_step_fn(backend))
+    fn = composite_lifted_step(get_step_fn(backend))
+    if backend == "triton":
+        fn._psld_ms_variant = _triton_lifted_ms_step(get_ms_step_fn(backend))
+    return fn
+
+
+def _reference_ms_step_(u, eps, dbuf, seeds, coef, ms, record, step, stream=0) -> None:
+    u_new, d_new = ms_step_reference(u, eps, dbuf, seeds, coef, ms, record, step, stream)
+    if record:
+        dbuf.copy_(d_new)
+    u.copy_(u_new)
+
+
+def _reference_lifted_ms_step_(u, d, y, dbuf, seeds, coef, ms, record, step, stream=0) -> None:
+    u_new, y_new, d_new = lifted_ms_step_reference(u, d, y, dbuf, seeds, coef, ms, record, step, stream)
+    if y_new is not None:
+        y.copy_(y_new)
+    if record:
+        dbuf.copy_(d_new)
+    u.copy_(u_new)
+
+
+def composite_ms_step(step_fn: Callable[..., None]) -> Callable[..., None]:
+    """The multistep op from any plain step ``step_fn`` (a caller's own, for instance): this call's D
+    from the state and eps before the step, the step, then ``x += g0 D_prev``, ``m += g1 D_prev`` and
+    dbuf <- D as torch ops (two more passes; no host sync).  The fused backends do it in the step's
+    own pass (:func:`get_ms_step_fn`)."""
+
+    def ms_step(u, eps, dbuf, seeds, coef, ms, record, step, stream=0) -> None:
+        C = u.shape[1] // 2
+        g0, g1 = float(ms[0]), float(ms[1])
+        d_new = ms_estimate(u, eps, ms[2:], dbuf.dtype) if record else None
+        step_fn(u, eps, seeds, coef, step, stream)
+        if g0 != 0.0 or g1 != 0.0:
+            u[:, :C].add_(dbuf.to(u.dtype), alpha=g0)
+            u[:, C:].add_(dbuf.to(u.dtype), alpha=g1)
+        if d_new is not None:
+            dbuf.copy_(d_new)
+
+    ms_step.__name__ = f"composite_ms_step({getattr(step_fn, '__name__', 'step')})"
+    return ms_step
+
+
+def composite_lifted_ms_step(lifted_step_fn: Callable[..., None]) -> Callable[..., None]:
+    """The lifted multistep op from any lifted step: d copied (the step may overwrite it: an identity
+    denoiser returns y), the step, then ``G D_prev`` added to u and ``(W . G) D_prev`` to y, dbuf <- d."""
+
+    def lifted_ms_step(u, d, y, dbuf, seeds, coef, ms, record, step, stream=0) -> None:
+        C = u.shape[1] // 2
+        g0, g1 = float(ms[0]), float(ms[1])
+        d_new = d.to(dbuf.dtype, copy=True) if record else None
+        lifted_step_fn(u, d, y, seeds, coef, step, stream)
+        if g0 != 0.0 or g1 != 0.0:
+            u[:, :C].add_(dbuf.to(u.dtype), alpha=g0)
+            u[:, C:].add_(dbuf.to(u.dtype), alpha=g1)
+            if y is not None:
+                y.add_(dbuf.to(y.dtype), alpha=float(coef[14]) * g0 + float(coef[15]) * g1)
+        if d_new is not None:
+            dbuf.copy_(d_new)
+
+    lifted_ms_step.__name__ = f"composite_lifted_ms_step({getattr(lifted_step_fn, '__name__', 'step')})"
+    return lifted_ms_step
+
+
+def _triton_lifted_ms_step(ms_step_fn: Callable[..., None]) -> Callable[..., None]:
+    """The lifted multistep op from a fused plain multistep op (Triton): eps = (d, d), D recorded as
+    ``1 * d``, then y from the new state (one more pass, as :func:`composite_lifted_step`)."""
+
+    def lifted_ms_step(u, d, y, dbuf, seeds, coef, ms, record, step, stream=0) -> None:
+        plain = _plain_coef_cached(tuple(coef))
+        ms6 = [float(ms[0]), float(ms[1]), 0.0, 0.0, 1.0, 0.0]
+        ms_step_fn(u, None if d is None else torch.cat([d, d], dim=1), dbuf, seeds, plain, ms6, record, step, stream)
+        if y is not None:
+            C = u.shape[1] // 2
+            y.copy_(torch.add(u[:, :C].float() * float(coef[14]), u[:, C:].float(), alpha=float(coef[15])))
+
+    lifted_ms_step.__name__ = f"triton_lifted_ms_step({getattr(ms_step_fn, '__name__', 'step')})"
+    return lifted_ms_step
+
+
+def get_ms_step_fn(backend: str) -> Callable[..., None]:
+    """``fn(u, eps, dbuf, seeds, coef, ms, record, step, stream)``: the multistep op with ``backend``
+    (one pass over u, eps and dbuf with every kernel; the definition on "reference")."""
+    if backend == "reference":
+        return _reference_ms_step_
+    if backend in ("cpu", "cuda"):
+        get_step_fn(backend)  # the same availability checks
+        return torch.ops.psld_fast.ms_step_.default
+    if backend == "triton":
+        get_step_fn(backend)
+        from .triton_step import ms_step_triton_
+        return ms_step_triton_
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS[1:]}")
+
+
+def get_lifted_ms_step_fn(backend: str) -> Callable[..., None]:
+    """``fn(u, d, y, dbuf, seeds, coef16, ms2, record, step, stream)``: the lifted multistep op with
+    ``backend`` (one pass with the C++ CPU and CUDA kernels; Triton: the fused plain multistep op
+    plus one pass for y)."""
+    if backend == "reference":
+        return _reference_lifted_ms_step_
+    if (backend == "cpu" and HAS_CPU_KERNEL) or (backend == "cuda" and HAS_CUDA_KERNEL):
+        return torch.ops.psld_fast.lifted_ms_step_.default
+    if backend == "triton":
+        return _triton_lifted_ms_step(get_ms_step_fn(backend))
+    return composite_lifted_ms_step(get_lifted_step_fn(backend))
+
+
+def multistep_fns(step_fn, lifted_step_fn=None) -> tuple:
+    """The multistep ops matching a loop's plain and lifted step functions: the fused op of the same
+    backend when ``step_fn`` / ``lifted_step_fn`` is one of this module's (``get_step_fn`` /
+    ``get_lifted_step_fn``), else the composite of the given function (:func:`composite_ms_step`).
+    Imports nothing (Triton's op is matched only when psld_fast.triton_step is already loaded)."""
+    return (None if step_fn is None else (_fused_variant(step_fn, False) or composite_ms_step(step_fn)),
+            None if lifted_step_fn is None else (_fused_variant(lifted_step_fn, True)
+                                                 or composite_lifted_ms_step(lifted_step_fn)))
+
+
+def _fused_variant(fn, lifted: bool):
+    v = getattr(fn, "_psld_ms_variant", None)  # this module's Python step functions carry theirs
+    if v is not None:
+        return v
+    if HAS_CPU_KERNEL:
+        if not lifted and fn is torch.ops.psld_fast.affine_step_.default:
+            return torch.ops.psld_fast.ms_step_.default
+        if lifted and fn is torch.ops.psld_fast.lifted_step_.default:
+            return torch.ops.psld_fast.lifted_ms_step_.default
+    ts = sys.modules.get(__package__ + ".triton_step")
+    if not lifted and ts is not None and fn is getattr(ts, "affine_step_triton_", None):
+        return ts.ms_step_triton_
+    return None
+
+
+_reference_step_._psld_ms_variant = _reference_ms_step_
+_reference_lifted_step_._psld_ms_variant = _reference_lifted_ms_step_
 
 
 def get_step_fn(backend: str) -> Callable[..., None]:

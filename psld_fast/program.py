@@ -17,7 +17,9 @@ Multistep samplers (``ei_2m``, ``ei_2m_sde``; :mod:`psld_fast.multistep`) also c
 call's data estimate ``D_prev`` (one half's shape): a stage with ``dcoef`` records the estimate of its
 own call, ``D = a0 x + a1 m + c0 eps_x + c1 eps_m`` of the state before the step (a lifted denoiser's
 output is that estimate itself), and a stage with ``G2`` adds ``G2 D_prev`` (x gets ``G2[0] D_prev``,
-m ``G2[1] D_prev``) after the affine step.
+m ``G2[1] D_prev``) after the affine step.  Such a stage runs the multistep op ``ms_step_`` (definition
+:func:`ms_step_reference`): the same pass with a float32 buffer ``dbuf`` that holds D_prev, read and
+overwritten with this call's D element by element.
 
 This file also holds :func:`affine_step_reference`, the pure-PyTorch definition of the op that
 ``psld_fast.ops`` dispatches to the fused kernels.
@@ -33,7 +35,8 @@ import torch
 from .rng import philox_normals
 
 __all__ = ["Stage", "Program", "ProgramBuilder", "affine_step_reference", "run_stages_reference", "COEF_LAYOUT",
-           "lifted_step_reference", "LIFTED_COEF_LAYOUT", "lifted_plain_coef"]
+           "lifted_step_reference", "LIFTED_COEF_LAYOUT", "lifted_plain_coef", "ms_step_reference",
+           "lifted_ms_step_reference", "MS_COEF_LAYOUT", "ms_estimate"]
 
 #: Order of the 16 float coefficients passed to the op.
 COEF_LAYOUT = ("P00", "P01", "P10", "P11", "Q00", "Q01", "Q10", "Q11",
@@ -66,6 +69,29 @@ class Stage:
     @property
     def uses_network(self) -> bool:
         return self.tau is not None
+
+    @property
+    def is_multistep(self) -> bool:
+        """Whether the stage reads or records a data estimate: it runs the multistep op."""
+        return self.G2 is not None or self.dcoef is not None
+
+    @property
+    def records(self) -> bool:
+        """Whether the stage's call records its data estimate (``dcoef``) for a later stage."""
+        return self.dcoef is not None
+
+    @functools.cached_property
+    def ms_lifted(self) -> list[float]:
+        """The lifted multistep op's 2 numbers ``(g0, g1)``."""
+        return self.ms[:2]
+
+    @functools.cached_property
+    def ms(self) -> list[float]:
+        """The multistep op's 6 numbers in :data:`MS_COEF_LAYOUT` order (zeros for an absent G2 or
+        dcoef); the lifted op takes the first two."""
+        g = (0.0, 0.0) if self.G2 is None else self.G2
+        d = (0.0,) * 4 if self.dcoef is None else self.dcoef
+        return [float(v) for v in (*g, *d)]
 
 
 @dataclass
@@ -195,25 +221,104 @@ def affine_step_reference(u: torch.Tensor, eps: torch.Tensor | None, seeds: torc
     return torch.cat([xn, mn], dim=1).to(u.dtype)
 
 
+#: Order of the multistep op's 6 numbers ``ms`` (``psld_fast::ms_step_``): ``Stage.G2`` then ``Stage.dcoef``.
+MS_COEF_LAYOUT = ("g0", "g1", "a0", "a1", "c0", "c1")
+
+
+def _check_dbuf(u, dbuf, op):
+    half = (u.shape[0], u.shape[1] // 2, *u.shape[2:])
+    if not isinstance(dbuf, torch.Tensor) or tuple(dbuf.shape) != half:
+        raise ValueError(f"{op}: dbuf must have the shape of one half of u {half}, "
+                         f"got {tuple(getattr(dbuf, 'shape', ()))}")
+    if not dbuf.is_floating_point():
+        raise ValueError(f"{op}: dbuf must be a float tensor, got {dbuf.dtype}")
+
+
+def ms_estimate(u: torch.Tensor, eps: torch.Tensor | None, dcoef, dtype=None) -> torch.Tensor:
+    """A native call's data estimate ``D = a0 x + a1 m + c0 eps_x + c1 eps_m`` (``Stage.dcoef``) of
+    the state at the call, in ``dtype`` (default: the compute dtype, float32; float64 for a float64
+    state), as torch ops."""
+    ct = dtype or (torch.float64 if u.dtype == torch.float64 else torch.float32)
+    C = u.shape[1] // 2
+    a0, a1, c0, c1 = (float(v) for v in dcoef)
+    d = u[:, :C].to(ct) * a0
+    d.add_(u[:, C:].to(ct), alpha=a1)
+    if eps is not None:
+        d.add_(eps[:, :C].to(ct), alpha=c0).add_(eps[:, C:].to(ct), alpha=c1)
+    return d
+
+
+def ms_step_reference(u: torch.Tensor, eps: torch.Tensor | None, dbuf: torch.Tensor, seeds: torch.Tensor,
+                      coef, ms, record: bool, step: int, stream: int = 0):
+    """Pure-PyTorch definition of the multistep op; returns ``(new u, new dbuf)``, mutating nothing.
+
+    The plain step (:func:`affine_step_reference`) plus the previous call's data estimate
+    ``D_prev = dbuf`` (one half's shape): ``x' += g0 D_prev``, ``m' += g1 D_prev`` after the noise
+    term, in the compute dtype, before the rounding to u's dtype.  With ``record`` the new dbuf is this
+    call's ``D = (a0 x + a1 m) + (c0 eps_x + c1 eps_m)`` of the state and eps before the step (in the
+    compute dtype, stored as dbuf's dtype); without, dbuf is returned unchanged.  ``ms`` holds
+    ``g0 g1 a0 a1 c0 c1`` (:data:`MS_COEF_LAYOUT`).  g0 = g1 = 0: dbuf is not read."""
+    _check_step_args(u, eps, seeds, coef)
+    if len(ms) != 6:
+        raise ValueError(f"ms_step: ms must hold 6 numbers {MS_COEF_LAYOUT}, got {len(ms)}")
+    xn, mn, d_new = _ms_halves(u, eps, dbuf, seeds, coef, ms, record, step, stream, "ms_step")
+    return torch.cat([xn, mn], dim=1).to(u.dtype), d_new
+
+
+def _ms_halves(u, eps, dbuf, seeds, coef, ms, record, step, stream, op):
+    """The new halves (compute dtype) and the new dbuf of the multistep op."""
+    _check_dbuf(u, dbuf, op)
+    g0, g1, a0, a1, c0, c1 = (float(v) for v in ms)
+    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
+    C = u.shape[1] // 2
+    d_new = dbuf
+    if record:
+        if eps is None and (c0 != 0.0 or c1 != 0.0):
+            raise ValueError(f"{op}: record=True with eps coefficients c0, c1 needs eps")
+        d = torch.zeros(dbuf.shape, dtype=ct, device=u.device)
+        if a0 != 0.0 or a1 != 0.0:
+            d = a0 * u[:, :C].to(ct) + a1 * u[:, C:].to(ct)
+        if eps is not None:
+            d = d + (c0 * eps[:, :C].to(ct) + c1 * eps[:, C:].to(ct))
+        d_new = d.to(dbuf.dtype)
+    xn, mn = _step_halves(u, eps, seeds, coef, step, stream)
+    if g0 != 0.0 or g1 != 0.0:
+        dp = dbuf.to(ct)
+        xn, mn = xn + g0 * dp, mn + g1 * dp
+    return xn, mn, d_new
+
+
+def lifted_ms_step_reference(u: torch.Tensor, d: torch.Tensor | None, y: torch.Tensor | None, dbuf: torch.Tensor,
+                             seeds: torch.Tensor, coef, ms, record: bool, step: int, stream: int = 0):
+    """Pure-PyTorch definition of the lifted multistep op; returns ``(new u, new y or None, new dbuf)``.
+
+    :func:`lifted_step_reference` plus ``x' += g0 D_prev``, ``m' += g1 D_prev`` (``ms = (g0, g1)``)
+    before y is formed from the new halves; with ``record`` the new dbuf is ``d``, the call's data
+    estimate itself."""
+    if len(ms) != 2:
+        raise ValueError(f"lifted_ms_step: ms must hold 2 numbers (g0, g1), got {len(ms)}")
+    if record and d is None:
+        raise ValueError("lifted_ms_step: record=True needs d (the call's data estimate)")
+    plain, eps = _check_lifted_args(u, d, y, seeds, coef)
+    ms6 = [float(ms[0]), float(ms[1]), 0.0, 0.0, 1.0, 0.0]
+    xn, mn, d_new = _ms_halves(u, eps, dbuf, seeds, plain, ms6, record, step, stream, "lifted_ms_step")
+    y_new = None if y is None else (float(coef[14]) * xn + float(coef[15]) * mn).to(u.dtype)
+    return torch.cat([xn, mn], dim=1).to(u.dtype), y_new, d_new
+
+
 def run_stages_reference(eps_fn, program: Program, seeds: torch.Tensor, shape, dtype=torch.float64) -> torch.Tensor:
-    """Run a program's stages with :func:`affine_step_reference` (the definition every fused loop
-    implements, multistep stages included); ``eps_fn(u, tau) -> eps`` with tau a float.  The state
+    """Run a program's stages with :func:`affine_step_reference` and :func:`ms_step_reference` (the
+    definitions every fused loop implements); ``eps_fn(u, tau) -> eps`` with tau a float.  The state
     starts as NaN: stage 0 must not read it.  Returns the final packed state."""
     B = seeds.shape[0]
     u = torch.full((B, 2 * shape[0], *shape[1:]), float("nan"), dtype=dtype)
-    C = shape[0]
-    d_prev = None
+    dbuf = torch.zeros((B, *shape), dtype=dtype)
     for k, st in enumerate(program.stages):
         eps = eps_fn(u, st.tau) if st.uses_network else None
-        d_new = None
-        if st.dcoef is not None:
-            a0, a1, c0, c1 = (float(v) for v in st.dcoef)
-            d_new = a0 * u[:, :C] + a1 * u[:, C:] + c0 * eps[:, :C].to(dtype) + c1 * eps[:, C:].to(dtype)
-        u = affine_step_reference(u, eps, seeds, st.coef, k)
-        if st.G2 is not None:
-            u = torch.cat([u[:, :C] + float(st.G2[0]) * d_prev, u[:, C:] + float(st.G2[1]) * d_prev], dim=1)
-        if d_new is not None:
-            d_prev = d_new
+        if st.is_multistep:
+            u, dbuf = ms_step_reference(u, eps, dbuf, seeds, st.coef, st.ms, st.records, k)
+        else:
+            u = affine_step_reference(u, eps, seeds, st.coef, k)
     return u
 
 
@@ -267,6 +372,16 @@ def lifted_step_reference(u: torch.Tensor, d: torch.Tensor | None, y: torch.Tens
     ``G1 d``), plus ``y = W0 x' + W1 m'`` from the new halves in the compute dtype, then rounded to
     u's dtype: the next denoiser call's input.  d and y have the shape of one half of u.
     """
+    plain, eps = _check_lifted_args(u, d, y, seeds, coef)
+    xn, mn = _step_halves(u, eps, seeds, plain, step, stream)
+    y_new = None
+    if y is not None:
+        y_new = (float(coef[14]) * xn + float(coef[15]) * mn).to(u.dtype)
+    return torch.cat([xn, mn], dim=1).to(u.dtype), y_new
+
+
+def _check_lifted_args(u, d, y, seeds, coef):
+    """Validates the lifted op's arguments; returns the equivalent plain coefficients and eps = (d, d)."""
     if len(coef) != 16:
         raise ValueError(f"lifted_step: coef must hold 16 numbers {LIFTED_COEF_LAYOUT}, got {len(coef)}")
     half = (u.shape[0], u.shape[1] // 2, *u.shape[2:])
@@ -276,8 +391,4 @@ def lifted_step_reference(u: torch.Tensor, d: torch.Tensor | None, y: torch.Tens
     plain = lifted_plain_coef(coef)
     eps = None if d is None else torch.cat([d, d], dim=1)
     _check_step_args(u, eps, seeds, plain)
-    xn, mn = _step_halves(u, eps, seeds, plain, step, stream)
-    y_new = None
-    if y is not None:
-        y_new = (float(coef[14]) * xn + float(coef[15]) * mn).to(u.dtype)
-    return torch.cat([xn, mn], dim=1).to(u.dtype), y_new
+    return plain, eps

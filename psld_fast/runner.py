@@ -27,9 +27,9 @@ import torch
 
 from .guards import warn_at_caller
 from .models import EpsModel
-from .program import Program
+from .program import Program, ms_estimate  # noqa: F401  (ms_estimate re-exported: bench, tests)
 
-__all__ = ["run_program", "nonfinite", "raise_if_nonfinite", "as_step_eps", "check_eps", "first_call", "stage_taus",
+__all__ = ["run_program", "Multistep", "multistep_for", "ms_estimate", "nonfinite", "raise_if_nonfinite", "as_step_eps", "check_eps", "first_call", "stage_taus",
            "compiled_model", "compile_mode", "clear_compile_cache", "COMPILE_MODES", "warn_if_training",
            "MODE_SENSITIVE"]
 
@@ -106,7 +106,7 @@ def _loop(model, program, seeds, step_fn, *, dtype, device, stream, callback=Non
     lower = dtype != torch.float64
     checked = False
     nfe = 0
-    ms = Multistep()
+    ms = multistep_for(program, u, step_fn)
     for k, stage in enumerate(program.stages):
         tau = taus[k]
         eps = None
@@ -128,9 +128,10 @@ def _loop(model, program, seeds, step_fn, *, dtype, device, stream, callback=Non
                 first_bad.append(("network", k))  # its input, the state, was finite (checked below)
                 return u
             nfe += 1
-            ms.record(stage, u, eps=eps)
-        step_fn(u, eps, seeds, stage.coef, k, stream)
-        ms.apply(stage, u)
+        if ms is not None and stage.is_multistep:
+            ms.step(stage, u, eps, seeds, k, stream)
+        else:
+            step_fn(u, eps, seeds, stage.coef, k, stream)
         if first_bad is not None and not bool(torch.isfinite(u).all()):
             first_bad.append(("state", k))  # finite inputs, non-finite result: the sampler overflowed
             return u
@@ -189,7 +190,7 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
     unwrap = None  # set at the first call: whether outputs are diffusers-style objects (.sample)
     lower = dtype != torch.float64
     nfe = 0
-    ms = Multistep()
+    ms = multistep_for(program, u, None, lifted_step_fn)
     for k, stage in enumerate(program.stages):
         D = None
         coef = lp.coef[k]
@@ -218,10 +219,11 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
             info = {"stage": k, "nfe": nfe, "tau": stage.tau, "u": u, "batch_start": batch_start}
             if sig[k] is not None:
                 info.update(x=y.clone(), sigma=lp.sigmas[k], denoised=D.clone())
-        ms.record(stage, u, d=D)
         y_k = y if lp.writes_y[k] else None
-        lifted_step_fn(u, D, y_k, seeds, coef, k, stream)
-        ms.apply(stage, u, y_k, coef[14:16])
+        if ms is not None and stage.is_multistep:
+            ms.lifted_step(stage, u, D, y_k, seeds, coef, k, stream)
+        else:
+            lifted_step_fn(u, D, y_k, seeds, coef, k, stream)
         if first_bad is not None and not bool(torch.isfinite(u).all()):
             first_bad.append(("state", k))  # finite inputs, non-finite result: the sampler overflowed
             return u
@@ -233,53 +235,31 @@ def _lifted_loop(model, program, seeds, lifted_step_fn, *, dtype, device, stream
 
 
 class Multistep:
-    """The previous call's data estimate D across a multistep program's stages (``Stage.dcoef`` /
-    ``Stage.G2``), for every loop (eager, lifted, CUDA graph): ``record`` at a stage's call, before
-    its step overwrites the state; ``apply`` after the step.  Stages of other programs do nothing."""
+    """What a multistep program's loop needs (``Stage.G2`` / ``dcoef``): ``dbuf``, the previous
+    call's data estimate D (one half's shape, float32; float64 for a float64 state), and the fused
+    multistep ops matching the loop's step functions (:func:`psld_fast.ops.multistep_fns`).  A stage
+    that reads or records D runs ``step`` (one pass over u, eps and dbuf with the fused backends),
+    every other stage the plain step.  :func:`multistep_for` returns None for one-step programs."""
 
-    __slots__ = ("prev", "new")
+    __slots__ = ("dbuf", "fn", "lifted_fn")
 
-    def __init__(self):
-        self.prev = self.new = None
+    def __init__(self, u: torch.Tensor, step_fn, lifted_step_fn=None):
+        from .ops import multistep_fns
 
-    def record(self, stage, u: torch.Tensor, eps: torch.Tensor | None = None, d: torch.Tensor | None = None):
-        """The call's D: the lifted denoiser's output ``d`` (copied: the lifted step overwrites y,
-        which an identity denoiser returns, and a denoiser with a static output buffer, e.g.
-        CUDA-graphed or compiled with mode='reduce-overhead', overwrites it at the next call), or the
-        estimate from a native call's ``eps``."""
-        if stage.dcoef is not None:
-            self.new = d.clone() if d is not None else ms_estimate(u, eps, stage.dcoef)
+        C = u.shape[1] // 2
+        dt = torch.float64 if u.dtype == torch.float64 else torch.float32
+        self.dbuf = torch.zeros((u.shape[0], C, *u.shape[2:]), dtype=dt, device=u.device)
+        self.fn, self.lifted_fn = multistep_fns(step_fn, lifted_step_fn)
 
-    def apply(self, stage, u: torch.Tensor, y: torch.Tensor | None = None, w=None) -> None:
-        """After the stage's step: its ``G2 D_prev`` term (:func:`ms_add`); then this call's D
-        becomes the previous one."""
-        if stage.G2 is not None:
-            ms_add(u, self.prev, stage.G2, y, w)
-        if self.new is not None:
-            self.prev, self.new = self.new, None
+    def step(self, stage, u, eps, seeds, k: int, stream: int) -> None:
+        self.fn(u, eps, self.dbuf, seeds, stage.coef, stage.ms, stage.records, k, stream)
+
+    def lifted_step(self, stage, u, d, y, seeds, coef, k: int, stream: int) -> None:
+        self.lifted_fn(u, d, y, self.dbuf, seeds, coef, stage.ms_lifted, stage.records, k, stream)
 
 
-def ms_estimate(u: torch.Tensor, eps: torch.Tensor, dcoef) -> torch.Tensor:
-    """A native call's data estimate ``D = a0 x + a1 m + c0 eps_x + c1 eps_m`` (``Stage.dcoef``) of
-    the state at the call, in the compute dtype (float32; float64 for a float64 state)."""
-    ct = torch.float64 if u.dtype == torch.float64 else torch.float32
-    C = u.shape[1] // 2
-    a0, a1, c0, c1 = (float(v) for v in dcoef)
-    d = u[:, :C].to(ct) * a0
-    d.add_(u[:, C:].to(ct), alpha=a1).add_(eps[:, :C].to(ct), alpha=c0).add_(eps[:, C:].to(ct), alpha=c1)
-    return d
-
-
-def ms_add(u: torch.Tensor, d_prev: torch.Tensor, G2, y: torch.Tensor | None = None, w=None) -> None:
-    """After a multistep stage's affine step: ``x += G2[0] D_prev``, ``m += G2[1] D_prev`` in place
-    (and ``y += (w . G2) D_prev`` when the lifted step wrote the next call's y with weights ``w``).
-    Composite torch ops, so every backend and CUDA-graph capture run it; no host sync."""
-    C = u.shape[1] // 2
-    g0, g1 = float(G2[0]), float(G2[1])
-    u[:, :C].add_(d_prev, alpha=g0)
-    u[:, C:].add_(d_prev, alpha=g1)
-    if y is not None:
-        y.add_(d_prev, alpha=float(w[0]) * g0 + float(w[1]) * g1)
+def multistep_for(program: Program, u: torch.Tensor, step_fn, lifted_step_fn=None) -> "Multistep | None":
+    return Multistep(u, step_fn, lifted_step_fn) if program.multistep else None
 
 
 #: Layers whose output depends on the mode: sampled in training mode they give random dropout

@@ -22,6 +22,12 @@ Box-Muller pair, two more log and sincos per element, is not computed), ``READ_S
 otherwise the old ``u`` is never loaded, it may hold NaN garbage, e.g. the prior draw writing into
 ``torch.empty``) and ``FLAT`` (the grid layout, below).  :func:`kernel_variants` lists them all.
 
+The multistep op ``psld_fast::ms_step_triton_`` (:func:`psld_fast.program.ms_step_reference`) is the
+same kernel with a float32 buffer ``dbuf`` (one half's shape) holding the previous call's data
+estimate: ``HAS_DPREV`` adds ``g0 D_prev`` / ``g1 D_prev`` to x' / m', ``HAS_DREC`` overwrites dbuf
+with this call's ``D = (a0 x + a1 m) + (c0 ex + c1 em)`` (``DREC_STATE``: a0 or a1 != 0, so the state
+is loaded even when P == 0), each element read before it is written by the same program.
+
 Grid, 1-D (so the batch is not limited by the 65535 of grid axes 1/2): halves of at least
 ``FLAT_BELOW`` elements run one program per (sample b, block of BLOCK elements of one half), B * NB
 programs; smaller halves run ``FLAT``: one program per BLOCK consecutive (sample, element) pairs
@@ -47,7 +53,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-__all__ = ["affine_step_triton_", "HAS_TRITON", "INTERPRETED", "launch_config", "kernel_variants",
+__all__ = ["affine_step_triton_", "ms_step_triton_", "HAS_TRITON", "INTERPRETED", "launch_config", "kernel_variants",
            "FLAT_BELOW"]
 
 #: Importing this module succeeded, so Triton is usable (``psld_fast.ops`` checks this).
@@ -68,14 +74,16 @@ def _to_bf16_rne(v):
 
 @triton.jit(do_not_specialize=["B", "NB", "step", "stream"])
 def _affine_step_kernel(
-    u_ptr, eps_ptr, seed_ptr,
+    u_ptr, eps_ptr, seed_ptr, d_ptr,
     B, D, NB, step, stream,
     p00, p01, p10, p11,
     q00, q01, q10, q11,
     r1_00, r1_01, r1_10, r1_11,
     r2_00, r2_01, r2_10, r2_11,
+    g0, g1, a0, a1, c0, c1,
     BLOCK: tl.constexpr, HAS_EPS: tl.constexpr, HAS_NOISE: tl.constexpr,
     SECOND_DRAW: tl.constexpr, READ_STATE: tl.constexpr, FLAT: tl.constexpr, BF16_RNE: tl.constexpr,
+    HAS_DPREV: tl.constexpr = False, HAS_DREC: tl.constexpr = False, DREC_STATE: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     if FLAT:
@@ -95,20 +103,30 @@ def _affine_step_kernel(
     x_off = b.to(tl.int64) * D * 2 + j                  # u[b, j]      (x half)
     m_off = x_off + D                                   # u[b, D + j]  (m half)
 
+    d_off = b.to(tl.int64) * D + j                      # dbuf[b, j] (multistep ops)
+    dn = tl.zeros((BLOCK,), dtype=tl.float32)           # this call's data estimate (HAS_DREC)
     if READ_STATE:
         x = tl.load(u_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(u_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
         xn = p00 * x + p01 * m
         mn = p10 * x + p11 * m
+        if DREC_STATE:
+            dn = a0 * x + a1 * m
     else:
         xn = tl.zeros((BLOCK,), dtype=tl.float32)
         mn = tl.zeros((BLOCK,), dtype=tl.float32)
+        if DREC_STATE:  # P == 0 but D reads the state
+            x = tl.load(u_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+            m = tl.load(u_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+            dn = a0 * x + a1 * m
 
     if HAS_EPS:
         ex = tl.load(eps_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
         em = tl.load(eps_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
         xn = xn + (q00 * ex + q01 * em)
         mn = mn + (q10 * ex + q11 * em)
+        if HAS_DREC:
+            dn = dn + (c0 * ex + c1 * em)
 
     if HAS_NOISE:
         # Philox key = the sample's int64 seed: tl.philox casts it to uint64 and splits it into
@@ -130,6 +148,13 @@ def _affine_step_kernel(
         else:
             xn = xn + (r1_00 * n0 + r1_01 * n1)
             mn = mn + (r1_10 * n0 + r1_11 * n1)
+
+    if HAS_DPREV:  # multistep: + G D_prev, read before this program overwrites the same elements
+        dp = tl.load(d_ptr + d_off, mask=mask, other=0.0)
+        xn = xn + g0 * dp
+        mn = mn + g1 * dp
+    if HAS_DREC:
+        tl.store(d_ptr + d_off, dn, mask=mask)
 
     if BF16_RNE:
         # Interpreter only (bf16 state): its fp32 -> bf16 cast truncates, so round to nearest even by
@@ -213,8 +238,23 @@ def kernel_variants() -> list[dict]:
                                             maxnreg=MAXNREG,
                                             HAS_EPS=eps is not None, HAS_NOISE=noise > 0,
                                             SECOND_DRAW=noise == 2, READ_STATE=read_state,
-                                            FLAT=flat, BF16_RNE=False))
+                                            FLAT=flat, BF16_RNE=False, **_NO_MS))
+        # the multistep op (ms_step_triton_): its samplers' stages read the state, have eps and at
+        # most one draw; D recorded from (x, m, eps) natively or from eps = (D, D) lifted
+        for noise in (0, 1):
+            for flat in (False, True):
+                for ms in _MS_FLAGS:
+                    out.append(dict(state=state, eps=state, BLOCK=1024, num_warps=8 if flat else 4,
+                                    maxnreg=MAXNREG, HAS_EPS=True, HAS_NOISE=noise > 0, SECOND_DRAW=False,
+                                    READ_STATE=True, FLAT=flat, BF16_RNE=False, **ms))
     return out
+
+
+_NO_MS = dict(HAS_DPREV=False, HAS_DREC=False, DREC_STATE=False)
+#: (read D_prev, record D, D reads the state): the first multistep stage, a middle one (native and
+#: lifted), the last one.
+_MS_FLAGS = tuple(dict(HAS_DPREV=a, HAS_DREC=b, DREC_STATE=c) for a, b, c in
+                  ((False, True, True), (True, True, True), (True, True, False), (True, False, False)))
 
 
 def _check_args(u, eps, seeds, coef, step, stream):
@@ -288,6 +328,38 @@ def _affine_step_triton_impl(u: torch.Tensor, eps: torch.Tensor | None, seeds: t
     """In-place fused affine step on ``u`` (see the module docstring and
     :func:`psld_fast.program.affine_step_reference`)."""
     B, D, eps_c = _check_args(u, eps, seeds, coef, step, stream)
+    _launch(u, eps_c, None, seeds, coef, None, False, B, D, step, stream)
+
+
+def _check_ms_args(u, eps, dbuf, ms, record, name="ms_step_triton_"):
+    half = (u.shape[0], u.shape[1] // 2, *u.shape[2:])
+    if not isinstance(dbuf, torch.Tensor) or tuple(dbuf.shape) != half:
+        raise ValueError(f"{name}: dbuf must have the shape of one half of u {half}, "
+                         f"got {tuple(getattr(dbuf, 'shape', ()))}")
+    if dbuf.dtype != torch.float32:
+        raise TypeError(f"{name}: dbuf must be float32 (the data estimate is kept in the compute dtype), "
+                        f"got {dbuf.dtype}")
+    if dbuf.device != u.device:
+        raise ValueError(f"{name}: dbuf is on {dbuf.device} but u is on {u.device}")
+    if not dbuf.is_contiguous():
+        raise ValueError(f"{name}: dbuf must be contiguous (it is read and written in place)")
+    if len(ms) != 6:
+        raise ValueError(f"{name}: ms must hold 6 numbers (g0 g1 a0 a1 c0 c1), got {len(ms)}")
+    if record and eps is None and (float(ms[4]) != 0.0 or float(ms[5]) != 0.0):
+        raise ValueError(f"{name}: record=True with eps coefficients c0, c1 needs eps")
+
+
+def _ms_step_triton_impl(u: torch.Tensor, eps: torch.Tensor | None, dbuf: torch.Tensor, seeds: torch.Tensor,
+                         coef: list[float], ms: list[float], record: bool, step: int, stream: int) -> None:
+    """In-place multistep step on ``u`` and ``dbuf`` (:func:`psld_fast.program.ms_step_reference`):
+    the same kernel with the previous call's data estimate read from dbuf and, with ``record``, this
+    call's written back, one pass."""
+    B, D, eps_c = _check_args(u, eps, seeds, coef, step, stream)
+    _check_ms_args(u, eps, dbuf, ms, record)
+    _launch(u, eps_c, dbuf, seeds, coef, ms, record, B, D, step, stream)
+
+
+def _launch(u, eps_c, dbuf, seeds, coef, ms, record, B, D, step, stream) -> None:
     if B == 0 or D == 0:
         return
     c = [float(v) for v in coef]
@@ -295,6 +367,10 @@ def _affine_step_triton_impl(u: torch.Tensor, eps: torch.Tensor | None, seeds: t
     has_noise = any(v != 0.0 for v in c[8:16])
     second_draw = any(v != 0.0 for v in c[12:16])
     has_eps = eps_c is not None
+    m6 = [0.0] * 6 if ms is None else [float(v) for v in ms]
+    has_dprev = m6[0] != 0.0 or m6[1] != 0.0
+    has_drec = bool(record)
+    drec_state = has_drec and (m6[2] != 0.0 or m6[3] != 0.0)
     BLOCK, num_warps, flat = launch_config(D, u.device.type, B)
     NB = triton.cdiv(D, BLOCK)
     programs = triton.cdiv(B * D, BLOCK) if flat else B * NB
@@ -308,11 +384,12 @@ def _affine_step_triton_impl(u: torch.Tensor, eps: torch.Tensor | None, seeds: t
              else contextlib.nullcontext())
     with guard:
         wrap_triton(_affine_step_kernel)[(programs,)](
-            u, eps_c if has_eps else u, seeds.contiguous(),
+            u, eps_c if has_eps else u, seeds.contiguous(), dbuf if dbuf is not None else u,
             B, D, NB, _as_int32(step), _as_int32(stream),
-            *c,
+            *c, *m6,
             BLOCK=BLOCK, HAS_EPS=has_eps, HAS_NOISE=has_noise, SECOND_DRAW=second_draw,
             READ_STATE=read_state, FLAT=flat, BF16_RNE=INTERPRETED and u.dtype == torch.bfloat16,
+            HAS_DPREV=has_dprev, HAS_DREC=has_drec, DREC_STATE=drec_state,
             **launch,
         )
 
@@ -331,3 +408,14 @@ else:
     @affine_step_triton_.register_fake
     def _(u, eps, seeds, coef, step, stream) -> None:
         _check_args(u, eps, seeds, coef, step, stream)
+
+if not INTERPRETED:
+    ms_step_triton_ = triton_op("psld_fast::ms_step_triton_", mutates_args={"u", "dbuf"})(_ms_step_triton_impl)
+else:
+    ms_step_triton_ = torch.library.custom_op("psld_fast::ms_step_triton_", mutates_args={"u", "dbuf"})(
+        _ms_step_triton_impl)
+
+    @ms_step_triton_.register_fake
+    def _(u, eps, dbuf, seeds, coef, ms, record, step, stream) -> None:
+        _check_args(u, eps, seeds, coef, step, stream)
+        _check_ms_args(u, eps, dbuf, ms, record)

@@ -193,3 +193,101 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ multistep ops
+#: The multistep op's numbers (psld_fast.program.MS_COEF_LAYOUT: g0 g1 a0 a1 c0 c1), all distinct.
+MS = [0.3, -0.7, 0.6, -0.25, 0.4, 0.15]
+#: Kinds of multistep stage: (ms, record).  "first": records D only (the first call of a multistep
+#: program); "mid": reads D_prev and records; "last": reads only; "copy": D = eps_x (the lifted op's
+#: record: a0 = a1 = c1 = 0, c0 = 1), so the state is not read for D.
+MS_KINDS = {
+    "first": ([0.0, 0.0] + MS[2:], True),
+    "mid": (MS, True),
+    "last": (MS[:2] + [0.0] * 4, False),
+    "copy": (MS[:2] + [0.0, 0.0, 1.0, 0.0], True),
+}
+
+
+@dataclass(frozen=True)
+class MsCase:
+    """A StepCase (with eps) run through the multistep op; ``d_offset`` shifts dbuf's storage."""
+
+    step: StepCase
+    kind: str
+    d_offset: int = 0
+
+    @property
+    def ms(self) -> list[float]:
+        return MS_KINDS[self.kind][0]
+
+    @property
+    def record(self) -> bool:
+        return MS_KINDS[self.kind][1]
+
+    @property
+    def d_reads_state(self) -> bool:
+        return self.record and (self.ms[2] != 0.0 or self.ms[3] != 0.0)
+
+    @property
+    def id(self) -> str:
+        return f"{self.step.id}-ms_{self.kind}" + (f"-doff{self.d_offset}" if self.d_offset else "")
+
+
+def _ms_cases() -> list[MsCase]:
+    f32, f16, bf16 = DTYPES
+    steps = [StepCase(4, 3072, f32, f32, "r0", why="vector"), StepCase(4, 3072, f16, f16, "one_draw", why="vector"),
+             StepCase(4, 3072, bf16, f32, "p0", why="vector"), StepCase(3, 1024, f32, f16, "two_draws", 1, 0, why="offset"),
+             StepCase(65, 1, f32, f32, "one_draw", why="small"), StepCase(65, 3, f16, f32, "r0", why="small"),
+             StepCase(65, 17, f32, f32, "p0_r0", why="small"), StepCase(65, 1025, f32, f32, "one_draw", why="batch"),
+             StepCase(1, 4097, bf16, bf16, "two_draws", why="batch")]
+    cases = [MsCase(s, kind) for s in steps for kind in MS_KINDS]
+    cases += [MsCase(StepCase(4, 3072, f32, f32, "one_draw", why="vector"), "mid", 1),   # dbuf breaks alignment
+              MsCase(StepCase(4, 3072, f16, f16, "r0", why="vector"), "mid", 4)]         # 16 bytes: aligned again
+    return cases
+
+
+#: The multistep cases every kernel runs (with the emulated CUDA kernel's launch rule, each path).
+MS_CASES = _ms_cases()
+
+
+def make_ms_inputs(case: MsCase, device="cpu", guard: int = 0):
+    """(u, eps, dbuf, seeds, dbuf_buffer): the StepCase's inputs (u finite when D reads it, NaN when
+    nothing reads it) and a float32 dbuf (B, 1, D) of D_prev values."""
+    s = case.step
+    u, eps, seeds, _, _ = make_inputs(s, device, guard)
+    if case.d_reads_state and not s.reads_state:  # P = 0 but D = a0 x + a1 m reads the state
+        g = torch.Generator().manual_seed(s.batch * 31 + s.D)
+        u.copy_(torch.randn(u.shape, generator=g).to(u.dtype))
+    g = torch.Generator().manual_seed(s.batch * 131 + s.D)
+    d0 = torch.randn((s.batch, 1, s.D), generator=g).to(device)
+    dbuf, dbufbuf = _offset_tensor(d0, case.d_offset, guard)
+    return u, eps, dbuf, seeds, dbufbuf
+
+
+def run_ms_case(case: MsCase, op, device, assert_close, d_exact: bool = True) -> None:
+    """``op(u, eps, dbuf, seeds, coef, ms, record, step, stream)`` in place on the case's inputs against
+    ms_step_reference: u bit for bit without noise when ``assert_close`` is None (else
+    ``assert_close(got, expected, what)``); the recorded D bit for bit when ``d_exact`` (the CPU and
+    CUDA kernels round as the reference), else within float32 rounding; dbuf untouched without record."""
+    from psld_fast.program import ms_step_reference
+
+    u, eps, dbuf, seeds, _ = make_ms_inputs(case, device)
+    s = case.step
+    expected_u, expected_d = ms_step_reference(u, eps, dbuf, seeds, s.coef, case.ms, case.record, 3, 1)
+    eps0, dbuf0 = eps.clone(), dbuf.clone()
+    op(u, eps, dbuf, seeds, s.coef, case.ms, case.record, 3, 1)
+    assert torch.equal(eps, eps0), f"{case.id}: eps was written"
+    if not case.record:
+        assert torch.equal(dbuf, dbuf0), f"{case.id}: dbuf was written without record"
+    elif d_exact:
+        assert torch.equal(dbuf, expected_d), \
+            f"{case.id}: D not bit-exact, max err {float((dbuf - expected_d).abs().max()):.3g}"
+    else:
+        err = float((dbuf - expected_d).abs().max())
+        assert err <= 1e-6 * (1 + float(expected_d.abs().max())), f"{case.id}: D max err {err:.3g}"
+    if assert_close is None:
+        assert torch.equal(u, expected_u), \
+            f"{case.id}: u not bit-exact, max err {float((u.float() - expected_u.float()).abs().max()):.3g}"
+    else:
+        assert_close(u, expected_u, case.id)

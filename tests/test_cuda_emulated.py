@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _step_cases import (DTYPES, SHARED_CASES, StepCase, emulation_matrix, make_inputs, one_thread,  # noqa: F401
-                         seeds_for)
+from _step_cases import (DTYPES, MS_CASES, SHARED_CASES, StepCase, emulation_matrix, make_inputs,  # noqa: F401
+                         make_ms_inputs, one_thread, run_ms_case, seeds_for)
 from _tolerances import NORMAL_TOL, STEP_TOL, assert_close_verbose
 from psld_fast import ops
 from psld_fast.program import affine_step_reference
@@ -155,6 +155,59 @@ def test_shared_cases(emu, case):
     """The cases every kernel runs (tests/_step_cases.py)."""
     failures = run_case(emu, case)
     assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- the multistep ops
+@pytest.mark.parametrize("case", MS_CASES, ids=lambda c: c.id)
+def test_multistep_cases(emu, case):
+    """The multistep op (D_prev read from dbuf, this call's D written back by the same thread) against
+    ms_step_reference (D bit for bit, u bit for bit without noise) and the C++ CPU kernel; the
+    vector path is taken exactly when dbuf is 16-byte aligned too (a misaligned pack would raise)."""
+    def close(got, expected, what):
+        assert_close_verbose(got, expected, **STEP_TOL[case.step.state_dtype], what=what)
+
+    plans = []
+
+    def op(*args):
+        plans.append(emu.ms_step_(*args))
+
+    run_ms_case(case, op, "cpu", None if case.step.exact else close)
+    u, eps, dbuf, seeds, _ = make_ms_inputs(case)
+    want = expected_plan(case.step, u, eps)
+    if want[0] > 1 and dbuf.data_ptr() % 16:  # dbuf's float32 packs need 16-byte alignment too
+        want = [1, want[1], min((case.step.batch * case.step.D + 255) // 256, 2**16)]
+    assert plans == [want], f"{case.id}: launch {plans}, expected {want}"
+    cpu_u, cpu_d, emu_u, emu_d = u.clone(), dbuf.clone(), u.clone(), dbuf.clone()
+    torch.ops.psld_fast.ms_step_(cpu_u, eps, cpu_d, seeds, case.step.coef, case.ms, case.record, 3, 1)
+    emu.ms_step_(emu_u, eps, emu_d, seeds, case.step.coef, case.ms, case.record, 3, 1)
+    assert torch.equal(cpu_d, emu_d), f"{case.id}: D differs from the CPU kernel"
+    if case.step.exact:
+        assert torch.equal(cpu_u.nan_to_num(7.0), emu_u.nan_to_num(7.0)), f"{case.id}: u differs from the CPU kernel"
+
+
+def test_lifted_multistep_op(emu):
+    """lifted_ms_step_ emulated = the C++ CPU lifted multistep op (D bit for bit: dbuf <- d) and its
+    definition, vector and scalar paths."""
+    from psld_fast.program import lifted_ms_step_reference
+
+    coef = [0.9, 0.1, -0.2, 0.8, 0.05, 0.02, 0.5, 0.0, 0.1, 0.3, 0.0, 0.0, 0.0, 0.0, 0.7, -0.4]
+    for B, C, D, record in ((3, 1, 3072, True), (65, 1, 3, True), (2, 2, 1024, False)):
+        g = torch.Generator().manual_seed(B + D)
+        u = torch.randn((B, 2 * C, D), generator=g)
+        d = torch.randn((B, C, D), generator=g)
+        dbuf = torch.randn((B, C, D), generator=g)
+        seeds = seeds_for(B)
+        ms = [0.35, -0.6]
+        ru, ry, rd = lifted_ms_step_reference(u, d, torch.empty_like(d), dbuf, seeds, coef, ms, record, 4, 2)
+        outs = []
+        for fn in (emu.lifted_ms_step_, torch.ops.psld_fast.lifted_ms_step_):
+            uu, yy, dd = u.clone(), torch.empty_like(d), dbuf.clone()
+            fn(uu, d, yy, dd, seeds, coef, ms, record, 4, 2)
+            outs.append((uu, yy, dd))
+            assert torch.equal(dd, rd)
+            assert_close_verbose(uu, ru, **STEP_TOL[torch.float32], what=f"lifted ms u B{B} D{D}")
+            assert_close_verbose(yy, ry, **STEP_TOL[torch.float32], what=f"lifted ms y B{B} D{D}")
+        assert torch.equal(outs[0][2], outs[1][2])
 
 
 # ------------------------------------------------------------------ scalar vs vector instantiation

@@ -139,6 +139,50 @@ def test_run_stages_reference_equals_sample_for_multistep_programs():
         assert (fused.x.double() - want[:, :2]).abs().max() <= 1e-5 * scale
 
 
+def _composite(monkeypatch):
+    """Inside, the loops find no fused multistep op: the term runs as composite torch ops."""
+    from psld_fast import ops
+
+    monkeypatch.setattr(ops, "_fused_variant", lambda fn, lifted: None)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_loops_run_the_fused_multistep_op(backend):
+    """The step functions sample() uses map to the fused multistep ops of their backend (one pass per
+    NFE), not to the composite fallback a caller's own step function gets."""
+    from psld_fast import ops
+
+    if backend == "triton" and not ops.has_triton():
+        pytest.skip("triton is not installed")
+    plain, lifted = ops.multistep_fns(ops.get_step_fn(backend), ops.get_lifted_step_fn(backend))
+    assert plain is ops.get_ms_step_fn(backend)
+    if backend == "cpu":
+        assert lifted is torch.ops.psld_fast.lifted_ms_step_.default
+    assert "composite" not in getattr(lifted, "__name__", "")
+    own, own_lifted = ops.multistep_fns(lambda *a: None, lambda *a: None)
+    assert own.__name__.startswith("composite_ms_step") and own_lifted.__name__.startswith("composite_lifted_ms_step")
+
+
+@pytest.mark.parametrize("kind", ["native", "lifted"])
+@pytest.mark.parametrize("sampler", ["ei_2m", "ei_2m_sde"])
+def test_fused_multistep_equals_the_composite_term(monkeypatch, kind, sampler):
+    """The fused op (D_prev and this call's D inside the step's pass) against the multistep term as
+    composite torch ops after the plain fused step, float32 on the CPU kernel: the same samples up to
+    float32 rounding (the composite rounds the state before adding G2 D_prev)."""
+    model = pf.get_preset("gaussian")
+    if kind == "lifted":
+        mu, var = (t.reshape(model.shape) for t in model.data_moments())
+        model = pf.DenoiserModel(lambda y, s: (var * y + (s.reshape(-1, *[1] * (y.dim() - 1)) ** 2) * mu)
+                                 / (var + s.reshape(-1, *[1] * (y.dim() - 1)) ** 2), model.shape)
+    kw = dict(sampler=sampler, nfe=15, seeds=torch.arange(64) * 7 + 3, backend="cpu", progress=False)
+    fused = pf.sample(model, 64, **kw).x
+    _composite(monkeypatch)
+    comp = pf.sample(model, 64, **kw).x
+    scale = float(comp.abs().max())
+    err = float((fused - comp).abs().max())
+    assert err <= 2e-5 * scale, err
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
 def test_ei_step_is_consistent_with_the_lambda_family(lam):
     """One small step (h = 1e-4 in reverse time, first step: no D_prev) of ei_2m_sde at lambda_s = lam

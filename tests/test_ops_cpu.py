@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from _step_cases import SHARED_CASES, run_shared_case
+from _step_cases import MS_CASES, SHARED_CASES, make_ms_inputs, run_ms_case, run_shared_case
 from _tolerances import NORMAL_TOL, STEP_TOL, assert_close_verbose
 from psld_fast import ops
 from psld_fast.program import affine_step_reference
@@ -84,6 +84,68 @@ def test_shared_cases(device, case):
         assert_close_verbose(got, expected, **STEP_TOL[case.state_dtype], what=what)
 
     run_shared_case(case, torch.ops.psld_fast.affine_step_, device, None if case.exact else close)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", MS_CASES, ids=lambda c: c.id)
+def test_multistep_cases(device, case):
+    """The multistep op ms_step_ (the step plus D_prev read from dbuf and this call's D written back,
+    one pass) against ms_step_reference over the multistep case matrix: the recorded D bit for bit,
+    u bit for bit without noise, dbuf untouched without record, the state read for D even when
+    P = 0 and not read when nothing needs it (NaN there)."""
+    def close(got, expected, what):
+        assert_close_verbose(got, expected, **STEP_TOL[case.step.state_dtype], what=what)
+
+    run_ms_case(case, torch.ops.psld_fast.ms_step_, device, None if case.step.exact else close)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(5, 2, 3), (3, 4, 700), (65, 2, 1)])
+@pytest.mark.parametrize("record,g", [(True, (0.0, 0.0)), (True, (0.4, -1.1)), (False, (0.4, -1.1))])
+def test_lifted_multistep_op(device, shape, record, g):
+    """lifted_ms_step_ against its definition: y from the new state including G D_prev, dbuf <- d
+    bit for bit, d and dbuf's other uses intact; and against the plain multistep op on eps = (d, d)."""
+    from psld_fast.program import lifted_ms_step_reference, lifted_plain_coef
+
+    B, C2, D = shape
+    C = C2 // 2
+    u = _state(shape, torch.float32, device)
+    d = _state((B, C, D), torch.float32, device, seed=1)
+    dbuf = _state((B, C, D), torch.float32, device, seed=2)
+    y = torch.full((B, C, D), float("nan"), device=device)
+    seeds = _seeds(B, device)
+    coef = [0.9, 0.1, -0.2, 0.8, 0.05, 0.02, 0.5, 0.0, 0.1, 0.3, 0.0, 0.0, 0.0, 0.0, 0.7, -0.4]
+    ru, ry, rd = lifted_ms_step_reference(u, d, y, dbuf, seeds, coef, list(g), record, 4, 2)
+    uu, dd, d0 = u.clone(), dbuf.clone(), d.clone()
+    torch.ops.psld_fast.lifted_ms_step_(uu, d, y, dd, seeds, coef, list(g), record, 4, 2)
+    assert torch.equal(d, d0)
+    assert torch.equal(dd, rd) and (not record or torch.equal(dd, d))
+    assert_close_verbose(uu, ru, **STEP_TOL[torch.float32], what="lifted ms u")
+    assert_close_verbose(y, ry, **STEP_TOL[torch.float32], what="lifted ms y")
+    plain_u, plain_d = u.clone(), dbuf.clone()
+    torch.ops.psld_fast.ms_step_(plain_u, torch.cat([d, d], dim=1), plain_d, seeds, lifted_plain_coef(coef),
+                                 [*g, 0.0, 0.0, 1.0, 0.0], record, 4, 2)
+    assert torch.equal(plain_u, uu) and torch.equal(plain_d, dd)
+
+
+@needs_kernel
+def test_multistep_op_rejects_bad_arguments(device):
+    case = MS_CASES[0]
+    u, eps, dbuf, seeds, _ = make_ms_inputs(case, device)
+    coef, ms = case.step.coef, case.ms
+    bad = [((u, eps, dbuf.double(), seeds, coef, ms, True, 0, 0), "dbuf must be float32"),
+           ((u, eps, dbuf[:, :, :-1], seeds, coef, ms, True, 0, 0), "dbuf must have the shape of one half"),
+           ((u, eps, dbuf, seeds, coef, ms[:5], True, 0, 0), "ms must hold 6 numbers"),
+           ((u, None, dbuf, seeds, coef, ms, True, 0, 0), "needs eps"),
+           ((u, eps, dbuf.transpose(0, 2).contiguous().transpose(0, 2), seeds, coef, ms, True, 0, 0), "contiguous")]
+    for args, msg in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            torch.ops.psld_fast.ms_step_(*args)
+    half = torch.zeros_like(dbuf)
+    with pytest.raises(RuntimeError, match="ms must hold 2 numbers"):
+        torch.ops.psld_fast.lifted_ms_step_(u, half, None, dbuf, seeds, [0.0] * 16, ms, True, 0, 0)
+    with pytest.raises(RuntimeError, match="needs d"):
+        torch.ops.psld_fast.lifted_ms_step_(u, None, None, dbuf, seeds, [0.0] * 16, [0.0, 1.0], True, 0, 0)
 
 
 @needs_kernel
@@ -184,6 +246,13 @@ def test_opcheck(device, with_eps):
     args = (u, eps, _seeds(2, device), COEF, 3, 1)
     torch.library.opcheck(torch.ops.psld_fast.affine_step_.default, args)
     torch.library.opcheck(torch.ops.psld_fast.affine_step.default, args)
+    dbuf = _state((2, 2, 3, 3), torch.float32, device, seed=2)
+    ms = [0.3, -0.7, 0.6, -0.25, 0.4 if with_eps else 0.0, 0.15 if with_eps else 0.0]
+    torch.library.opcheck(torch.ops.psld_fast.ms_step_.default, (u, eps, dbuf, _seeds(2, device), COEF, ms, True, 3, 1))
+    d = _state((2, 2, 3, 3), torch.float32, device, seed=3)
+    y = torch.zeros_like(d)
+    torch.library.opcheck(torch.ops.psld_fast.lifted_ms_step_.default,
+                          (u, d, y, dbuf, _seeds(2, device), COEF, [0.5, -0.2], True, 3, 1))
 
 
 @needs_kernel
@@ -284,6 +353,19 @@ def test_every_cpu_isa_path(cpu_isa):
         assert torch.equal(words[..., q], ref_words[q]), f"{cpu_isa}: Philox word {q} differs"
         err = (normals[..., q] - ref_normals[q]).abs()
         assert bool((err <= NORMAL_TOL * (1 + ref_normals[q].abs())).all()), f"{cpu_isa}: normal {q}"
+    for case in MS_CASES[::5]:  # the multistep op (both layouts) is the same code on every path
+        u, eps, dbuf, seeds_ms, _ = make_ms_inputs(case)
+        outs = []
+        for path in (cpu_isa, "baseline"):
+            previous = _C.set_cpu_isa(path)
+            try:
+                uu, dd = u.clone(), dbuf.clone()
+                torch.ops.psld_fast.ms_step_(uu, eps, dd, seeds_ms, case.step.coef, case.ms, case.record, 3, 1)
+                outs.append((uu, dd))
+            finally:
+                _C.set_cpu_isa(previous)
+        assert torch.equal(outs[0][0].nan_to_num(7.0), outs[1][0].nan_to_num(7.0)) and torch.equal(outs[0][1], outs[1][1]), \
+            f"{cpu_isa}: multistep {case.id} differs from baseline"
     cases = [((7, 2, 1), torch.float32, torch.float32), ((3, 6, 9, 11), torch.float32, torch.float32),
              ((3, 6, 9, 11), torch.bfloat16, torch.float16), ((300, 2, 3), torch.float16, torch.float32)]
     for second_draw in (False, True):

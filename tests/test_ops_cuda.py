@@ -18,6 +18,7 @@ from test_ops_cpu import (  # noqa: F401  (re-run here with this module's `devic
     test_mutation_semantics, test_non_contiguous_eps_is_handled, test_non_contiguous_u_is_rejected,
     test_opcheck, test_p_zero_does_not_read_garbage_state, test_philox_words_bit_exact_and_normals_close,
     test_r_zero_is_bit_exact, test_shared_cases, test_step_matches_reference,
+    test_multistep_cases, test_lifted_multistep_op, test_multistep_op_rejects_bad_arguments,
 )
 
 pytestmark = pytest.mark.skipif(not (ops.HAS_CUDA_KERNEL and torch.cuda.is_available()),

@@ -27,7 +27,8 @@ if not torch.cuda.is_available():  # effective only if triton has not been impor
 
 from psld_fast.program import affine_step_reference  # noqa: E402
 from _devices import triton_device_params
-from _step_cases import COEFS, SHARED_CASES, StepCase, make_inputs, offset_by_one, run_shared_case
+from _step_cases import (COEFS, MS_CASES, SHARED_CASES, StepCase, make_inputs, make_ms_inputs, offset_by_one,
+                         run_ms_case, run_shared_case)
 
 try:
     import triton  # noqa: F401
@@ -255,6 +256,36 @@ def test_shared_cases(device, case):
     run_shared_case(case, op, device, close)
 
 
+@pytest.mark.parametrize("case", MS_CASES, ids=lambda c: c.id)
+def test_multistep_cases(device, case):
+    """The multistep op ms_step_triton_ (the same kernel with dbuf: D_prev read, this call's D
+    written) against ms_step_reference: D within float32 rounding (the kernel's sums may become
+    FMAs on a GPU), u within the state tolerance, dbuf untouched without record."""
+    if triton_step is None:
+        pytest.skip("triton is not installed")
+
+    def close(got, expected, what):
+        try:
+            _assert_close(got, expected, case.step.state_dtype)
+        except AssertionError as exc:
+            raise AssertionError(f"{what}: {exc}") from None
+
+    run_ms_case(case, torch.ops.psld_fast.ms_step_triton_, device, close, d_exact=False)
+
+
+def test_multistep_op_errors(device):
+    if triton_step is None:
+        pytest.skip("triton is not installed")
+    case = MS_CASES[0]
+    u, eps, dbuf, seeds, _ = make_ms_inputs(case, device)
+    with pytest.raises(TypeError, match="dbuf must be float32"):
+        torch.ops.psld_fast.ms_step_triton_(u, eps, dbuf.half(), seeds, case.step.coef, case.ms, True, 0, 0)
+    with pytest.raises(ValueError, match="ms must hold 6"):
+        torch.ops.psld_fast.ms_step_triton_(u, eps, dbuf, seeds, case.step.coef, case.ms[:2], True, 0, 0)
+    with pytest.raises(ValueError, match="shape of one half"):
+        torch.ops.psld_fast.ms_step_triton_(u, eps, dbuf[:1], seeds, case.step.coef, case.ms, True, 0, 0)
+
+
 _offset_by_one = offset_by_one  # (tests/_step_cases.py)
 
 
@@ -361,6 +392,9 @@ def test_opcheck(device):
                           (u, eps, seeds, _coef(gen), 3, 1))
     torch.library.opcheck(torch.ops.psld_fast.affine_step_triton_.default,
                           (u, None, seeds, _coef(gen, P=False), 0, 0))
+    dbuf = torch.randn(2, 2, 5, generator=gen).to(device)
+    torch.library.opcheck(torch.ops.psld_fast.ms_step_triton_.default,
+                          (u, eps, dbuf, seeds, _coef(gen), [0.3, -0.7, 0.6, -0.25, 0.4, 0.15], True, 3, 1))
 
 
 def _bad_calls(device):

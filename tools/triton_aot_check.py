@@ -47,7 +47,7 @@ def _variant_key(v: dict) -> dict:
     return dict(state=state, eps=eps, BLOCK=v["BLOCK"], num_warps=v["num_warps"], maxnreg=v["maxnreg"],
                 HAS_EPS=v["HAS_EPS"],
                 HAS_NOISE=v["HAS_NOISE"], SECOND_DRAW=v["SECOND_DRAW"], READ_STATE=v["READ_STATE"],
-                FLAT=v["FLAT"])
+                FLAT=v["FLAT"], HAS_DPREV=v["HAS_DPREV"], HAS_DREC=v["HAS_DREC"], DREC_STATE=v["DREC_STATE"])
 
 
 def select(variants: list[dict], everything: bool) -> list[dict]:
@@ -79,14 +79,17 @@ def compile_one(job: tuple[dict, int]) -> dict:
     names = kernel.arg_names
     sig = {n: "fp32" for n in names}
     eps_ty = key["eps"] or key["state"]  # eps None: the launcher passes u again
+    ms = key["HAS_DPREV"] or key["HAS_DREC"]
     sig.update(u_ptr=f"*{key['state']}", eps_ptr=f"*{eps_ty}", seed_ptr="*i64",
+               d_ptr="*fp32" if ms else f"*{key['state']}",  # no multistep: the launcher passes u
                B="i32", D="i32", NB="i32", step="i32", stream="i32")
     consts = dict(BLOCK=key["BLOCK"], HAS_EPS=key["HAS_EPS"], HAS_NOISE=key["HAS_NOISE"],
                   SECOND_DRAW=key["SECOND_DRAW"], READ_STATE=key["READ_STATE"], FLAT=key["FLAT"],
-                  BF16_RNE=False)
+                  BF16_RNE=False, HAS_DPREV=key["HAS_DPREV"], HAS_DREC=key["HAS_DREC"],
+                  DREC_STATE=key["DREC_STATE"])
     for c in consts:
         sig[c] = "constexpr"
-    aligned = ["u_ptr", "eps_ptr", "seed_ptr"] + ([] if key["FLAT"] else ["D"])
+    aligned = ["u_ptr", "eps_ptr", "seed_ptr", "d_ptr"] + ([] if key["FLAT"] else ["D"])
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     target = GPUTarget("cuda", cc, 32)
     backend = triton.compiler.make_backend(target)
@@ -124,6 +127,8 @@ def compile_one(job: tuple[dict, int]) -> dict:
         want_ld = 2 * per_thread * ((_BYTES[key["state"]] if key["READ_STATE"] else 0)
                                     + (_BYTES[eps_ty] if key["HAS_EPS"] else 0)) // 16
         want_st = 2 * per_thread * _BYTES[key["state"]] // 16
+        want_ld += per_thread * 4 // 16 if key["HAS_DPREV"] else 0  # the multistep op's float32 dbuf
+        want_st += per_thread * 4 // 16 if key["HAS_DREC"] else 0
         if (row["ld16"], row["st16"], row["ld_other"], row["st_other"]) != (want_ld, want_st, 0, 0):
             row["problems"].append(f"expected {want_ld} 16-byte loads and {want_st} 16-byte stores only, got "
                                    f"{row['ld16']}/{row['st16']} (+{row['ld_other']} other loads, "
@@ -135,6 +140,9 @@ def compile_one(job: tuple[dict, int]) -> dict:
 def _fmt(row: dict) -> str:
     noise = "2 draws" if row["SECOND_DRAW"] else "1 draw" if row["HAS_NOISE"] else "none"
     layout = "flat" if row["FLAT"] else "per-sample"
+    if row["HAS_DPREV"] or row["HAS_DREC"]:
+        layout += " ms(" + ",".join(n for n, f in (("read", row["HAS_DPREV"]), ("rec", row["HAS_DREC"]),
+                                                     ("x", row["DREC_STATE"])) if f) + ")"
     spill = "-" if row.get("spill_st") is None else f"{row['spill_st']}/{row['spill_ld']}"
     vec = "-" if "ld16" not in row else f"{row['ld16']}/{row['st16']}" + (
         f" (+{row['ld_other']}/{row['st_other']} scalar)" if row["ld_other"] or row["st_other"] else "")

@@ -9,6 +9,8 @@
 // to a misaligned address raises (a GPU faults there).  Ops (namespace psld_cuda_emu):
 //   affine_step_(u, eps, seeds, coef, step, stream) -> [kVec, two_draws, blocks]   (CPU tensors)
 //   lifted_step_(u, d, y, seeds, coef16, step, stream) -> [kVec, two_draws, blocks]
+//   ms_step_(u, eps, dbuf, seeds, coef, ms6, record, step, stream) -> [kVec, two_draws, blocks]
+//   lifted_ms_step_(u, d, y, dbuf, seeds, coef16, ms2, record, step, stream) -> [kVec, two_draws, blocks]
 //   philox_test(seeds, numel, step, stream) -> (words, normals)
 //   sparse_step(...): a state of any size (> 2^32 elements) in lazily committed memory, only the
 //                     given threads run; returns the probed elements (see sparse_step).
@@ -109,6 +111,36 @@ std::vector<int64_t> lifted_step_emulated_(const at::Tensor& u, const std::optio
   at::Tensor d_holder;
   const AffineStepParams p = make_lifted_step_params(u, d, y, seeds, coef, step, stream,
                                                      c10::DeviceType::CPU, d_holder);
+  if (p.batch == 0 || p.half_numel == 0) return {0, 0, 0};
+  EmulatedLauncher launcher;
+  dispatch_affine_step(p, launcher);
+  return launcher.plan;
+}
+
+// The multistep ops: the .cu's ms_step_cuda_ / lifted_ms_step_cuda_ with the emulated launch.
+std::vector<int64_t> ms_step_emulated_(const at::Tensor& u, const std::optional<at::Tensor>& eps,
+                                       const at::Tensor& dbuf, const at::Tensor& seeds,
+                                       c10::ArrayRef<double> coef, c10::ArrayRef<double> ms, bool record,
+                                       int64_t step, int64_t stream) {
+  at::Tensor eps_holder;
+  AffineStepParams p = make_affine_step_params(u, eps, seeds, coef, step, stream, c10::DeviceType::CPU,
+                                               eps_holder);
+  add_ms_params(p, u, dbuf, ms, record, /*lifted=*/false);
+  if (p.batch == 0 || p.half_numel == 0) return {0, 0, 0};
+  EmulatedLauncher launcher;
+  dispatch_affine_step(p, launcher);
+  return launcher.plan;
+}
+
+std::vector<int64_t> lifted_ms_step_emulated_(const at::Tensor& u, const std::optional<at::Tensor>& d,
+                                              const std::optional<at::Tensor>& y, const at::Tensor& dbuf,
+                                              const at::Tensor& seeds, c10::ArrayRef<double> coef,
+                                              c10::ArrayRef<double> ms, bool record, int64_t step,
+                                              int64_t stream) {
+  at::Tensor d_holder;
+  AffineStepParams p = make_lifted_step_params(u, d, y, seeds, coef, step, stream, c10::DeviceType::CPU,
+                                               d_holder);
+  add_ms_params(p, u, dbuf, ms, record, /*lifted=*/true);
   if (p.batch == 0 || p.half_numel == 0) return {0, 0, 0};
   EmulatedLauncher launcher;
   dispatch_affine_step(p, launcher);
@@ -254,6 +286,10 @@ TORCH_LIBRARY(psld_cuda_emu, m) {
   m.def("affine_step_(Tensor(a!) u, Tensor? eps, Tensor seeds, float[] coef, int step, int stream) -> int[]");
   m.def("lifted_step_(Tensor(a!) u, Tensor? d, Tensor(b!)? y, Tensor seeds, float[] coef, int step, "
         "int stream) -> int[]");
+  m.def("ms_step_(Tensor(a!) u, Tensor? eps, Tensor(b!) dbuf, Tensor seeds, float[] coef, float[] ms, "
+        "bool record, int step, int stream) -> int[]");
+  m.def("lifted_ms_step_(Tensor(a!) u, Tensor? d, Tensor(b!)? y, Tensor(c!) dbuf, Tensor seeds, float[] coef, "
+        "float[] ms, bool record, int step, int stream) -> int[]");
   m.def("philox_test(Tensor seeds, int numel, int step, int stream) -> (Tensor, Tensor)");
   m.def("sparse_step(int batch, int half_numel, ScalarType state_dtype, ScalarType? eps_dtype, "
         "Tensor seeds, float[] coef, int step, int stream, int[] threads, Tensor probes) -> (Tensor, int[])");
@@ -262,6 +298,8 @@ TORCH_LIBRARY(psld_cuda_emu, m) {
 TORCH_LIBRARY_IMPL(psld_cuda_emu, CPU, m) {
   m.impl("affine_step_", &psld_cuda_emu::affine_step_emulated_);
   m.impl("lifted_step_", &psld_cuda_emu::lifted_step_emulated_);
+  m.impl("ms_step_", &psld_cuda_emu::ms_step_emulated_);
+  m.impl("lifted_ms_step_", &psld_cuda_emu::lifted_ms_step_emulated_);
   m.impl("philox_test", &psld_cuda_emu::philox_test_emulated);
   m.impl("sparse_step", &psld_cuda_emu::sparse_step);
 }
