@@ -1,4 +1,4 @@
-"""Command line: ``psld-fast sample | compare | info`` (also ``python -m psld_fast``).
+"""Command line: ``psld-fast sample | compare | tune | info`` (also ``python -m psld_fast``).
 
 ``psld-fast sample`` with no arguments is the main job: 64 handwritten digits from the embedded
 analytic digits model with Reduced OBA at 50 NFE, a PNG grid, and a quality figure (sliced
@@ -64,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated sampler names")
     p.add_argument("--nfes", default="20,50,100", help="comma-separated NFE budgets")
     p.add_argument("-n", "--num-samples", type=int, default=512)
+
+    from .tune import DEFAULT_SAMPLERS as _TUNE_SAMPLERS
+
+    p = sub.add_parser("tune", help="pick the sampler and lambda_s for a model at an NFE budget",
+                       description="Successive halving over candidate (sampler, lambda_s) cells at --nfe, scored by "
+                                   "sliced W2 to a high-NFE reference set of the same model (disjoint seeds); prints "
+                                   "every round, the winner and the cost (psld_fast.tune).")
+    add_model_args(p)
+    p.add_argument("--nfe", type=int, required=True, help="the network-evaluation budget to tune for")
+    p.add_argument("--samplers", default=",".join(_TUNE_SAMPLERS), help="comma-separated candidate samplers")
+    p.add_argument("--lambdas", default="default,0.25,0.5,1",
+                   help="lambda_s values for the stochastic samplers that take it ('default': the sampler's own)")
+    p.add_argument("-n", "--n0", type=int, default=128, help="samples per candidate in the first round (x eta per round)")
+    p.add_argument("--eta", type=int, default=2, help="keep the best 1/eta of the candidates each round")
+    p.add_argument("--rounds", type=int, default=4, help="at most this many rounds")
+    p.add_argument("--reference-sampler", default="ei_2m", choices=ALL_SAMPLERS)
+    p.add_argument("--reference-nfe", type=int, default=400)
+    p.add_argument("--reference-n", type=int, default=None, help="reference samples (default: the last round's count, >= 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tune)
 
     add_threads_arg(sub.add_parser("info", help="versions, devices and available backends"))
     try:  # training of small models lives in its own module
@@ -230,6 +250,44 @@ def cmd_compare(args) -> int:
         print(f"{s:14s} " + " ".join(f"{c:>24s}" for c in cells), flush=True)
     for note in notes:
         print(f"note: {note}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .tune import label, tune
+
+    device = resolve_device(args.device)
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    for s in samplers:
+        if s not in SAMPLER_SPECS:
+            raise ValueError(f"--samplers: unknown sampler {s!r}; choose from {', '.join(ALL_SAMPLERS)}")
+    lambdas = []
+    for v in (t.strip() for t in args.lambdas.split(",") if t.strip()):
+        if v == "default":
+            lambdas.append(None)
+            continue
+        try:
+            lambdas.append(float(v))
+        except ValueError:
+            raise ValueError(f"--lambdas: {v!r} is not a number or 'default'") from None
+    if not 1 <= args.nfe <= MAX_NFE or not 1 <= args.reference_nfe <= MAX_NFE:
+        raise ValueError(f"--nfe / --reference-nfe must be in 1..{MAX_NFE}")
+    check_backend(args)
+    model = load_model(args).to(device)
+    print(f"psld-fast tune: {model_label(args)} {tuple(model.shape)} at NFE {args.nfe}", flush=True)
+    res = tune(model, args.nfe, samplers=samplers, lambdas=lambdas or (None,), n0=args.n0, eta=args.eta,
+               max_rounds=args.rounds, reference_sampler=args.reference_sampler, reference_nfe=args.reference_nfe,
+               reference_n=args.reference_n, seed=args.seed, device=device, backend=args.backend,
+               dtype=_DTYPES[args.dtype], log=lambda line: print("  " + line, flush=True))
+    print(res.markdown())
+    b = res.best
+    src = (f"--checkpoint {args.checkpoint}" if args.checkpoint is not None else
+           f"--diffusers {args.diffusers}" if getattr(args, "diffusers", None) is not None else
+           f"--denoiser {args.denoiser}" if getattr(args, "denoiser", None) is not None else f"--model {args.model}")
+    print(f"use it: psld-fast sample {src} --sampler {b['sampler']} --nfe {args.nfe}"
+          + ("" if b["lambda_s"] is None else f" --lambda-s {b['lambda_s']:g}")
+          + f"   (psld_fast.sample(model, n, sampler={b['sampler']!r}, nfe={args.nfe}"
+          + ("" if b["lambda_s"] is None else f", lambda_s={b['lambda_s']:g}") + f"); {label(b)})")
     return 0
 
 

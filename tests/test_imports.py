@@ -27,7 +27,7 @@ LAYER_OF = {
     **dict.fromkeys(["models", "datasets", "nets", "nets.ncsnpp", "nets.small", "checkpoint", "lift"], 3),
     **dict.fromkeys(["runner", "graphs", "api", "k_sampling"], 4),
     **dict.fromkeys(["generate", "distributed", "fid", "sweep", "metrics", "images", "plotting", "train",
-                     "learned"], 5),
+                     "learned", "tune"], 5),
     **dict.fromkeys(["cli", "cli_common", "cli_generate", "cli_train", "__main__"], 6),
 }
 
