@@ -85,16 +85,21 @@ def _stage_eps(stage, sde: PSLD, mu, var, eps_error, eps_affine):
     return E, e0
 
 
-def stage_maps(program: Program, sde: PSLD, mu, var, eps_error=None, eps_affine=None):
+def stage_maps(program: Program, sde: PSLD, mu, var, eps_error=None, eps_affine=None, drop_multistep: bool = False):
     """Per stage the affine map of the per-coordinate state on Gaussian data: ``z <- A z + b + noise``.
 
     Yields ``(A (D, 2, 2), b (D, 2), noise_cov (2, 2))``.  The eps of a network stage is the exact
     Gaussian eps (:func:`gaussian_eps_affine`) unless ``eps_affine(tau) -> (E (D, 2, 2), e0 (D, 2))``
     gives another eps that is affine in z (e.g. a lifted denoiser, :func:`psld_fast.lift.lifted_stage_maps`);
     ``eps_error`` (e.g. :class:`RelativeEpsError`) then replaces that eps by ``eps_error.matrix(tau) @ eps``.
-    A multistep program's stages also read the previous call's data estimate: these 2x2 maps leave
-    ``G2`` out; :func:`program_output_moments` propagates it through an augmented state.
+    A multistep program's stages also read the previous call's data estimate, which 2x2 maps cannot
+    hold: ValueError, unless ``drop_multistep=True`` asks for the maps with ``G2`` left out (then they
+    are not the program's law); :func:`program_output_moments` propagates it through an augmented state.
     """
+    if program.multistep and not drop_multistep:
+        raise ValueError(f"stage_maps: {program.sampler} is a multistep program (its stages read the previous call's "
+                         "data estimate); use program_output_moments / program_x_law for its law, or pass "
+                         "drop_multistep=True for the maps without that term")
     mu = np.asarray(mu, dtype=np.float64).ravel()
     var = np.asarray(var, dtype=np.float64).ravel()
     D = mu.shape[0]

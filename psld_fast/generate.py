@@ -69,6 +69,10 @@ def _add_later_knobs(old_config: dict, config: dict) -> None:
         for k in READING_KNOBS:
             if k not in old_s and k in new_s and new_s[k] is None:
                 old_s[k] = None
+    # A lifted model's resolved process (T, eps_end) is recorded since the end knob; a folder written
+    # before cannot be checked for it and resumes as it did.
+    if "process" in config and "process" not in old_config:
+        old_config["process"] = config["process"]
 
 
 class ManifestMismatch(ValueError):
@@ -617,6 +621,8 @@ def _generate(model, out_dir, seed_list, fmt, batch_size, shard_size, force, pro
             }
             if extra_args:  # (absent otherwise: folders written before extra_args keep their configuration)
                 config["extra_args"] = _extra_signature(extra_args, len(seed_list))
+            if hasattr(model, "process_for"):  # a lifted model: the process its start/end knobs resolved to
+                config["process"] = {"T": process.T, "eps_end": process.eps_end}
             config = json.loads(json.dumps(config))  # what a reload gives back
             manifest = {
                 "psld_fast_generate": 1,

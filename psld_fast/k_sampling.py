@@ -90,7 +90,7 @@ def sample_psld(sampler: str, model, x: torch.Tensor, sigmas, extra_args=None, c
     program = compile_sampler(sampler, process, nfe, schedule=grid, denoise=denoise, **knobs)
     pos = sig[sig > 0]
     lifted = DenoiserModel(model, tuple(x.shape[1:]), sigma_min=float(pos.min()) * (1 - 1e-9),
-                           sigma_max=float(pos[0]) * (1 + 1e-9), sde=process, start="T")
+                           sigma_max=float(pos[0]) * (1 + 1e-9), sde=process, start="T", end="process")
     B = x.shape[0]
     if seeds is None:
         seeds = torch.randint(-(2**63), 2**63 - 1, (B,), dtype=torch.int64)

@@ -48,7 +48,7 @@ from .sde import PSLD
 
 __all__ = ["DenoiserModel", "vp_denoiser", "as_denoiser", "CFGDenoiser", "VPDenoiser", "PSLDDenoiser",
            "load_diffusers", "load_denoiser_factory", "with_class_label",
-           "lift_terms", "sigma_y", "tau_for_sigma", "lifted_coefficients", "LiftedProgram", "STARTS",
+           "lift_terms", "sigma_y", "tau_for_sigma", "lifted_coefficients", "LiftedProgram", "STARTS", "ENDS", "DEFAULT_END", "sampler_group",
            "gaussian_lift_eps_affine", "lifted_stage_maps", "lifted_program_x_law"]
 
 #: Where a lifted model's sampling starts: "T" (the process's own T and stationary prior; the
@@ -58,6 +58,24 @@ __all__ = ["DenoiserModel", "vp_denoiser", "as_denoiser", "CFGDenoiser", "VPDeno
 STARTS = ("T", "sigma_max")
 #: Default start per sampler family, chosen by docs/any_model_protocol.md (bench/compare_kdiffusion.py).
 DEFAULT_START = {"stochastic": "sigma_max", "deterministic": "sigma_max"}
+#: Where a lifted model's sampling ends: "process" (the process's eps_end, raised to tau(sigma_min)
+#: if it lies below the denoiser's trained range) or "sigma_min" (eps_end = tau(sigma_min), the
+#: bottom of the trained range).  None: per sampler group, :data:`DEFAULT_END`.
+ENDS = ("process", "sigma_min")
+#: Default end per sampler group (one-step stochastic, one-step deterministic, multistep), chosen by
+#: part 2 of docs/any_model_protocol.md (bench/compare_kdiffusion.py --end-protocol).
+DEFAULT_END = {"stochastic": "process", "deterministic": "process", "multistep": "process"}
+
+
+def sampler_group(sampler: str | None) -> str:
+    """"multistep" (ei_x0, ei_2m, ei_2m_sde), else the sampler's family "stochastic" / "deterministic"
+    (an unknown or absent sampler: "stochastic")."""
+    from .samplers import SAMPLER_SPECS
+
+    if sampler in ("ei_x0", "ei_2m", "ei_2m_sde"):
+        return "multistep"
+    spec = SAMPLER_SPECS.get(sampler)
+    return "stochastic" if spec is None or spec.stochastic else "deterministic"
 
 _LIFT_LOCK = threading.Lock()
 
@@ -174,7 +192,8 @@ def gaussian_lift_eps_affine(sde: PSLD, mu, var, sigma_min: float = 0.0, sigma_m
 def lifted_stage_maps(program, sde: PSLD, mu, var, sigma_min: float = 0.0, sigma_max: float = math.inf,
                       denoiser_error=None):
     """Per stage the affine map ``z <- A z + b + noise`` of a program run on the lifted exact
-    Gaussian denoiser (:func:`gaussian_lift_eps_affine`); as :func:`psld_fast.exact.stage_maps`."""
+    Gaussian denoiser (:func:`gaussian_lift_eps_affine`); as :func:`psld_fast.exact.stage_maps` (which
+    refuses multistep programs)."""
     from .exact import stage_maps
 
     return stage_maps(program, sde, mu, var,
@@ -208,13 +227,16 @@ class DenoiserModel(EpsModel):
             with sigma clamped to sigma_max where sigma_y(tau) exceeds it), "sigma_max" (start at
             the tau where sigma_y = sigma_max, stationary prior there), or None (default, per
             sampler family: :data:`DEFAULT_START`).
+        end: "process" (the process's eps_end, raised into the trained range), "sigma_min" (eps_end
+            = tau(sigma_min)), or None (default, per sampler group: :data:`DEFAULT_END`).
     The forward ``model(u, tau, **extra_args)`` returns eps (the unfused lift, used on backends
     without the fused lifted step); ``psld_fast.sample`` runs the fused ``lifted_step_`` loop on CPU
     (C++ kernel) and with the reference backend.
     """
 
     def __init__(self, denoiser, shape, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 sde: PSLD | None = None, name: str | None = None, start: str | None = None):
+                 sde: PSLD | None = None, name: str | None = None, start: str | None = None,
+                 end: str | None = None):
         if not callable(denoiser):
             raise TypeError(f"DenoiserModel: denoiser must be callable denoiser(x, sigma) -> x0, got "
                             f"{type(denoiser).__name__}")
@@ -230,17 +252,21 @@ class DenoiserModel(EpsModel):
             raise ValueError(f"DenoiserModel: sigma_min={sigma_min} must be < sigma_max={sigma_max}")
         if start is not None and start not in STARTS:
             raise ValueError(f"DenoiserModel: unknown start {start!r}; choose one of {STARTS} or None (per sampler)")
+        if end is not None and end not in ENDS:
+            raise ValueError(f"DenoiserModel: unknown end {end!r}; choose one of {ENDS} or None (per sampler)")
         super().__init__(net=None, sde=sde, shape=shape, name=name or type(denoiser).__name__)
         self.denoiser = denoiser  # registered as a submodule when it is one (parameters, .to, .eval)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
-        self.start = start
+        self.start, self.end = start, end
         base = self.sde
         top = float(sigma_y(base, base.T))
         if self.sigma_min >= top:
             raise ValueError(f"DenoiserModel: the denoiser's range starts at sigma_min={self.sigma_min:g}, above "
                              f"sigma_y(T)={top:.4g} of the PSLD process: no PSLD time maps into the trained range")
+        #: eps_end per end knob: the trained range's bottom, and the process's own (raised into it)
+        self.eps_end_sigma_min = float(tau_for_sigma(base, self.sigma_min)) * (1.0 + 1e-12)
         if float(sigma_y(base, base.eps_end)) < self.sigma_min:
-            self.eps_end = float(tau_for_sigma(base, self.sigma_min)) * (1.0 + 1e-12)
+            self.eps_end = self.eps_end_sigma_min
         else:
             self.eps_end = base.eps_end
         self.tau_max = float(tau_for_sigma(base, self.sigma_max)) if self.sigma_max < top else base.T
@@ -258,11 +284,15 @@ class DenoiserModel(EpsModel):
         family = "stochastic" if spec is None or spec.stochastic else "deterministic"
         return DEFAULT_START[family]
 
+    def resolved_end(self, sampler: str | None = None) -> str:
+        return self.end if self.end is not None else DEFAULT_END[sampler_group(sampler)]
+
     def process_for(self, sampler: str | None = None) -> PSLD:
         """The PSLD process ``sample`` compiles the sampler for: the lift's process with ``eps_end``
-        inside the trained range and ``T`` per :meth:`resolved_start`."""
+        per :meth:`resolved_end` (inside the trained range) and ``T`` per :meth:`resolved_start`."""
         T = self.tau_max if self.resolved_start(sampler) == "sigma_max" else self.sde.T
-        return dataclasses.replace(self.sde, T=T, eps_end=self.eps_end)
+        eps_end = self.eps_end_sigma_min if self.resolved_end(sampler) == "sigma_min" else self.eps_end
+        return dataclasses.replace(self.sde, T=T, eps_end=eps_end)
 
     # ------------------------------------------------------------------------------ evaluation
     def denoise(self, y: torch.Tensor, sigma: torch.Tensor, **extra_args) -> torch.Tensor:
@@ -558,7 +588,7 @@ def with_class_label(model: "DenoiserModel", label: int | None, guidance: float 
         den = CFGDenoiser(den, guidance, {"class_labels": torch.tensor([int(null_label)])})
     return DenoiserModel(_LabelledDenoiser(den, label), model.shape, sigma_min=model.sigma_min,
                          sigma_max=model.sigma_max, sde=model.sde, name=f"{model.name}[class {label}]",
-                         start=model.start)
+                         start=model.start, end=model.end)
 
 
 def load_diffusers(folder) -> "DenoiserModel":

@@ -117,9 +117,11 @@ def test_multistep_oracle_is_not_the_one_step_oracle():
     assert program.multistep and sum(s.G2 is not None for s in program.stages) == 10  # every step but the first
     mean, cov = program_output_moments(program, model.sde, mu, var)
     m1, c1 = np.zeros((16, 2)), np.zeros((16, 2, 2))
-    for A, b, noise in stage_maps(program, model.sde, mu, var):
+    for A, b, noise in stage_maps(program, model.sde, mu, var, drop_multistep=True):
         m1, c1 = np.einsum("dij,dj->di", A, m1) + b, A @ c1 @ np.transpose(A, (0, 2, 1)) + noise
     assert gaussian_w2_1d(mean[:, 0], cov[:, 0, 0], m1[:, 0], c1[:, 0, 0]) > 1e-3
+    with pytest.raises(ValueError, match="multistep program"):  # never silently without the term
+        next(stage_maps(program, model.sde, mu, var))
 
 
 def test_run_stages_reference_equals_sample_for_multistep_programs():
@@ -200,7 +202,7 @@ def test_ei_step_is_consistent_with_the_lambda_family(lam):
         # its D_prev term (the line through the call at t = 0) is O(h^2 / t0): the 2x2 maps leave it out
         G2 = step.stages[0].G2
         assert np.abs(G2).max() < 1e-2 * h
-        (A, b, noise), = list(stage_maps(step, SDE, mu, var))
+        (A, b, noise), = list(stage_maps(step, SDE, mu, var, drop_multistep=True))
         tau = SDE.T - t0
         beta = SDE.beta(tau)
         E, e0 = gaussian_eps_affine(SDE, tau, mu, var)
