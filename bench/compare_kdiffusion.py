@@ -53,7 +53,7 @@ import psld_fast as pf  # noqa: E402
 from _benchutil import device_name, git_revision, interleaved, load_average, pin_threads  # noqa: E402
 from psld_fast.exact import gaussian_w2_1d  # noqa: E402
 from psld_fast.lift import lifted_program_x_law, lifted_stage_maps  # noqa: E402
-from psld_fast.lift import lift_terms, tau_for_sigma  # noqa: E402
+from psld_fast.lift import lift_terms  # noqa: E402
 from psld_fast.peers import load_kdiffusion  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "kdiffusion"
@@ -144,17 +144,18 @@ class DenoiserError:
 
 
 # ------------------------------------------------------------------- psld_fast exact laws
-def psld_program(sampler, nfe, start=None, sde=None, **knobs):
-    """(DenoiserModel-resolved process, program) for the lifted exact denoiser with ``start``
-    (None: the library default, per family) and process ``sde`` (None: the default PSLD) — the
-    program ``pf.sample`` would run."""
-    dm = pf.DenoiserModel(lambda x, s: x, (16,), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, start=start, sde=sde)
+def psld_program(sampler, nfe, start=None, sde=None, end=None, **knobs):
+    """(DenoiserModel-resolved process, program) for the lifted exact denoiser with ``start`` and
+    ``end`` (None: the library defaults, per sampler family / group) and process ``sde`` (None: the
+    default PSLD) — the program ``pf.sample`` would run."""
+    dm = pf.DenoiserModel(lambda x, s: x, (16,), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, start=start, sde=sde,
+                          end=end)
     proc = dm.process_for(sampler)
     return dm, proc, pf.compile_sampler(sampler, proc, nfe, **knobs)
 
 
-def psld_law(sampler, nfe, mu, var, start=None, error=None, sde=None, **knobs):
-    dm, proc, prog = psld_program(sampler, nfe, start, sde, **knobs)
+def psld_law(sampler, nfe, mu, var, start=None, error=None, sde=None, end=None, **knobs):
+    dm, proc, prog = psld_program(sampler, nfe, start, sde, end, **knobs)
     m, v = lifted_program_x_law(prog, proc, mu, var, dm.sigma_min, dm.sigma_max,
                                 None if error is None else error.affine)
     return m, v, prog.nfe
@@ -491,10 +492,8 @@ def exact_rows(mu, var, nfes, error=None, testbed="a1", quick=False):
             psld_law("reduced_oba", nfe, mu, var, start="T", error=error))
         for name in ("ei_2m", "ei_2m_sde"):  # the multistep samplers away from the start protocol's default
             add("psld_fast", name, f"psld_fast {name} start=T", nfe, psld_law(name, nfe, mu, var, start="T", error=error))
-        if error is None:  # integrating down to the denoiser's sigma_min, as k-diffusion does (not a default)
-            low = pf.PSLD(eps_end=float(tau_for_sigma(pf.PSLD(), SIGMA_MIN)))
-            add("psld_fast", "ei_2m", "psld_fast ei_2m eps_end=tau(sigma_min)", nfe,
-                psld_law("ei_2m", nfe, mu, var, sde=low))
+        if error is None:  # the end protocol's other choice: the process's own eps_end (sigma_y 0.009)
+            add("psld_fast", "ei_2m", "psld_fast ei_2m end=process", nfe, psld_law("ei_2m", nfe, mu, var, end="process"))
         add("psld_fast", "reduced_oba", "psld_fast reduced_oba (k_sampling, Karras sigmas)", nfe,
             psld_karras_law("reduced_oba", nfe, mu, var, error=error))
     return rows
@@ -1009,12 +1008,11 @@ def _verdict_lines():
                 out.append(f"- ({tb}) NFE {nfe}: best psld_fast {psb[1]} {psb[0]:.4f} vs best k-diffusion {kdb[1]} "
                            f"{kdb[0]:.4f} ({'we win' if psb[0] < kdb[0] else 'we lose'}, x{psb[0] / kdb[0]:.2f}).")
         out.append("- On the exact Gaussians the multistep ei_2m is psld_fast's best row at most budgets (second order, "
-                   "like k-diffusion's lms / dpmpp_2m). Where it loses at NFE 50-100 on (a2) the floor is PSLD's "
-                   "eps_end: sigma_y(1e-3) = 0.009 is above the stiffest coordinates' std (0.003), while k-diffusion "
-                   "integrates down to sigma_min = 0.002; a lifted model given sde=PSLD(eps_end=tau(sigma_min)) "
-                   "removes most of it (the row 'ei_2m eps_end=tau(sigma_min)'), not a default yet. ei_2m's start=T rows "
-                   "beat its default sigma_max start from NFE 50 on (a1): the start protocol's per-family default "
-                   "was decided before the multistep samplers existed. Per NFE, with counted calls.")
+                   "like k-diffusion's lms / dpmpp_2m). The multistep samplers of a lifted model end at the "
+                   "denoiser's sigma_min (part 2 of docs/any_model_protocol.md; the row 'ei_2m end=process' is the "
+                   "process's own eps_end, sigma_y 0.009, above the stiffest coordinates' std 0.003 of (a2)). ei_2m's "
+                   "start=T rows beat its default sigma_max start from NFE 50 on (a1): the start protocol's per-family "
+                   "default was decided before the multistep samplers existed. Per NFE, with counted calls.")
     mx = read_csv(OUT / "mixture.csv")
     if mx:
         fl = (OUT / "mixture_floor.txt").read_text().split() if (OUT / "mixture_floor.txt").exists() else None

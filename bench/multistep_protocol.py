@@ -47,7 +47,9 @@ LAMBDAS = (0.25, 0.5, 1.0, 1.5)
 
 def w2(sampler, variable, nfe, mu, var, model, **knobs):
     if model == "lifted":
-        dm = pf.DenoiserModel(lambda x, s: x, (16,), sigma_min=0.002, sigma_max=80.0)
+        # end="process": the lifted process as it was when parts 1 and 2 were decided (before the end
+        # knob of docs/any_model_protocol.md part 2), so a rerun reproduces the recorded tables
+        dm = pf.DenoiserModel(lambda x, s: x, (16,), sigma_min=0.002, sigma_max=80.0, end="process")
         proc = dm.process_for(sampler)
         prog = pf.compile_sampler(sampler, proc, nfe, ms_variable=variable, **knobs)
         m, v = lifted_program_x_law(prog, proc, mu, var, dm.sigma_min, dm.sigma_max)

@@ -64,7 +64,7 @@ DEFAULT_START = {"stochastic": "sigma_max", "deterministic": "sigma_max"}
 ENDS = ("process", "sigma_min")
 #: Default end per sampler group (one-step stochastic, one-step deterministic, multistep), chosen by
 #: part 2 of docs/any_model_protocol.md (bench/compare_kdiffusion.py --end-protocol).
-DEFAULT_END = {"stochastic": "process", "deterministic": "process", "multistep": "process"}
+DEFAULT_END = {"stochastic": "process", "deterministic": "process", "multistep": "sigma_min"}
 
 
 def sampler_group(sampler: str | None) -> str:

@@ -22,7 +22,9 @@ PRESETS = ["ring2d", "gaussian", "digits"]
 
 
 def _wide(gm, **kw):
-    """A lift of the mixture's exact denoiser whose trained range covers the whole process."""
+    """A lift of the mixture's exact denoiser whose trained range covers the whole process (and, by
+    default, ends where the native process ends: end='process')."""
+    kw.setdefault("end", "process")
     return DenoiserModel(gm.as_edm_denoiser(), gm.shape, sigma_min=1e-4, sigma_max=1e4, **kw)
 
 
@@ -322,3 +324,28 @@ def test_composite_lifted_step_matches_the_lifted_op(backend, dtypes, with_d, wi
     assert torch.allclose(u.double(), u_ref.double(), rtol=tol, atol=tol * 4)
     if with_y:
         assert torch.allclose(y.double(), y_ref.double(), rtol=tol, atol=tol * 4)
+
+
+def test_end_knob_resolves_per_sampler_group():
+    """end=None follows lift.DEFAULT_END (part 2 of docs/any_model_protocol.md: multistep samplers end at
+    tau(sigma_min), the one-step ones at the process's eps_end); an explicit end wins; the process ends
+    where it says (sigma_y(eps_end) = sigma_min for 'sigma_min'); a bad name is a clear error."""
+    from psld_fast.lift import DEFAULT_END, sampler_group, sigma_y
+
+    dm = psld_fast.DenoiserModel(lambda x, s: x, (4,), sigma_min=0.002, sigma_max=80.0)
+    assert DEFAULT_END == {"stochastic": "process", "deterministic": "process", "multistep": "sigma_min"}
+    assert [sampler_group(s) for s in ("ei_2m", "ei_2m_sde", "ei_x0", "reduced_oba", "ci_ei")] == \
+        ["multistep"] * 3 + ["stochastic", "deterministic"]
+    low, base = dm.process_for("ei_2m"), dm.process_for("reduced_oba")
+    assert float(sigma_y(low, low.eps_end)) == pytest.approx(0.002, rel=1e-9)
+    assert base.eps_end == psld_fast.PSLD().eps_end and float(sigma_y(base, base.eps_end)) > 0.008
+    forced = psld_fast.DenoiserModel(lambda x, s: x, (4,), end="process")
+    assert forced.process_for("ei_2m").eps_end == base.eps_end
+    assert psld_fast.DenoiserModel(lambda x, s: x, (4,), end="sigma_min").process_for("reduced_oba").eps_end == low.eps_end
+    with pytest.raises(ValueError, match="unknown end 'x'"):
+        psld_fast.DenoiserModel(lambda x, s: x, (4,), end="x")
+    # the sampler really stops there: the last denoiser call of ei_2m is at sigma_min
+    seen = []
+    model = psld_fast.DenoiserModel(lambda x, s: (seen.append(float(s.max())), x)[1], (4,))
+    psld_fast.sample(model, 2, sampler="ei_2m", nfe=6, progress=False)
+    assert min(seen) == pytest.approx(0.002, rel=1e-6)
