@@ -385,3 +385,25 @@ def test_a_manifest_from_before_a_knob_was_added_still_resumes(tmp_path, ring):
     path.write_text(json.dumps(manifest))
     with pytest.raises(ManifestMismatch, match="ms_variable"):
         generate(ring, out, seeds, fmt="npz", shard_size=10, nfe=NFE, batch_size=3, progress=False)
+
+
+def test_lifted_model_records_its_resolved_process(tmp_path):
+    """A lifted model's manifest holds the process its start/end knobs resolved to (T, eps_end), so a
+    rerun whose knobs (or library defaults) resolve elsewhere is refused instead of mixing samples."""
+    import json
+
+    import psld_fast as pf
+    from psld_fast.generate import ManifestMismatch, generate
+
+    gm = pf.get_preset("ring2d")
+    den = gm.as_edm_denoiser()
+    model = pf.DenoiserModel(den, gm.shape)
+    out = tmp_path / "run"
+    generate(model, out, range(4), fmt="npz", sampler="ei_2m", nfe=6, progress=False)
+    proc = json.loads((out / "manifest.json").read_text())["config"]["process"]
+    want = model.process_for("ei_2m")
+    assert proc == {"T": want.T, "eps_end": want.eps_end}
+    generate(model, out, range(6), fmt="npz", sampler="ei_2m", nfe=6, progress=False)  # same knobs: resumes
+    with pytest.raises(ManifestMismatch, match="process"):
+        generate(pf.DenoiserModel(den, gm.shape, end="process"), out, range(6), fmt="npz", sampler="ei_2m", nfe=6,
+                 progress=False)
