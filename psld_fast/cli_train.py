@@ -25,6 +25,10 @@ def register(sub) -> None:
     p.add_argument("--data", default="ring2d",
                    help="ring2d (or another analytic preset: exact draws), digits (1797 UCI digits 16x16), "
                         "digits8, or a .npy/.npz(x)/.pt file of examples (N, ...) in [-1, 1]")
+    p.add_argument("--split", choices=["all", "train", "heldout"], default="all",
+                   help="digits only: all 1797 images (default), or the fixed stratified 70/30 split "
+                        "(psld_fast.datasets.digits_split_indices): train (1258) or heldout (539); "
+                        "stored in the checkpoint's hyper_parameters")
     p.add_argument("--arch", choices=["mlp", "unet"], default=None, help="default: mlp for points, unet for images")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<data>)")
     p.add_argument("--steps", type=int, default=2000, help="total optimizer steps (a resumed run continues to this)")
@@ -75,7 +79,7 @@ def cmd_train(args) -> int:
                                    "a number > 0")):
         if not ok or value != value:  # NaN fails every comparison
             raise ValueError(f"{flag} {value}: give {what}")
-    cfg = TrainConfig(data=args.data, arch=args.arch, net=_json_object(args.net, "--net"),
+    cfg = TrainConfig(data=args.data, split=args.split, arch=args.arch, net=_json_object(args.net, "--net"),
                       sde=_json_object(args.sde, "--sde"), out=str(out), steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
                       ema_decay=args.ema_decay, ckpt_every=args.ckpt_every, seed=args.seed, device=args.device,

@@ -104,18 +104,28 @@ class _ArraySource:
         return self.data[idx]
 
 
-def make_data(spec: str, sde: PSLD):
+def make_data(spec: str, sde: PSLD | None = None, *, split: str = "all"):
     """``"ring2d"`` (or any analytic preset): exact draws; ``"digits"``: the 1797 shipped UCI digits
     at 16x16 in [-1, 1]; ``"digits8"``: at 8x8; a ``.npy`` / ``.npz`` (key ``x``) / ``.pt`` path: an
-    array (N, ...) of examples in [-1, 1]."""
+    array (N, ...) of examples in [-1, 1].  ``split`` (digits only): ``"all"``, ``"train"`` (the 1258
+    images of the fixed stratified 70/30 split, :func:`psld_fast.datasets.digits_split_indices`) or
+    ``"heldout"`` (the other 539)."""
+    from .datasets import SPLITS
     from .models import PRESETS
 
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: choose one of {', '.join(SPLITS)}")
     if spec in ("digits", "digits16", "digits8"):
         from .datasets import load_digits
 
-        x, _ = load_digits(size=8 if spec == "digits8" else 16)
-        return _ArraySource(x), {"kind": "digits", "size": 8 if spec == "digits8" else 16, "n": int(x.shape[0]),
-                                 "source": "psld_fast/data/digits.npz (UCI optdigits, CC BY 4.0), bicubic"}
+        x, _ = load_digits(size=8 if spec == "digits8" else 16, split=split)
+        info = {"kind": "digits", "size": 8 if spec == "digits8" else 16, "n": int(x.shape[0]),
+                "source": "psld_fast/data/digits.npz (UCI optdigits, CC BY 4.0), bicubic"}
+        if split != "all":
+            info["split"] = split
+        return _ArraySource(x), info
+    if split != "all":
+        raise ValueError(f"split {split!r} applies to the digits data only, not to {spec!r}")
     if spec in PRESETS:
         return _PointSource(spec, sde), {"kind": "preset", "name": spec, "source": "exact draws from get_preset"}
     path = Path(spec)
@@ -212,6 +222,7 @@ def load_trained_checkpoint(path, *, use_ema: bool = True, map_location="cpu", n
 @dataclass
 class TrainConfig:
     data: str = "ring2d"
+    split: str = "all"                   # digits only: "all", "train" or "heldout" (datasets.SPLITS)
     arch: str | None = None              # default: "mlp" for point data, "unet" for images
     net: dict = field(default_factory=dict)   # overrides of nets.small.default_config(arch)
     sde: dict = field(default_factory=dict)   # PSLD(**sde)
@@ -266,7 +277,7 @@ def train(cfg: TrainConfig | dict | None = None, **kwargs) -> dict:
     check_writable_dir(out, "training output folder")  # before the data, the network or any step
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sde = PSLD(**cfg.sde)
-    source, data_info = make_data(cfg.data, sde)
+    source, data_info = make_data(cfg.data, sde, split=cfg.split)
     shape = source.shape
     arch = cfg.arch or ("mlp" if len(shape) == 1 else "unet")
     if arch == "mlp":

@@ -155,3 +155,31 @@ def test_shipped_learned_models(name, shape, nfe):
     assert model.shape == shape and not model.net.training
     res = pf.sample(model, 3, sampler="reduced_oba", nfe=nfe, split="ou", progress=False)
     assert res.x.shape == (3, *shape) and torch.isfinite(res.x).all()
+
+
+def test_train_on_digit_split_records_it(tmp_path):
+    out = T.train(_cfg(tmp_path, data="digits8", split="train", arch="unet",
+                       net={**TINY_UNET, "patch": 1}, steps=2, batch_size=4))
+    ck = torch.load(out["checkpoint"], weights_only=True)
+    hp = ck["hyper_parameters"]
+    assert hp["data"]["split"] == "train" and hp["data"]["n"] == 1258 and hp["train"]["split"] == "train"
+    src, info = T.make_data("digits", split="heldout")
+    assert src.data.shape[0] == 539 and info["split"] == "heldout"
+    assert "split" not in T.make_data("digits")[1]          # the default ("all") is unchanged
+    with pytest.raises(ValueError, match="split 'test'"):
+        T.make_data("digits", split="test")
+    with pytest.raises(ValueError, match="digits data only"):
+        T.make_data("ring2d", pf.PSLD(), split="train")
+
+
+def test_cli_train_split_flag_documented_and_checked(capsys):
+    from psld_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--split" in help_text and "heldout" in help_text
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--split", "test", "--no-progress"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'test'" in capsys.readouterr().err
