@@ -145,16 +145,32 @@ def test_cli_train_subcommand(tmp_path, capsys):
     assert T.load_trained_checkpoint(export).shape == (2,)
 
 
-@pytest.mark.parametrize("name,shape,nfe", [("ring2d", (2,), 5), ("digits", (1, 16, 16), 3)])
+@pytest.mark.parametrize("name,shape,nfe", [("ring2d", (2,), 5), ("digits", (1, 16, 16), 3),
+                                            ("digits_split", (1, 16, 16), 3), ("digits_edm", (1, 16, 16), 3)])
 def test_shipped_learned_models(name, shape, nfe):
     from psld_fast.learned import learned_path, load_learned
 
     if not learned_path(name).is_file():
         pytest.skip(f"learned_{name}.pt not built yet")
     model = load_learned(name)
-    assert model.shape == shape and not model.net.training
+    net = model.denoiser if name == "digits_edm" else model.net
+    assert model.shape == shape and not net.training
+    assert isinstance(model, pf.DenoiserModel) == (name == "digits_edm")
     res = pf.sample(model, 3, sampler="reduced_oba", nfe=nfe, split="ou", progress=False)
     assert res.x.shape == (3, *shape) and torch.isfinite(res.x).all()
+    if name in ("digits_split", "digits_edm"):
+        ck = torch.load(learned_path(name), weights_only=True)
+        assert ck["hyper_parameters"]["data"]["split"] == "train" and ck["hyper_parameters"]["data"]["n"] == 1258
+        assert "optimizer_states" not in ck and all(k.startswith("ema_score_fn.") for k in ck["state_dict"])
+        assert len(learned_path(name).read_bytes()) < 8 * 2 ** 20
+    if name == "digits_split":     # the same network config as the all-digits model
+        assert ck["hyper_parameters"]["model"] == torch.load(learned_path("digits"), weights_only=True)[
+            "hyper_parameters"]["model"]
+    if name == "digits_edm":       # k-diffusion's convention, natively: D(x, sigma) -> x0 estimate
+        x = torch.randn(2, *shape)
+        D = model.denoiser(x, torch.tensor([0.5, 5.0]))
+        assert D.shape == x.shape and torch.isfinite(D).all()
+        assert ck["hyper_parameters"]["objective"] == "edm"
 
 
 def test_train_on_digit_split_records_it(tmp_path):
