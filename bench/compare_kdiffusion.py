@@ -908,8 +908,7 @@ def split_md(rows, nfes, acc=None):
              "`digits`): psld_fast natively, k-diffusion through `psld_fast.as_denoiser` (Karras sigmas "
              "sigma_y(eps_end) .. 80, rho 7). `digits_edm` (position-only EDM denoiser): psld_fast lifted "
              "(`DenoiserModel`, default start), k-diffusion natively on `model.denoiser` (Karras 0.002 .. 80, rho 7). "
-             "float32, library defaults. A k-diffusion sampler gets the most Karras steps whose counted NFE fits "
-             "(heun at 10/20/50: 9/19/49).", "",
+             "float32, library defaults; k-diffusion's four samplers here spend one NFE per step (Karras steps = NFE).", "",
              "## Real-vs-real floors (same n, same seeds)", "",
              "| floor | FD-dig mean +- sd | n |", "|---|---|---|"]
     for k, (m, sd) in fl.items():
