@@ -5,7 +5,9 @@ exactly from an analytic preset (``--data ring2d``) or on an image array (``--da
 shipped UCI digits at 16x16; or a ``.npy``/``.npz``/``.pt`` file of examples in [-1, 1]).  Writes
 ``<out>/last.ckpt`` atomically every ``--ckpt-every`` steps and at the end; rerunning the same
 command resumes from it.  ``--export FILE`` also writes a stripped copy (EMA weights only) like the
-models shipped in ``psld_fast/data/learned_*.pt``.
+models shipped in ``psld_fast/data/learned_*.pt``.  ``--split train`` trains on the fixed stratified
+70/30 split of the digits; ``--objective edm`` trains a position-only EDM denoiser instead (loads as
+a :class:`~psld_fast.lift.DenoiserModel`).
 """
 from __future__ import annotations
 
