@@ -10,6 +10,9 @@ Regenerates bench/results/kdiffusion/ (CSV, Markdown, PNG).  Parts (run all with
   --errors    controlled denoiser errors growing toward small sigma on (a1), exact laws (errors.csv/.md)
   --learned   the shipped learned PSLD digits network: psld_fast natively, k-diffusion through
               psld_fast.as_denoiser; digit-feature FD of bench/compare_learned.py (learned.csv/.md)
+  --learned-split  the train-split models (digits_split: PSLD net; digits_edm: EDM denoiser) scored
+              against the held-out digits, mean +- sd over --split-seeds sample seeds, with real-vs-real
+              floors (learned_split.csv/.md)
   --speed     per-NFE overhead (zero-cost denoiser) and end to end (small network), interleaved rounds
   --quick     fewer cells (a smoke run; results are written to the same files)
 
@@ -762,6 +765,209 @@ def part_learned(args):
     (OUT / "learned.md").write_text("\n".join(lines) + "\n")
 
 
+# --------------------------------------------------------------------------- learned, held-out
+SPLIT_PSLD = ("em", "sscs", "reduced_oba", "ci_ei", "ei_x0", "ei_2m", "ei_2m_sde")
+SPLIT_KD = ("euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "lms")
+SPREAD_NS = (150, 300, 500)  # n of the floor-spread table (how n was chosen)
+SPLIT_MODELS = {"psld": ("digits_split", "PSLD eps-network (HSM), train split"),
+                "edm": ("digits_edm", "EDM denoiser (position only), train split")}
+
+
+def _heldout_fd():
+    """``fd(x) -> FD-dig of x (clipped to [-1, 1]) to the 539 held-out digits``, plus the train-split
+    and held-out digits.  Features: bench/compare_learned.py's fixed digit classifier (trained on all
+    1797 digits, as in learned.md, so the two tables share one feature space)."""
+    import compare_learned as cl
+    from psld_fast.datasets import load_digits
+
+    feat, acc = cl.digit_features()
+    train, _ = load_digits(16, split="train")
+    held, _ = load_digits(16, split="heldout")
+
+    def feats(x):
+        with torch.no_grad():
+            return feat.body(x.clamp(-1, 1).float()).numpy().astype(np.float64)
+
+    f_held = feats(held)
+
+    def fd(x, ref=f_held):
+        return cl.frechet(feats(x), ref)
+
+    return fd, feats, train, held, acc
+
+
+def split_floors(fd, feats, train, held, n, seeds):
+    """Real-vs-real FD-dig floors per seed s (torch generator 1000 + s):
+    train split vs held-out (n train digits without replacement: what fresh draws of the data law, or
+    a sampler that copies training digits, score), held-out resampled (n held-out digits with
+    replacement: the reference scored against itself, optimistic), halves (a random half of the
+    held-out digits vs the other half, 269 vs 270: two disjoint real sets of that size)."""
+    rows = []
+    for s in seeds:
+        g = torch.Generator().manual_seed(1000 + s)
+        it = torch.randperm(len(train), generator=g)[:n]
+        ih = torch.randint(0, len(held), (n,), generator=g)
+        perm = torch.randperm(len(held), generator=g)
+        a, b = held[perm[:len(held) // 2]], held[perm[len(held) // 2:]]
+        for name, val, m in (("train split vs held-out", fd(train[it]), n),
+                             ("held-out resampled", fd(held[ih]), n),
+                             ("held-out halves", fd(a, feats(b)), len(a))):
+            rows.append(dict(model="real", library="floor", sampler=name, label=f"floor: {name}", nfe=0, nfe_spent=0,
+                             seed=s, n=m, fd_dig=val, seconds=0.0))
+    return rows
+
+
+def _mean_sd(vals):
+    vals = [v for v in vals if math.isfinite(v)]
+    if not vals:
+        return float("inf"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else float("nan"))
+
+
+def part_learned_split(args):
+    """FD-dig against the held-out digits, mean +- sd over sample seeds, with real-vs-real floors."""
+    from psld_fast.learned import learned_path, load_learned
+
+    print(f"[{now()}] learned_split", flush=True)
+    nfes = (10, 20) if args.quick else (10, 20, 50)
+    n = args.learned_n or (100 if args.quick else 300)
+    seeds = list(range(args.split_seeds))
+    models = [m.strip() for m in (args.split_models or "psld,edm").split(",") if m.strip()]
+    bad = [m for m in models if m not in SPLIT_MODELS]
+    if bad:
+        raise SystemExit(f"--split-models: unknown {bad}; choose from {', '.join(SPLIT_MODELS)}")
+    csv_path = OUT / "learned_split.csv"
+    old = read_csv(csv_path) if csv_path.exists() and not args.quick else []
+    keep = [r for r in old if r["model"] not in set(models) | {"real"} and int(r["n"]) == n]  # other models' rows
+    fd, feats, train, held, acc = _heldout_fd()
+    spread = []
+    for m in SPREAD_NS:   # the floor's seed-to-seed spread against n (5 seeds): how n was chosen
+        fr = [r for r in split_floors(fd, feats, train, held, m, range(5)) if r["sampler"] == "train split vs held-out"]
+        spread.append((m,) + _mean_sd([r["fd_dig"] for r in fr]))
+        print(f"  floor spread: n {m}: train split vs held-out {spread[-1][1]:.2f} +- {spread[-1][2]:.2f}", flush=True)
+    (OUT / "learned_split_spread.txt").write_text("".join(f"{m} {a:.6g} {b:.6g}\n" for m, a, b in spread))
+    rows = split_floors(fd, feats, train, held, n, seeds)
+    for r in rows:
+        print(f"  {r['label']:34s} seed {r['seed']}: FD-dig {r['fd_dig']:.3f} (n {r['n']})", flush=True)
+    for key in models:
+        name, _ = SPLIT_MODELS[key]
+        if not learned_path(name).is_file():
+            print(f"  {name}: not shipped, skipped", flush=True)
+            continue
+        model = load_learned(name)
+        model.eval()
+        if isinstance(model, pf.DenoiserModel):      # EDM: k-diffusion natively
+            den, smin = model.denoiser, model.sigma_min
+        else:                                        # PSLD: k-diffusion through the exact reverse lift
+            den = pf.as_denoiser(model)
+            smin = den.sigma_min
+        cells = [("k-diffusion", s) for s in SPLIT_KD] + [("psld_fast", s) for s in SPLIT_PSLD]
+        for lib, sampler in cells:
+            for nfe in nfes:
+                for s in seeds:
+                    t0 = time.perf_counter()
+                    if lib == "k-diffusion":
+                        x, spent = kd_run(sampler, nfe, den, model.shape, n, seed=s, sigma_min=smin,
+                                          sigma_max=SIGMA_MAX, dtype=torch.float32)
+                    else:
+                        x, spent = psld_run(model, sampler, nfe, n, seed0=s * n, dtype=torch.float32, backend="auto")
+                    wall = time.perf_counter() - t0
+                    x = x.double().cpu()
+                    val = fd(x) if bool(torch.isfinite(x).all()) else float("inf")
+                    rows.append(dict(model=key, library=lib, sampler=sampler, label=f"{lib} {sampler}", nfe=nfe,
+                                     nfe_spent=spent, seed=s, n=n, fd_dig=val, seconds=wall))
+                    print(f"  {key:4s} {lib:11s} {sampler:16s} nfe {nfe:3d} ({spent}) seed {s}: FD-dig {val:.3f} "
+                          f"({wall:.1f}s)", flush=True)
+                write_csv(keep + rows, csv_path)
+    write_csv(keep + rows, csv_path)
+    split_md(read_csv(csv_path), nfes, acc)
+
+
+def split_md(rows, nfes, acc=None):
+    for r in rows:
+        r["fd_dig"] = float(r["fd_dig"])
+        r["nfe"], r["seed"], r["n"], r["nfe_spent"] = int(r["nfe"]), int(r["seed"]), int(r["n"]), int(r["nfe_spent"])
+    seeds = sorted({r["seed"] for r in rows})
+    n = max(r["n"] for r in rows)
+    floors = {}
+    for r in rows:
+        if r["library"] == "floor":
+            floors.setdefault(r["sampler"], []).append(r["fd_dig"])
+    fl = {k: _mean_sd(v) for k, v in floors.items()}
+    lines = ["# Learned digits models scored against held-out digits (FD-dig, mean +- sd over seeds)", "",
+             f"Command: `python bench/compare_kdiffusion.py --learned-split` (git {git_revision()}).", "",
+             "Both models were trained on the 1258-image train split only (`load_digits(16, split='train')`, the "
+             "fixed stratified 70/30 split of `psld_fast.datasets.digits_split_indices`); every cell is scored "
+             "against the 539 **held-out** digits, which neither model saw. FD-dig: Frechet distance in the 64-d "
+             "features of bench/compare_learned.py's digit classifier" +
+             (f" (train accuracy {acc:.4f})" if acc is not None else "") +
+             ", samples clipped to [-1, 1]. "
+             f"Each cell: mean +- sd over {len(seeds)} sample seeds of n = {n} samples each (psld_fast: seeds "
+             "s n .. s n + n - 1; k-diffusion: torch seed s). `digits_split` (the PSLD eps-network, same config as "
+             "`digits`): psld_fast natively, k-diffusion through `psld_fast.as_denoiser` (Karras sigmas "
+             "sigma_y(eps_end) .. 80, rho 7). `digits_edm` (position-only EDM denoiser): psld_fast lifted "
+             "(`DenoiserModel`, default start), k-diffusion natively on `model.denoiser` (Karras 0.002 .. 80, rho 7). "
+             "float32, library defaults; k-diffusion's four samplers here spend one NFE per step (Karras steps = NFE).", "",
+             "## Real-vs-real floors (same n, same seeds)", "",
+             "| floor | FD-dig mean +- sd | n |", "|---|---|---|"]
+    for k, (m, sd) in fl.items():
+        nk = next(r["n"] for r in rows if r["library"] == "floor" and r["sampler"] == k)
+        lines.append(f"| {k} | {m:.2f} +- {sd:.2f} | {nk} |")
+    sp = OUT / "learned_split_spread.txt"
+    if sp.exists():
+        lines += ["", "How n was chosen: the seed-to-seed spread of the *train split vs held-out* floor against n "
+                  "(5 seeds): " + "; ".join(f"n {int(float(a))}: {float(b):.2f} +- {float(c):.2f}" for a, b, c in
+                                           (l.split() for l in sp.read_text().splitlines())) +
+                  ". FD in 64-d features is biased upward and noisy at small n; n = 500 is the smallest n whose sd is "
+                  "well below the sampler differences seen in learned.md, and 3 seeds x 500 fit the CPU budget."]
+    lines += ["", "*train split vs held-out* is what fresh draws of the data law (or a sampler that returns "
+              "training digits) score: the floor a perfect sampler of a perfect model reaches at this n. "
+              "*held-out resampled* scores the reference against itself (optimistic, below any model).", ""]
+    verdict = []
+    for key, (name, title) in SPLIT_MODELS.items():
+        mr = [r for r in rows if r["model"] == key]
+        if not mr:
+            continue
+        by = {}
+        for r in mr:
+            by.setdefault(r["label"], {}).setdefault(r["nfe"], []).append(r)
+        stats = {lab: {nfe: _mean_sd([r["fd_dig"] for r in rs]) + (rs[0]["nfe_spent"],) for nfe, rs in d.items()}
+                 for lab, d in by.items()}
+        cols = sorted({r["nfe"] for r in mr})
+        best = {c: min(stats[l][c][0] for l in stats if c in stats[l]) for c in cols}
+        lines += [f"## `{name}`: {title}", "", "| sampler | " + " | ".join(f"NFE {c}" for c in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for lab in sorted(stats, key=lambda l: (not l.startswith("psld_fast"), l)):
+            cells = []
+            for c in cols:
+                if c not in stats[lab]:
+                    cells.append("")
+                    continue
+                m, sd, spent = stats[lab][c]
+                txt = "diverged" if not math.isfinite(m) else f"{m:.2f} +- {sd:.2f}" + (f" ({spent})" if spent != c else "")
+                cells.append(f"**{txt}**" if m == best[c] else txt)
+            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        m0, sd0 = fl.get("train split vs held-out", (float("nan"), float("nan")))
+        lines.append(f"| *floor: train split vs held-out* | " + " | ".join(f"*{m0:.2f} +- {sd0:.2f}*" for _ in cols) + " |")
+        lines.append("")
+        for c in cols:
+            ps = [(stats[l][c][0], stats[l][c][1], l) for l in stats if l.startswith("psld_fast") and c in stats[l]]
+            ks = [(stats[l][c][0], stats[l][c][1], l) for l in stats if l.startswith("k-diffusion") and c in stats[l]]
+            if not ps or not ks:
+                continue
+            bp, bk = min(ps), min(ks)
+            diff = bp[0] - bk[0]
+            sdd = math.sqrt((bp[1] ** 2 + bk[1] ** 2) / len(seeds)) if math.isfinite(bp[1]) and math.isfinite(bk[1]) else float("nan")
+            word = "loses to" if diff > 0 else "beats"
+            sig = "beyond" if abs(diff) > 2 * sdd else "within"
+            verdict.append(f"- `{name}`, NFE {c}: psld_fast's best ({bp[2][10:]}, {bp[0]:.2f} +- {bp[1]:.2f}) {word} "
+                           f"k-diffusion's best ({bk[2][12:]}, {bk[0]:.2f} +- {bk[1]:.2f}) by {abs(diff):.2f}, "
+                           f"{sig} 2 standard errors of the difference ({2 * sdd:.2f}); floor {m0:.2f}.")
+    lines += ["## Best of each library per cell", "", "(standard error of a difference of means over the seeds: "
+              "sqrt((sd_a^2 + sd_b^2) / seeds))", ""] + verdict + [""]
+    (OUT / "learned_split.md").write_text("\n".join(lines) + "\n")
+
+
 # ----------------------------------------------------------------------------------- speed
 class _ZeroEps(torch.nn.Module):
     """Zero-cost eps net / denoiser: returns a preallocated zero tensor of its input's shape."""
@@ -1085,6 +1291,7 @@ def summary_md(args):
               f"{losses}.", ""]
     for fn, head in (("exact.md", "## Exact Gaussian testbeds (exact W2)"), ("mixture.md", "## 8-d mixture"),
                      ("errors.md", "## Controlled denoiser errors"), ("learned.md", "## Learned digits network"),
+                     ("learned_split.md", "## Learned digits models on held-out digits"),
                      ("speed.md", "## Speed")):
         if (OUT / fn).exists():
             body = (OUT / fn).read_text().splitlines()[1:]
@@ -1093,16 +1300,20 @@ def summary_md(args):
     (OUT / "kdiffusion.md").write_text("\n".join(lines) + "\n")
 
 # ------------------------------------------------------------------------------------- main
-PARTS = ("protocol", "exact", "mixture", "errors", "learned", "speed")
+PARTS = ("protocol", "exact", "mixture", "errors", "learned", "learned_split", "speed")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for p in PARTS:
-        ap.add_argument(f"--{p}", action="store_true", help=f"run the {p} part")
+        ap.add_argument(f"--{p.replace('_', '-')}", dest=p, action="store_true", help=f"run the {p} part")
     ap.add_argument("--quick", action="store_true", help="fewer cells (smoke run)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--learned-n", type=int, default=None, help="samples per cell of --learned (default 500)")
+    ap.add_argument("--learned-n", type=int, default=None,
+                    help="samples per cell of --learned (default 500) and per seed of --learned-split (default 300)")
+    ap.add_argument("--split-seeds", type=int, default=3, help="sample seeds per cell of --learned-split")
+    ap.add_argument("--split-models", default=None,
+                    help="--learned-split: psld, edm or psld,edm (default both); rows of the others are kept")
     ap.add_argument("--device", default="cpu", help="device of --speed (cuda: the GPU rows, speed_cuda.md)")
     ap.add_argument("--out", default=None, help="output folder of --speed (default bench/results/kdiffusion)")
     ap.add_argument("--plot-only", action="store_true", help="only redraw kdiffusion.png / kdiffusion.md from the CSVs")

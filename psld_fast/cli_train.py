@@ -5,7 +5,9 @@ exactly from an analytic preset (``--data ring2d``) or on an image array (``--da
 shipped UCI digits at 16x16; or a ``.npy``/``.npz``/``.pt`` file of examples in [-1, 1]).  Writes
 ``<out>/last.ckpt`` atomically every ``--ckpt-every`` steps and at the end; rerunning the same
 command resumes from it.  ``--export FILE`` also writes a stripped copy (EMA weights only) like the
-models shipped in ``psld_fast/data/learned_*.pt``.
+models shipped in ``psld_fast/data/learned_*.pt``.  ``--split train`` trains on the fixed stratified
+70/30 split of the digits; ``--objective edm`` trains a position-only EDM denoiser instead (loads as
+a :class:`~psld_fast.lift.DenoiserModel`).
 """
 from __future__ import annotations
 
@@ -17,14 +19,24 @@ __all__ = ["register", "cmd_train"]
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a small PSLD eps-network (HSM loss, EMA, resumable checkpoints)",
+        "train", help="train a small PSLD eps-network (HSM loss) or EDM denoiser (EMA, resumable checkpoints)",
         description="Train a PSLD eps-network with the HSM loss E||eps(mu_tau + L_tau e, tau) - e||^2 "
-                    "(tau ~ U[1e-5, 1]). Adam with warm-up, gradient clipping, EMA, bf16 autocast on CUDA. "
+                    "(tau ~ U[1e-5, 1]), or with --objective edm a position-only EDM denoiser. Adam with warm-up, gradient clipping, EMA, bf16 autocast on CUDA. "
                     "Checkpoints (Lightning-like: state_dict score_fn.*/ema_score_fn.*, hyper_parameters, "
                     "global_step, optimizer_states) go to OUT/last.ckpt; rerun the command to resume.")
     p.add_argument("--data", default="ring2d",
                    help="ring2d (or another analytic preset: exact draws), digits (1797 UCI digits 16x16), "
                         "digits8, or a .npy/.npz(x)/.pt file of examples (N, ...) in [-1, 1]")
+    p.add_argument("--objective", choices=["hsm", "edm"], default="hsm",
+                   help="hsm (default): a PSLD eps-network on (x, m) with the HSM loss; edm: a position-only "
+                        "denoiser D(x, sigma) with the EDM preconditioning and loss (sigma_data 0.5, "
+                        "log sigma ~ N(-1.2, 1.2^2), trained range sigma 0.002..80; images only, unet; no "
+                        "--sde). It loads as a psld_fast.DenoiserModel: psld_fast samples it lifted, "
+                        "k-diffusion natively (model.denoiser)")
+    p.add_argument("--split", choices=["all", "train", "heldout"], default="all",
+                   help="digits only: all 1797 images (default), or the fixed stratified 70/30 split "
+                        "(psld_fast.datasets.digits_split_indices): train (1258) or heldout (539); "
+                        "stored in the checkpoint's hyper_parameters")
     p.add_argument("--arch", choices=["mlp", "unet"], default=None, help="default: mlp for points, unet for images")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<data>)")
     p.add_argument("--steps", type=int, default=2000, help="total optimizer steps (a resumed run continues to this)")
@@ -75,7 +87,7 @@ def cmd_train(args) -> int:
                                    "a number > 0")):
         if not ok or value != value:  # NaN fails every comparison
             raise ValueError(f"{flag} {value}: give {what}")
-    cfg = TrainConfig(data=args.data, arch=args.arch, net=_json_object(args.net, "--net"),
+    cfg = TrainConfig(data=args.data, split=args.split, objective=args.objective, arch=args.arch, net=_json_object(args.net, "--net"),
                       sde=_json_object(args.sde, "--sde"), out=str(out), steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, grad_clip=args.grad_clip,
                       ema_decay=args.ema_decay, ckpt_every=args.ckpt_every, seed=args.seed, device=args.device,

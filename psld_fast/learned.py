@@ -6,8 +6,13 @@
   scored against the exact law ``psld_fast.get_preset("ring2d").sample_data(n)``.
 * ``"digits"``: small U-Net (:class:`~psld_fast.nets.small.SmallUNet`) trained on the 1797 shipped UCI
   digits (``psld_fast.datasets.load_digits(16)``, CC BY 4.0), 16x16, 1 channel (u has 2 channels).
+* ``"digits_split"``: the same network and training config on the train split only
+  (``load_digits(16, split="train")``, 1258 images): score it against ``split="heldout"``.
+* ``"digits_edm"``: a position-only EDM denoiser (:class:`~psld_fast.nets.small.EDMUNet`, EDM
+  preconditioning and loss, ``psld-fast train --objective edm``) on the same train split; loads as a
+  :class:`~psld_fast.lift.DenoiserModel` (sigma range 0.002..80).
 
-Both are EMA weights in the checkpoint layout of :mod:`psld_fast.train` (stripped of the optimizer
+All are EMA weights in the checkpoint layout of :mod:`psld_fast.train` (stripped of the optimizer
 state) and load as :class:`~psld_fast.models.EpsModel` in eval mode::
 
     model = psld_fast.learned.load_learned("digits")
@@ -21,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .lift import DenoiserModel
 from .models import EpsModel
 
 __all__ = ["LEARNED", "load_learned", "learned_path", "load_checkpoint_any"]
@@ -29,6 +35,10 @@ __all__ = ["LEARNED", "load_learned", "learned_path", "load_checkpoint_any"]
 LEARNED = {
     "ring2d": ("learned_ring2d.pt", "MLP trained on exact ring2d draws (8 Gaussians, radius 0.8, std 0.05)"),
     "digits": ("learned_digits.pt", "small U-Net trained on the 1797 UCI digits at 16x16 (CC BY 4.0)"),
+    "digits_split": ("learned_digits_split.pt", "the digits U-Net (same config) trained on the 1258-image train "
+                     "split only (datasets.digits_split_indices), so that the 539 held-out digits score it"),
+    "digits_edm": ("learned_digits_edm.pt", "position-only EDM denoiser (EDMUNet, EDM preconditioning) on the "
+                   "train split; loads as a DenoiserModel (psld_fast lifts it, k-diffusion samples it natively)"),
 }
 
 
@@ -40,7 +50,8 @@ def learned_path(name: str):
 
 
 def load_learned(name: str, *, device=None, use_ema: bool = True) -> EpsModel:
-    """A shipped learned model by name (``"ring2d"`` or ``"digits"``) as an :class:`EpsModel`."""
+    """A shipped learned model by name (one of :data:`LEARNED`) as an :class:`EpsModel`; ``"digits_edm"``
+    as a :class:`~psld_fast.lift.DenoiserModel` (its k-diffusion denoiser is ``model.denoiser``)."""
     from .train import load_trained_checkpoint
 
     ref = learned_path(name)
@@ -48,7 +59,7 @@ def load_learned(name: str, *, device=None, use_ema: bool = True) -> EpsModel:
         raise FileNotFoundError(f"learned model {name!r}: {ref} is missing from this installation")
     ckpt = torch.load(io.BytesIO(ref.read_bytes()), map_location="cpu", weights_only=True)
     model = load_trained_checkpoint(ckpt, use_ema=use_ema, name=f"learned-{name}")
-    model.net.checkpoint_info["path"] = str(ref)
+    (model.denoiser if isinstance(model, DenoiserModel) else model.net).checkpoint_info["path"] = str(ref)
     return model.to(device) if device is not None else model
 
 

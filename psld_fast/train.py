@@ -1,4 +1,5 @@
-"""Train PSLD eps-networks with the HSM loss (spec 1.2); checkpoints in a Lightning-like layout.
+"""Train PSLD eps-networks with the HSM loss (spec 1.2), or position-only EDM denoisers
+(``objective="edm"``, see :func:`edm_loss`); checkpoints in a Lightning-like layout.
 
 Loss: ``E || eps_theta(mu_tau + L_tau e, tau) - e ||^2`` with ``e ~ N(0, I)`` on the packed state
 ``(x, m)``, ``tau ~ U[tau_min, 1]`` (``tau_min = 1e-5``), ``mu_tau = P(b(tau)) (x0, 0)`` and ``L_tau``
@@ -36,7 +37,7 @@ from .nets.small import build_net, count_params, default_config
 from .sde import PSLD
 from ._io import check_writable_dir, write_atomic
 
-__all__ = ["TrainConfig", "hsm_loss", "perturb", "train", "load_trained_checkpoint", "make_data",
+__all__ = ["TrainConfig", "hsm_loss", "edm_loss", "EDM_DEFAULTS", "OBJECTIVES", "perturb", "train", "load_trained_checkpoint", "make_data",
            "save_checkpoint_atomic", "strip_checkpoint"]
 
 ONLINE = "score_fn."
@@ -78,6 +79,36 @@ def hsm_loss(net, sde: PSLD, x0: torch.Tensor, *, tau_min: float = 1e-5, generat
     return (out - e).pow(2).mean()
 
 
+#: The EDM objective's constants (Karras et al. 2022): log-normal training sigmas, sigma_data and
+#: the denoiser's trained range (the k-diffusion / EDM defaults).
+EDM_DEFAULTS = {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0}
+OBJECTIVES = ("hsm", "edm")
+
+
+def edm_loss(net, x0: torch.Tensor, *, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5,
+             generator=None, autocast: bool = False) -> torch.Tensor:
+    """One Monte-Carlo estimate of the EDM denoiser loss (mean over batch and coordinates):
+    ``lambda(s) || D(x0 + s n, s) - x0 ||^2`` with ``log s ~ N(P_mean, P_std^2)``, ``n ~ N(0, I)`` and
+    ``lambda(s) = (s^2 + sd^2) / (s sd)^2`` (= 1 / c_out^2: the loss of the raw network output F
+    against its target ``(x0 - c_skip y) / c_out``)."""
+    B = x0.shape[0]
+    rnd = torch.randn(B, generator=generator, dtype=torch.float64)
+    n = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    sigma = torch.exp(P_mean + P_std * rnd).to(x0.device)
+    n = n.to(x0.device)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    s = sigma.to(x0.dtype).reshape(shape)
+    y = x0 + s * n
+    weight = (s * s + sigma_data ** 2) / (s * sigma_data) ** 2
+    if autocast:
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            D = net(y, sigma.to(torch.float32))
+        D = D.float()
+    else:
+        D = net(y, sigma.to(torch.float32))
+    return (weight * (D - x0).pow(2)).mean()
+
+
 # ------------------------------------------------------------------------------------------ data
 class _PointSource:
     """Infinite exact draws from an analytic preset (e.g. ring2d)."""
@@ -104,18 +135,28 @@ class _ArraySource:
         return self.data[idx]
 
 
-def make_data(spec: str, sde: PSLD):
+def make_data(spec: str, sde: PSLD | None = None, *, split: str = "all"):
     """``"ring2d"`` (or any analytic preset): exact draws; ``"digits"``: the 1797 shipped UCI digits
     at 16x16 in [-1, 1]; ``"digits8"``: at 8x8; a ``.npy`` / ``.npz`` (key ``x``) / ``.pt`` path: an
-    array (N, ...) of examples in [-1, 1]."""
+    array (N, ...) of examples in [-1, 1].  ``split`` (digits only): ``"all"``, ``"train"`` (the 1258
+    images of the fixed stratified 70/30 split, :func:`psld_fast.datasets.digits_split_indices`) or
+    ``"heldout"`` (the other 539)."""
+    from .datasets import SPLITS
     from .models import PRESETS
 
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: choose one of {', '.join(SPLITS)}")
     if spec in ("digits", "digits16", "digits8"):
         from .datasets import load_digits
 
-        x, _ = load_digits(size=8 if spec == "digits8" else 16)
-        return _ArraySource(x), {"kind": "digits", "size": 8 if spec == "digits8" else 16, "n": int(x.shape[0]),
-                                 "source": "psld_fast/data/digits.npz (UCI optdigits, CC BY 4.0), bicubic"}
+        x, _ = load_digits(size=8 if spec == "digits8" else 16, split=split)
+        info = {"kind": "digits", "size": 8 if spec == "digits8" else 16, "n": int(x.shape[0]),
+                "source": "psld_fast/data/digits.npz (UCI optdigits, CC BY 4.0), bicubic"}
+        if split != "all":
+            info["split"] = split
+        return _ArraySource(x), info
+    if split != "all":
+        raise ValueError(f"split {split!r} applies to the digits data only, not to {spec!r}")
     if spec in PRESETS:
         return _PointSource(spec, sde), {"kind": "preset", "name": spec, "source": "exact draws from get_preset"}
     path = Path(spec)
@@ -179,10 +220,15 @@ def strip_checkpoint(ckpt: Mapping, *, keep_online: bool = False, half: bool = F
     return out
 
 
-def load_trained_checkpoint(path, *, use_ema: bool = True, map_location="cpu", name: str | None = None) -> EpsModel:
+def load_trained_checkpoint(path, *, use_ema: bool = True, map_location="cpu", name: str | None = None,
+                            sde_lift: Mapping | None = None) -> EpsModel:
     """Load a checkpoint written by :func:`train` (or its stripped copy) as an :class:`EpsModel` in
     eval mode.  Falls back to the other weight set (with a note in ``net.checkpoint_info``) when the
-    requested one is absent."""
+    requested one is absent.
+
+    An ``objective="edm"`` checkpoint loads as a :class:`~psld_fast.lift.DenoiserModel` (an EpsModel
+    subclass) around its :class:`~psld_fast.nets.small.EDMUNet` (``model.denoiser``; k-diffusion
+    samples that natively), lifted to ``PSLD(**sde_lift)`` (default ``PSLD()``)."""
     from .checkpoint import CheckpointError, extract_score_fn_state_dict
 
     from .checkpoint import _read
@@ -196,7 +242,8 @@ def load_trained_checkpoint(path, *, use_ema: bool = True, map_location="cpu", n
         state, prefix = extract_score_fn_state_dict(ckpt, use_ema=use_ema)
     except CheckpointError:
         state, prefix = extract_score_fn_state_dict(ckpt, use_ema=not use_ema)
-    sde = PSLD(**hp["sde"])
+    edm = hp.get("objective") == "edm"
+    sde = None if edm else PSLD(**hp["sde"])
     net = build_net(hp["model"], sde)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     net.load_state_dict(state, strict=True)
@@ -205,6 +252,12 @@ def load_trained_checkpoint(path, *, use_ema: bool = True, map_location="cpu", n
         p.requires_grad_(False)
     net.checkpoint_info = {"path": None if isinstance(path, Mapping) else str(path), "prefix": prefix,
                            "global_step": int(ckpt.get("global_step", 0)), "arch": hp["model"]["arch"]}
+    if edm:
+        from .lift import DenoiserModel
+
+        return DenoiserModel(net, net.data_shape, sigma_min=net.sigma_min, sigma_max=net.sigma_max,
+                             sde=PSLD(**sde_lift) if sde_lift else None,
+                             name=name or f"small-{hp['model']['arch']}")
     return EpsModel(net, sde, shape=net.data_shape, name=name or f"small-{hp['model']['arch']}")
 
 
@@ -212,6 +265,8 @@ def load_trained_checkpoint(path, *, use_ema: bool = True, map_location="cpu", n
 @dataclass
 class TrainConfig:
     data: str = "ring2d"
+    split: str = "all"                   # digits only: "all", "train" or "heldout" (datasets.SPLITS)
+    objective: str = "hsm"               # "hsm": PSLD eps-network; "edm": position-only EDM denoiser
     arch: str | None = None              # default: "mlp" for point data, "unet" for images
     net: dict = field(default_factory=dict)   # overrides of nets.small.default_config(arch)
     sde: dict = field(default_factory=dict)   # PSLD(**sde)
@@ -255,26 +310,37 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def train(cfg: TrainConfig | dict | None = None, **kwargs) -> dict:
-    """Train (or resume) a small PSLD eps-network; returns a summary dict (also see ``<out>/last.ckpt``)."""
+    """Train (or resume) a small PSLD eps-network (``objective="hsm"``, default) or a position-only EDM
+    denoiser (``objective="edm"``: :class:`~psld_fast.nets.small.EDMUNet`, :func:`edm_loss`, images
+    only); returns a summary dict (also see ``<out>/last.ckpt``)."""
     if cfg is None:
         cfg = TrainConfig(**kwargs)
     elif isinstance(cfg, Mapping):
         cfg = TrainConfig(**{**cfg, **kwargs})
     elif kwargs:
         cfg = TrainConfig(**{**asdict(cfg), **kwargs})
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"objective {cfg.objective!r}: choose one of {', '.join(OBJECTIVES)} (hsm: the PSLD "
+                         "eps-network; edm: a position-only EDM denoiser)")
+    edm = cfg.objective == "edm"
+    if edm and cfg.sde:
+        raise ValueError("objective 'edm' trains a position-only denoiser: it takes no PSLD parameters (sde)")
     out = Path(cfg.out)
     check_writable_dir(out, "training output folder")  # before the data, the network or any step
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sde = PSLD(**cfg.sde)
-    source, data_info = make_data(cfg.data, sde)
+    source, data_info = make_data(cfg.data, sde, split=cfg.split)
     shape = source.shape
     arch = cfg.arch or ("mlp" if len(shape) == 1 else "unet")
+    if edm and arch != "unet":
+        raise ValueError(f"objective 'edm' trains the small U-Net on images; got arch {arch!r} "
+                         f"(data shape {shape})")
     if arch == "mlp":
         net_cfg = default_config("mlp", dim=shape[0], **cfg.net)
     else:
         if len(shape) != 3 or shape[1] != shape[2]:
             raise ValueError(f"arch 'unet' needs square images (C, H, H), got data shape {shape}")
-        net_cfg = default_config("unet", channels=shape[0], size=shape[1], **cfg.net)
+        net_cfg = default_config("edm_unet" if edm else "unet", channels=shape[0], size=shape[1], **cfg.net)
     ckpt_path = out / "last.ckpt"
     torch.manual_seed(cfg.seed)
     net = build_net(net_cfg, sde).to(device)
@@ -283,6 +349,20 @@ def train(cfg: TrainConfig | dict | None = None, **kwargs) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)        # data + noise + tau draws (CPU, then moved)
     hparams = {"model": net_cfg, "sde": sde.to_dict(), "data": data_info,
                "train": {k: v for k, v in asdict(cfg).items() if k not in ("progress", "device", "resume")}}
+    if edm:
+        edm_cfg = {**EDM_DEFAULTS, "sigma_data": net_cfg["sigma_data"], "sigma_min": net_cfg["sigma_min"],
+                   "sigma_max": net_cfg["sigma_max"]}
+        del hparams["sde"]
+        hparams.update(objective="edm", edm=edm_cfg)
+
+        def loss_fn(x0):
+            return edm_loss(net, x0, P_mean=edm_cfg["P_mean"], P_std=edm_cfg["P_std"],
+                            sigma_data=edm_cfg["sigma_data"], generator=gen, autocast=use_amp)
+    else:
+        hparams["objective"] = "hsm"
+
+        def loss_fn(x0):
+            return hsm_loss(net, sde, x0, tau_min=cfg.tau_min, generator=gen, autocast=use_amp)
     step, history, elapsed0 = 0, [], 0.0
     if cfg.resume and ckpt_path.exists():
         from .checkpoint import CheckpointError, _read
@@ -291,6 +371,9 @@ def train(cfg: TrainConfig | dict | None = None, **kwargs) -> dict:
         if not isinstance(ck, Mapping) or not isinstance(ck.get("hyper_parameters"), Mapping) or \
                 "model" not in ck["hyper_parameters"]:
             raise CheckpointError(f"{ckpt_path} is not a psld_fast.train checkpoint; use another --out or --no-resume")
+        if ck["hyper_parameters"].get("objective", "hsm") != cfg.objective:
+            raise ValueError(f"{ckpt_path}: holds a {ck['hyper_parameters'].get('objective', 'hsm')!r}-objective "
+                             f"run, not {cfg.objective!r}; use another --out or --no-resume")
         if ck["hyper_parameters"]["model"] != net_cfg:
             raise ValueError(f"{ckpt_path}: holds a different network config ({ck['hyper_parameters']['model']}); "
                              "use another --out or --no-resume")
@@ -332,7 +415,7 @@ def train(cfg: TrainConfig | dict | None = None, **kwargs) -> dict:
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, step)
         x0 = source.batch(cfg.batch_size, gen).to(device)
-        loss = hsm_loss(net, sde, x0, tau_min=cfg.tau_min, generator=gen, autocast=use_amp)
+        loss = loss_fn(x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip and cfg.grad_clip > 0:
@@ -365,7 +448,7 @@ def train(cfg: TrainConfig | dict | None = None, **kwargs) -> dict:
     return {"checkpoint": str(ckpt_path), "global_step": step, "resumed_from": resumed_from,
             "final_loss": history[-1][1] if history else None, "params": count_params(net),
             "elapsed_s": elapsed0 + (time.perf_counter() - t0), "stopped_early": stopped_early,
-            "arch": arch, "device": str(device)}
+            "arch": net_cfg["arch"], "objective": cfg.objective, "device": str(device)}
 
 
 def _version() -> str:

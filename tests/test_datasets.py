@@ -75,6 +75,42 @@ def test_load_digits_deterministic_and_per_class():
         load_digits(per_class=0)
 
 
+def test_split_disjoint_stratified_deterministic_union_all():
+    from psld_fast.datasets import digits_split_indices
+
+    tr, ho = digits_split_indices("train"), digits_split_indices("heldout")
+    assert np.intersect1d(tr, ho).size == 0                                   # disjoint
+    np.testing.assert_array_equal(np.union1d(tr, ho), np.arange(1797))        # union = all
+    np.testing.assert_array_equal(digits_split_indices("all"), np.arange(1797))
+    assert (np.diff(tr) > 0).all() and (np.diff(ho) > 0).all()               # file order
+    _, labels = digits_raw()
+    n_c = np.bincount(labels, minlength=10)
+    ho_c = np.bincount(labels[ho], minlength=10)
+    np.testing.assert_array_equal(ho_c, np.round(0.3 * n_c).astype(int))   # stratified: 30% of each class
+    assert ho.size == 539 and tr.size == 1258
+    # deterministic: a fresh computation (cache cleared) gives the same indices, and its first
+    # held-out indices are pinned so that a change of seed or of the drawing rule is caught
+    from psld_fast import datasets as D
+
+    D._split_indices.cache_clear()
+    np.testing.assert_array_equal(D.digits_split_indices("heldout"), ho)
+    assert ho[:8].tolist() == [0, 2, 3, 4, 7, 8, 11, 15]
+    # load_digits serves the same images and labels
+    full, lfull = load_digits(8)
+    xt, lt = load_digits(8, split="train")
+    xh, lh = load_digits(8, split="heldout")
+    assert torch.equal(xt, full[tr]) and torch.equal(lh, lfull[ho]) and torch.equal(xh, full[ho])
+    assert load_digits(split="all")[0].shape[0] == 1797
+    # per_class draws within the split
+    xs, ls = load_digits(8, split="heldout", per_class=5, seed=3)
+    assert torch.bincount(ls, minlength=10).tolist() == [5] * 10
+    assert all(bool((xh == img).all(dim=(1, 2, 3)).any()) for img in xs)
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_digits(split="test")
+    with pytest.raises(ValueError, match="split must be one of"):
+        digits_split_indices("validation")
+
+
 # ---------------------------------------------------------------------------------------------
 # images
 

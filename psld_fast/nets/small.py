@@ -1,4 +1,5 @@
-"""Small PSLD eps-networks that train on a CPU: an MLP for 2-D points and a U-Net for 16x16 images.
+"""Small PSLD eps-networks that train on a CPU: an MLP for 2-D points and a U-Net for 16x16 images
+(and :class:`EDMUNet`, the same U-Net as a position-only EDM denoiser D(x, sigma)).
 
 Both follow the project convention ``net(u, tau) -> eps`` with ``u = cat(x, m)`` on dim 1 and forward
 time ``tau`` (B,).  Two cheap, exact pieces of preconditioning help small networks a lot and do not
@@ -26,7 +27,7 @@ from torch import nn
 from ..models import _cov_entries, _transition_entries, hsm_cholesky_tensor
 from ..sde import PSLD
 
-__all__ = ["MLP2d", "SmallUNet", "build_net", "ARCHS", "default_config", "count_params"]
+__all__ = ["MLP2d", "SmallUNet", "EDMUNet", "noise_embedding", "build_net", "ARCHS", "default_config", "count_params"]
 
 
 def count_params(net: nn.Module) -> int:
@@ -204,8 +205,11 @@ class SmallUNet(_Precond):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def _time_features(self, tau: torch.Tensor, dtype) -> torch.Tensor:
+        return self.t_mlp(log_tau_embedding(tau, self.temb).to(dtype))
+
     def _body(self, h: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        t = self.t_mlp(log_tau_embedding(tau, self.temb).to(h.dtype))
+        t = self._time_features(tau, h.dtype)
         if self.patch > 1:  # space-to-depth: the U-Net runs at size / patch
             h = F.pixel_unshuffle(h, self.patch)
         h = self.inp(h)
@@ -226,7 +230,69 @@ class SmallUNet(_Precond):
         return self.wrap(u, tau, self._body)
 
 
-ARCHS = {"mlp": MLP2d, "unet": SmallUNet}
+def noise_embedding(c_noise: torch.Tensor, dim: int, max_freq: float = 64.0) -> torch.Tensor:
+    """(B,) EDM noise conditions ``c_noise = log(sigma) / 4`` -> (B, dim) sin/cos features of
+    ``s = (c_noise - log(0.002) / 4) / ((log(80) - log(0.002)) / 4)`` (0 at sigma 0.002, 1 at sigma 80)
+    at geometric frequencies 1 .. ``max_freq`` (times pi), as :func:`log_tau_embedding` does for tau."""
+    half = dim // 2
+    lo, hi = math.log(0.002) / 4, math.log(80.0) / 4
+    s = (c_noise.float() - lo) / (hi - lo)
+    freqs = math.pi * torch.exp(torch.linspace(0.0, math.log(max_freq), half, device=c_noise.device))
+    arg = s[:, None] * freqs[None]
+    return torch.cat([torch.sin(arg), torch.cos(arg)], dim=1)
+
+
+class EDMUNet(SmallUNet):
+    """A position-only denoiser ``D(x, sigma) -> x0_hat`` with the EDM preconditioning (Karras et al.
+    2022, table 1) around the :class:`SmallUNet` body (same blocks; ``channels`` in and out, not 2C):
+
+    ``D = c_skip x + c_out F(c_in x, c_noise)`` with ``c_skip = sd^2 / (s^2 + sd^2)``,
+    ``c_out = s sd / sqrt(s^2 + sd^2)``, ``c_in = 1 / sqrt(s^2 + sd^2)``, ``c_noise = log(s) / 4``,
+    ``sd = sigma_data``.  It is a k-diffusion-style denoiser (``sigma_min`` / ``sigma_max`` attributes,
+    ``forward(x, sigma)`` with sigma a scalar or (B,)), so k-diffusion samples it natively and
+    :class:`psld_fast.DenoiserModel` lifts it to PSLD.  ``data_shape = (C, H, W)``.
+    """
+
+    def __init__(self, channels: int = 1, size: int = 16, base: int = 32, mults=(1, 2, 2), num_res: int = 1,
+                 temb: int = 128, attn: bool = True, dropout: float = 0.0, patch: int = 1,
+                 sigma_data: float = 0.5, sigma_min: float = 0.002, sigma_max: float = 80.0, sde=None):
+        # sde: accepted (and ignored) so that build_net can pass the one of a PSLD run
+        super().__init__(channels=channels, size=size, base=base, mults=mults, num_res=num_res, temb=temb,
+                         attn=attn, dropout=dropout, patch=patch, sde=None, sigma_data=sigma_data,
+                         gaussian_skip=False)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        io = int(channels) * self.patch ** 2
+        self.inp = nn.Conv2d(io, base, 3, padding=1)
+        self.out = nn.Conv2d(self.out.in_channels, io, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def precond(self, sigma: torch.Tensor):
+        """``(c_skip, c_out, c_in, c_noise)`` for noise levels sigma (any shape), in sigma's dtype."""
+        sd2 = self.sigma_data ** 2
+        s2 = sigma * sigma
+        c_skip = sd2 / (s2 + sd2)
+        c_out = sigma * self.sigma_data / torch.sqrt(s2 + sd2)
+        c_in = 1.0 / torch.sqrt(s2 + sd2)
+        c_noise = torch.log(sigma) / 4.0
+        return c_skip, c_out, c_in, c_noise
+
+    def _time_features(self, c_noise: torch.Tensor, dtype) -> torch.Tensor:
+        return self.t_mlp(noise_embedding(c_noise, self.temb).to(dtype))
+
+    def forward(self, x: torch.Tensor, sigma, **extra_args) -> torch.Tensor:
+        wdt = self.inp.weight.dtype
+        sigma = torch.as_tensor(sigma, device=x.device)
+        if sigma.dim() == 0:
+            sigma = sigma.expand(x.shape[0])
+        sigma = sigma.reshape(-1).to(torch.float32 if x.dtype != torch.float64 else torch.float64)
+        c_skip, c_out, c_in, c_noise = self.precond(sigma)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        F_x = self._body((c_in.reshape(shape) * x).to(wdt), c_noise)
+        return (c_skip.reshape(shape) * x + c_out.reshape(shape) * F_x.to(x.dtype)).to(x.dtype)
+
+
+ARCHS = {"mlp": MLP2d, "unet": SmallUNet, "edm_unet": EDMUNet}
 
 
 def default_config(arch: str, **overrides: Any) -> dict:
@@ -235,6 +301,9 @@ def default_config(arch: str, **overrides: Any) -> dict:
         raise ValueError(f"unknown small-network arch {arch!r}; choose one of {sorted(ARCHS)}")
     if arch == "mlp":
         cfg = dict(dim=2, hidden=128, depth=3, temb=32, sigma_data=0.8, gaussian_skip=True)
+    elif arch == "edm_unet":
+        cfg = dict(channels=1, size=16, base=48, mults=[1, 2], num_res=1, temb=128, attn=True, dropout=0.0, patch=2,
+                   sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
     else:
         cfg = dict(channels=1, size=16, base=48, mults=[1, 2], num_res=1, temb=128, attn=True, dropout=0.0, patch=2,
                    sigma_data=0.5, gaussian_skip=True)
