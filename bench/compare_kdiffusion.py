@@ -836,9 +836,12 @@ def part_learned_split(args):
     bad = [m for m in models if m not in SPLIT_MODELS]
     if bad:
         raise SystemExit(f"--split-models: unknown {bad}; choose from {', '.join(SPLIT_MODELS)}")
+    only = None if not args.split_samplers else {v.strip() for v in args.split_samplers.split(",") if v.strip()}
     csv_path = OUT / "learned_split.csv"
     old = read_csv(csv_path) if csv_path.exists() and not args.quick else []
-    keep = [r for r in old if r["model"] not in set(models) | {"real"} and int(r["n"]) == n]  # other models' rows
+    # rows kept from the CSV: other models', and with --split-samplers the other samplers' (floors are redone)
+    keep = [r for r in old if r["library"] != "floor" and int(r["n"]) == n
+            and (r["model"] not in set(models) or (only is not None and r["sampler"] not in only))]
     fd, feats, train, held, acc = _heldout_fd()
     spread = []
     for m in SPREAD_NS:   # the floor's seed-to-seed spread against n (5 seeds): how n was chosen
@@ -862,6 +865,8 @@ def part_learned_split(args):
             den = pf.as_denoiser(model)
             smin = den.sigma_min
         cells = [("k-diffusion", s) for s in SPLIT_KD] + [("psld_fast", s) for s in SPLIT_PSLD]
+        if only is not None:
+            cells = [c for c in cells if c[1] in only]
         for lib, sampler in cells:
             for nfe in nfes:
                 for s in seeds:
@@ -1312,6 +1317,8 @@ def main(argv=None):
     ap.add_argument("--learned-n", type=int, default=None,
                     help="samples per cell of --learned (default 500) and per seed of --learned-split (default 300)")
     ap.add_argument("--split-seeds", type=int, default=3, help="sample seeds per cell of --learned-split")
+    ap.add_argument("--split-samplers", default=None,
+                    help="--learned-split: only these samplers (comma-separated); the CSV's other rows are kept")
     ap.add_argument("--split-models", default=None,
                     help="--learned-split: psld, edm or psld,edm (default both); rows of the others are kept")
     ap.add_argument("--device", default="cpu", help="device of --speed (cuda: the GPU rows, speed_cuda.md)")
