@@ -85,8 +85,9 @@ def _lifted_step_fake(u, d, y, seeds, coef, step, stream) -> None:
 
 
 @torch.library.impl(_lib, "lifted_step_", "CompositeExplicitAutograd")
-def _lifted_step_reference_impl(u, d, y, seeds, coef, step, stream) -> None:
-    """Fallback when no compiled kernel is registered for u's device (every device but CPU today)."""
+def _reference_lifted_step_(u, d, y, seeds, coef, step, stream=0) -> None:
+    """The lifted op on backend "reference", and its fallback when no compiled kernel is registered
+    for u's device (every device but CPU today)."""
     u_new, y_new = lifted_step_reference(u, d, y, seeds, coef, step, stream)
     if y_new is not None:
         y.copy_(y_new)
@@ -106,8 +107,9 @@ def _lifted_ms_step_fake(u, d, y, dbuf, seeds, coef, ms, record, step, stream) -
 
 
 @torch.library.impl(_lib, "ms_step_", "CompositeExplicitAutograd")
-def _ms_step_reference_impl(u, eps, dbuf, seeds, coef, ms, record, step, stream) -> None:
-    """Fallback when no compiled kernel is registered for u's device."""
+def _reference_ms_step_(u, eps, dbuf, seeds, coef, ms, record, step, stream=0) -> None:
+    """The multistep op on backend "reference", and its fallback when no compiled kernel is registered
+    for u's device."""
     u_new, d_new = ms_step_reference(u, eps, dbuf, seeds, coef, ms, record, step, stream)
     if record:
         dbuf.copy_(d_new)
@@ -115,7 +117,8 @@ def _ms_step_reference_impl(u, eps, dbuf, seeds, coef, ms, record, step, stream)
 
 
 @torch.library.impl(_lib, "lifted_ms_step_", "CompositeExplicitAutograd")
-def _lifted_ms_step_reference_impl(u, d, y, dbuf, seeds, coef, ms, record, step, stream) -> None:
+def _reference_lifted_ms_step_(u, d, y, dbuf, seeds, coef, ms, record, step, stream=0) -> None:
+    """The lifted multistep op on backend "reference", and its fallback."""
     u_new, y_new, d_new = lifted_ms_step_reference(u, d, y, dbuf, seeds, coef, ms, record, step, stream)
     if y_new is not None:
         y.copy_(y_new)
@@ -131,8 +134,9 @@ def _philox_test_fake(seeds, numel, step, stream):
 
 
 @torch.library.impl(_lib, "affine_step_", "CompositeExplicitAutograd")
-def _affine_step_inplace_reference(u, eps, seeds, coef, step, stream) -> None:
-    """Fallback when no compiled kernel is registered for u's device."""
+def _reference_step_(u, eps, seeds, coef, step, stream=0) -> None:
+    """The op on backend "reference", and its fallback when no compiled kernel is registered for u's
+    device."""
     u.copy_(affine_step_reference(u, eps, seeds, coef, step, stream))
 
 
@@ -276,17 +280,6 @@ def resolve_backend(backend: str | None, device, dtype: torch.dtype | None = Non
     return chosen
 
 
-def _reference_step_(u, eps, seeds, coef, step, stream=0) -> None:
-    u.copy_(affine_step_reference(u, eps, seeds, coef, step, stream))
-
-
-def _reference_lifted_step_(u, d, y, seeds, coef, step, stream=0) -> None:
-    u_new, y_new = lifted_step_reference(u, d, y, seeds, coef, step, stream)
-    if y_new is not None:
-        y.copy_(y_new)
-    u.copy_(u_new)
-
-
 def composite_lifted_step(step_fn: Callable[..., None]) -> Callable[..., None]:
     """The lifted step from a plain fused step: ``step_fn(u, (d, d), seeds, plain coef)`` (the plain
     step with ``Q = [[G0, 0], [G1, 0]]``, so the eps half that m would read is multiplied by zero),
@@ -326,22 +319,6 @@ def get_lifted_step_fn(backend: str) -> Callable[..., None]:
     return fn
 
 
-def _reference_ms_step_(u, eps, dbuf, seeds, coef, ms, record, step, stream=0) -> None:
-    u_new, d_new = ms_step_reference(u, eps, dbuf, seeds, coef, ms, record, step, stream)
-    if record:
-        dbuf.copy_(d_new)
-    u.copy_(u_new)
-
-
-def _reference_lifted_ms_step_(u, d, y, dbuf, seeds, coef, ms, record, step, stream=0) -> None:
-    u_new, y_new, d_new = lifted_ms_step_reference(u, d, y, dbuf, seeds, coef, ms, record, step, stream)
-    if y_new is not None:
-        y.copy_(y_new)
-    if record:
-        dbuf.copy_(d_new)
-    u.copy_(u_new)
-
-
 def composite_ms_step(step_fn: Callable[..., None]) -> Callable[..., None]:
     """The multistep op from any plain step ``step_fn`` (a caller's own, for instance): this call's D
     from the state and eps before the step, the step, then ``x += g0 D_prev``, ``m += g1 D_prev`` and
@@ -354,8 +331,9 @@ def composite_ms_step(step_fn: Callable[..., None]) -> Callable[..., None]:
         d_new = ms_estimate(u, eps, ms[2:], dbuf.dtype) if record else None
         step_fn(u, eps, seeds, coef, step, stream)
         if g0 != 0.0 or g1 != 0.0:
-            u[:, :C].add_(dbuf.to(u.dtype), alpha=g0)
-            u[:, C:].add_(dbuf.to(u.dtype), alpha=g1)
+            d_prev = dbuf.to(u.dtype)
+            u[:, :C].add_(d_prev, alpha=g0)
+            u[:, C:].add_(d_prev, alpha=g1)
         if d_new is not None:
             dbuf.copy_(d_new)
 
@@ -373,10 +351,11 @@ def composite_lifted_ms_step(lifted_step_fn: Callable[..., None]) -> Callable[..
         d_new = d.to(dbuf.dtype, copy=True) if record else None
         lifted_step_fn(u, d, y, seeds, coef, step, stream)
         if g0 != 0.0 or g1 != 0.0:
-            u[:, :C].add_(dbuf.to(u.dtype), alpha=g0)
-            u[:, C:].add_(dbuf.to(u.dtype), alpha=g1)
+            d_prev = dbuf.to(u.dtype)
+            u[:, :C].add_(d_prev, alpha=g0)
+            u[:, C:].add_(d_prev, alpha=g1)
             if y is not None:
-                y.add_(dbuf.to(y.dtype), alpha=float(coef[14]) * g0 + float(coef[15]) * g1)
+                y.add_(d_prev.to(y.dtype), alpha=float(coef[14]) * g0 + float(coef[15]) * g1)
         if d_new is not None:
             dbuf.copy_(d_new)
 

@@ -300,7 +300,7 @@ def test_reference_op_and_program_noise_on_meta():
     coef = [0.5] * 16
     out = affine_step_reference(u, u.to(torch.bfloat16), seeds, coef, 2, 0)
     assert out.device.type == "meta" and out.shape == u.shape
-    ops._affine_step_inplace_reference(u, None, seeds, coef, 2, 0)  # the op's fallback
+    ops._reference_step_(u, None, seeds, coef, 2, 0)  # the op's fallback
     ops.get_step_fn("reference")(u, u, seeds, coef, 2, 0)
     program = pf.compile_sampler("sscs", pf.PSLD(), nfe=6)
     noise = ProgramNoise(program, seeds, (2, 2))
