@@ -46,16 +46,19 @@ struct StreamLauncher {
   }
 };
 
-void affine_step_cuda_(const at::Tensor& u, const std::optional<at::Tensor>& eps,
-                       const at::Tensor& seeds, c10::ArrayRef<double> coef, int64_t step,
-                       int64_t stream) {
-  at::Tensor eps_holder;
-  const AffineStepParams p = make_affine_step_params(u, eps, seeds, coef, step, stream,
-                                                     c10::DeviceType::CUDA, eps_holder);
+// Every op's launch: the chosen instantiation on u's device and current stream.
+void launch_cuda(const AffineStepParams& p, const at::Tensor& u) {
   if (p.batch == 0 || p.half_numel == 0) return;
   const c10::cuda::CUDAGuard guard(u.device());
   StreamLauncher launcher{at::cuda::getCurrentCUDAStream()};
   dispatch_affine_step(p, launcher);
+}
+
+void affine_step_cuda_(const at::Tensor& u, const std::optional<at::Tensor>& eps,
+                       const at::Tensor& seeds, c10::ArrayRef<double> coef, int64_t step,
+                       int64_t stream) {
+  at::Tensor eps_holder;
+  launch_cuda(make_affine_step_params(u, eps, seeds, coef, step, stream, c10::DeviceType::CUDA, eps_holder), u);
 }
 
 // The lifted op: the same kernel with eps = d for both halves and the extra output y.
@@ -63,12 +66,7 @@ void lifted_step_cuda_(const at::Tensor& u, const std::optional<at::Tensor>& d,
                        const std::optional<at::Tensor>& y, const at::Tensor& seeds,
                        c10::ArrayRef<double> coef, int64_t step, int64_t stream) {
   at::Tensor d_holder;
-  const AffineStepParams p = make_lifted_step_params(u, d, y, seeds, coef, step, stream,
-                                                     c10::DeviceType::CUDA, d_holder);
-  if (p.batch == 0 || p.half_numel == 0) return;
-  const c10::cuda::CUDAGuard guard(u.device());
-  StreamLauncher launcher{at::cuda::getCurrentCUDAStream()};
-  dispatch_affine_step(p, launcher);
+  launch_cuda(make_lifted_step_params(u, d, y, seeds, coef, step, stream, c10::DeviceType::CUDA, d_holder), u);
 }
 
 // The multistep ops: the same kernel with the dbuf operand (D_prev read, this call's D written).
@@ -79,10 +77,7 @@ void ms_step_cuda_(const at::Tensor& u, const std::optional<at::Tensor>& eps, co
   AffineStepParams p = make_affine_step_params(u, eps, seeds, coef, step, stream,
                                                c10::DeviceType::CUDA, eps_holder);
   add_ms_params(p, u, dbuf, ms, record, /*lifted=*/false);
-  if (p.batch == 0 || p.half_numel == 0) return;
-  const c10::cuda::CUDAGuard guard(u.device());
-  StreamLauncher launcher{at::cuda::getCurrentCUDAStream()};
-  dispatch_affine_step(p, launcher);
+  launch_cuda(p, u);
 }
 
 void lifted_ms_step_cuda_(const at::Tensor& u, const std::optional<at::Tensor>& d,
@@ -93,10 +88,7 @@ void lifted_ms_step_cuda_(const at::Tensor& u, const std::optional<at::Tensor>& 
   AffineStepParams p = make_lifted_step_params(u, d, y, seeds, coef, step, stream,
                                                c10::DeviceType::CUDA, d_holder);
   add_ms_params(p, u, dbuf, ms, record, /*lifted=*/true);
-  if (p.batch == 0 || p.half_numel == 0) return;
-  const c10::cuda::CUDAGuard guard(u.device());
-  StreamLauncher launcher{at::cuda::getCurrentCUDAStream()};
-  dispatch_affine_step(p, launcher);
+  launch_cuda(p, u);
 }
 
 std::tuple<at::Tensor, at::Tensor> philox_test_cuda(const at::Tensor& seeds, int64_t numel,

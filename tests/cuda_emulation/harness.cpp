@@ -93,28 +93,28 @@ struct EmulatedLauncher {
   }
 };
 
-std::vector<int64_t> affine_step_emulated_(const at::Tensor& u, const std::optional<at::Tensor>& eps,
-                                           const at::Tensor& seeds, c10::ArrayRef<double> coef,
-                                           int64_t step, int64_t stream) {
-  at::Tensor eps_holder;
-  const AffineStepParams p = make_affine_step_params(u, eps, seeds, coef, step, stream,
-                                                     c10::DeviceType::CPU, eps_holder);
+// Every op's emulated launch: runs the chosen instantiation's threads, returns the plan.
+std::vector<int64_t> launch_emulated(const AffineStepParams& p) {
   if (p.batch == 0 || p.half_numel == 0) return {0, 0, 0};
   EmulatedLauncher launcher;
   dispatch_affine_step(p, launcher);
   return launcher.plan;
 }
 
+std::vector<int64_t> affine_step_emulated_(const at::Tensor& u, const std::optional<at::Tensor>& eps,
+                                           const at::Tensor& seeds, c10::ArrayRef<double> coef,
+                                           int64_t step, int64_t stream) {
+  at::Tensor eps_holder;
+  return launch_emulated(make_affine_step_params(u, eps, seeds, coef, step, stream, c10::DeviceType::CPU,
+                                                 eps_holder));
+}
+
 std::vector<int64_t> lifted_step_emulated_(const at::Tensor& u, const std::optional<at::Tensor>& d,
                                            const std::optional<at::Tensor>& y, const at::Tensor& seeds,
                                            c10::ArrayRef<double> coef, int64_t step, int64_t stream) {
   at::Tensor d_holder;
-  const AffineStepParams p = make_lifted_step_params(u, d, y, seeds, coef, step, stream,
-                                                     c10::DeviceType::CPU, d_holder);
-  if (p.batch == 0 || p.half_numel == 0) return {0, 0, 0};
-  EmulatedLauncher launcher;
-  dispatch_affine_step(p, launcher);
-  return launcher.plan;
+  return launch_emulated(make_lifted_step_params(u, d, y, seeds, coef, step, stream, c10::DeviceType::CPU,
+                                                 d_holder));
 }
 
 // The multistep ops: the .cu's ms_step_cuda_ / lifted_ms_step_cuda_ with the emulated launch.
@@ -126,10 +126,7 @@ std::vector<int64_t> ms_step_emulated_(const at::Tensor& u, const std::optional<
   AffineStepParams p = make_affine_step_params(u, eps, seeds, coef, step, stream, c10::DeviceType::CPU,
                                                eps_holder);
   add_ms_params(p, u, dbuf, ms, record, /*lifted=*/false);
-  if (p.batch == 0 || p.half_numel == 0) return {0, 0, 0};
-  EmulatedLauncher launcher;
-  dispatch_affine_step(p, launcher);
-  return launcher.plan;
+  return launch_emulated(p);
 }
 
 std::vector<int64_t> lifted_ms_step_emulated_(const at::Tensor& u, const std::optional<at::Tensor>& d,
@@ -141,10 +138,7 @@ std::vector<int64_t> lifted_ms_step_emulated_(const at::Tensor& u, const std::op
   AffineStepParams p = make_lifted_step_params(u, d, y, seeds, coef, step, stream, c10::DeviceType::CPU,
                                                d_holder);
   add_ms_params(p, u, dbuf, ms, record, /*lifted=*/true);
-  if (p.batch == 0 || p.half_numel == 0) return {0, 0, 0};
-  EmulatedLauncher launcher;
-  dispatch_affine_step(p, launcher);
-  return launcher.plan;
+  return launch_emulated(p);
 }
 
 std::tuple<at::Tensor, at::Tensor> philox_test_emulated(const at::Tensor& seeds, int64_t numel,
