@@ -235,16 +235,18 @@ def _check_dbuf(u, dbuf, op):
 
 
 def ms_estimate(u: torch.Tensor, eps: torch.Tensor | None, dcoef, dtype=None) -> torch.Tensor:
-    """A native call's data estimate ``D = a0 x + a1 m + c0 eps_x + c1 eps_m`` (``Stage.dcoef``) of
-    the state at the call, in ``dtype`` (default: the compute dtype, float32; float64 for a float64
-    state), as torch ops."""
+    """A call's data estimate ``D = (a0 x + a1 m) + (c0 eps_x + c1 eps_m)`` (``Stage.dcoef``) of the
+    state at the call, in ``dtype`` (default: the compute dtype, float32; float64 for a float64
+    state), with the multistep kernels' order of operations; the state is not read when a0 = a1 = 0
+    (it may hold garbage there, as for the kernels)."""
     ct = dtype or (torch.float64 if u.dtype == torch.float64 else torch.float32)
     C = u.shape[1] // 2
     a0, a1, c0, c1 = (float(v) for v in dcoef)
-    d = u[:, :C].to(ct) * a0
-    d.add_(u[:, C:].to(ct), alpha=a1)
+    d = torch.zeros((u.shape[0], C, *u.shape[2:]), dtype=ct, device=u.device)
+    if a0 != 0.0 or a1 != 0.0:
+        d = a0 * u[:, :C].to(ct) + a1 * u[:, C:].to(ct)
     if eps is not None:
-        d.add_(eps[:, :C].to(ct), alpha=c0).add_(eps[:, C:].to(ct), alpha=c1)
+        d = d + (c0 * eps[:, :C].to(ct) + c1 * eps[:, C:].to(ct))
     return d
 
 
@@ -270,17 +272,11 @@ def _ms_halves(u, eps, dbuf, seeds, coef, ms, record, step, stream, op):
     _check_dbuf(u, dbuf, op)
     g0, g1, a0, a1, c0, c1 = (float(v) for v in ms)
     ct = torch.float64 if u.dtype == torch.float64 else torch.float32
-    C = u.shape[1] // 2
     d_new = dbuf
     if record:
         if eps is None and (c0 != 0.0 or c1 != 0.0):
             raise ValueError(f"{op}: record=True with eps coefficients c0, c1 needs eps")
-        d = torch.zeros(dbuf.shape, dtype=ct, device=u.device)
-        if a0 != 0.0 or a1 != 0.0:
-            d = a0 * u[:, :C].to(ct) + a1 * u[:, C:].to(ct)
-        if eps is not None:
-            d = d + (c0 * eps[:, :C].to(ct) + c1 * eps[:, C:].to(ct))
-        d_new = d.to(dbuf.dtype)
+        d_new = ms_estimate(u, eps, (a0, a1, c0, c1), ct).to(dbuf.dtype)
     xn, mn = _step_halves(u, eps, seeds, coef, step, stream)
     if g0 != 0.0 or g1 != 0.0:
         dp = dbuf.to(ct)
