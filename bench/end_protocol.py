@@ -19,10 +19,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import psld_fast as pf  # noqa: E402
 from _benchutil import git_revision  # noqa: E402
 from compare_kdiffusion import (DETERMINISTIC_FAMILY, DIVERGED, OUT, SIGMA_MAX, SIGMA_MIN, STOCHASTIC_FAMILY,  # noqa: E402
-                                fmt, testbeds, write_csv)
+                                fmt, psld_program, testbeds, write_csv)
 from psld_fast.exact import gaussian_w2_1d  # noqa: E402
 from psld_fast.lift import lifted_program_x_law  # noqa: E402
 
@@ -32,9 +31,7 @@ NFES = (10, 20, 50, 100)
 
 
 def w2(sampler, nfe, mu, var, end):
-    dm = pf.DenoiserModel(lambda x, s: x, (16,), sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, end=end)
-    proc = dm.process_for(sampler)
-    prog = pf.compile_sampler(sampler, proc, nfe)
+    dm, proc, prog = psld_program(sampler, nfe, end=end)
     m, v = lifted_program_x_law(prog, proc, mu, var, dm.sigma_min, dm.sigma_max)
     ok = np.all(np.isfinite(v)) and np.all(v >= 0)
     return (gaussian_w2_1d(m, v, mu, var) if ok else math.inf), prog.nfe, proc.eps_end

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import psld_fast as pf  # noqa: E402
 from _benchutil import git_revision  # noqa: E402
-from psld_fast.exact import gaussian_w2_1d, program_output_moments  # noqa: E402
+from psld_fast.exact import sampler_error as w2  # noqa: E402
 from psld_fast.grids import time_grid  # noqa: E402
 from psld_fast.multistep import denoiser_coef, exact_hsm_cov, ms_variable  # noqa: E402
 from psld_fast.program import Program, ProgramBuilder  # noqa: E402
@@ -74,11 +74,6 @@ def compile_reduced_oba_2m(sde, nfe, variable="rho", scale=1.0):
         tau_prev = tau_c
     _denoise(pb, steps)
     return Program("reduced_oba_2m", pb.finish(), grid, dict(sampler="reduced_oba_2m", nfe=nfe, denoise=True))
-
-
-def w2(program, sde, mu, var):
-    mean, cov = program_output_moments(program, sde, mu, var)
-    return gaussian_w2_1d(mean[:, 0], cov[:, 0, 0], mu, var)
 
 
 def main():

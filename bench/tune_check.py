@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psld_fast as pf  # noqa: E402
-from psld_fast.exact import gaussian_w2_1d, program_output_moments  # noqa: E402
+from psld_fast.exact import sampler_error  # noqa: E402
 from psld_fast.tune import candidates, label, tune  # noqa: E402
 
 SAMPLERS = ("em", "sscs", "reduced_oba", "ci_ei", "ei_x0", "ei_2m", "ei_2m_sde")
@@ -36,9 +36,7 @@ def anisotropic():
 
 def exact_w2(model, c, nfe):
     mu, var = (t.numpy().ravel() for t in model.data_moments())
-    program = pf.compile_sampler(c["sampler"], model.sde, nfe, lambda_s=c["lambda_s"])
-    mean, cov = program_output_moments(program, model.sde, mu, var)
-    return gaussian_w2_1d(mean[:, 0], cov[:, 0, 0], mu, var)
+    return sampler_error(pf.compile_sampler(c["sampler"], model.sde, nfe, lambda_s=c["lambda_s"]), model.sde, mu, var)
 
 
 def main(argv=None):

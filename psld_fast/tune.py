@@ -217,8 +217,7 @@ def tune(model, nfe: int, *, samplers=DEFAULT_SAMPLERS, lambdas=DEFAULT_LAMBDAS,
     # Resolution check: does the winner beat the runner-up against each half of the reference alone?
     resolved = None
     if len(final) > 1 and math.isfinite(final[1][1]):
-        by_label = {label(cands[i]): i for i in pools}
-        a, b = pools[by_label[label(best)]], pools[by_label[label(final[1][0])]]
+        a, b = pools[cands.index(best)], pools[cands.index(final[1][0])]
         half = ref.shape[0] // 2
         resolved = all(score(a, h) < score(b, h) for h in (ref[:half], ref[half:2 * half]))
     ref_info["metric"] = metric

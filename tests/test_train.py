@@ -75,17 +75,24 @@ def test_train_digit_images(tmp_path):
     assert res.x.shape == (2, 1, 16, 16)
 
 
-def test_resume_after_interruption(tmp_path, monkeypatch):
-    real = T.hsm_loss
+def _kill_loss_at(monkeypatch, name: str, call: int):
+    """Patch ``T.<name>`` (the training loss) to raise KeyboardInterrupt at its ``call``-th call, as a
+    kill during that step; returns the real loss."""
+    real = getattr(T, name)
     calls = {"n": 0}
 
     def dying(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 6:        # killed during step 6: the last checkpoint is step 4
+        if calls["n"] == call:
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(T, "hsm_loss", dying)
+    monkeypatch.setattr(T, name, dying)
+    return real
+
+
+def test_resume_after_interruption(tmp_path, monkeypatch):
+    real = _kill_loss_at(monkeypatch, "hsm_loss", 6)  # killed during step 6: the last checkpoint is step 4
     with pytest.raises(KeyboardInterrupt):
         T.train(_cfg(tmp_path, steps=10, ckpt_every=2))
     ck = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
@@ -311,16 +318,7 @@ def test_edm_checkpoint_loads_as_denoiser_and_samples(tmp_path):
 
 
 def test_edm_resume_and_objective_mismatch(tmp_path, monkeypatch):
-    real = T.edm_loss
-    calls = {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:        # killed during step 4: the last checkpoint is step 2
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(T, "edm_loss", dying)
+    real = _kill_loss_at(monkeypatch, "edm_loss", 4)  # killed during step 4: the last checkpoint is step 2
     with pytest.raises(KeyboardInterrupt):
         T.train(_edm_cfg(tmp_path, steps=6, ckpt_every=2))
     assert torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["global_step"] == 2

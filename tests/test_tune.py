@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import psld_fast as pf
-from psld_fast.exact import gaussian_w2_1d, program_output_moments
+from psld_fast.exact import sampler_error
 from psld_fast.tune import REFERENCE_SEED0, candidates, label, tune
 
 SAMPLERS = ("em", "sscs", "reduced_oba", "ei_x0", "ei_2m", "ei_2m_sde")
@@ -24,9 +24,7 @@ LAMBDAS = (None, 0.5, 1.0)
 
 def _exact_w2(model, c, nfe):
     mu, var = (t.numpy().ravel() for t in model.data_moments())
-    program = pf.compile_sampler(c["sampler"], model.sde, nfe, lambda_s=c["lambda_s"])
-    mean, cov = program_output_moments(program, model.sde, mu, var)
-    return gaussian_w2_1d(mean[:, 0], cov[:, 0, 0], mu, var)
+    return sampler_error(pf.compile_sampler(c["sampler"], model.sde, nfe, lambda_s=c["lambda_s"]), model.sde, mu, var)
 
 
 def _anisotropic32():
